@@ -1,0 +1,70 @@
+"""The ``opt`` application: assembles the noun modules and turns errors into one clear line."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from openpto import __version__
+from openpto.errors import OptError
+
+# One module per noun; each exposes ``register(app)``. Kept as names so that adding a command
+# never means touching the others.
+COMMAND_MODULES = [
+    "openpto.cli.db",
+    "openpto.cli.models",
+]
+
+app = typer.Typer(
+    name="opt",
+    help="Make open language models smaller and faster after training, and prove it.\n\n"
+    "Example: opt eval smollm2-135m --max-tokens 4096",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"openpto {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Make open language models smaller and faster after training, and prove it."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def run() -> None:
+    """Entry point: every ``OptError`` becomes one line on stderr and a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except OptError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("error: aborted\n")
+        sys.exit(1)
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

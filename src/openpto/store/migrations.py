@@ -1,0 +1,128 @@
+"""Ordered schema migrations, after ``llm``'s model: each function runs once, in order, and its
+name is recorded in ``_migrations``. Never edit a released migration; add a new one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["runs"].create(  # type: ignore[union-attr]
+        {
+            "id": str,
+            "kind": str,
+            "status": str,
+            "model": str,
+            "config": str,
+            "started_at": str,
+            "finished_at": str,
+            "error": str,
+        },
+        pk="id",
+    )
+    db["metrics"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "run_id": str,
+            "name": str,
+            "value": float,
+            "unit": str,
+            "details": str,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["traces"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "run_id": str,
+            "name": str,
+            "started_at": str,
+            "duration_ms": float,
+            "attributes": str,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["models"].create(  # type: ignore[union-attr]
+        {
+            "id": str,
+            "path": str,
+            "source_model": str,
+            "method": str,
+            "config": str,
+            "size_bytes": int,
+            "created_at": str,
+            "run_id": str,
+        },
+        pk="id",
+    )
+    db["datasets"].create(  # type: ignore[union-attr]
+        {
+            "id": str,
+            "name": str,
+            "source": str,
+            "sha256": str,
+            "tokens": int,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db["prompts"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "conversation_id": str,
+            "model": str,
+            "prompt": str,
+            "response": str,
+            "tokens_in": int,
+            "tokens_out": int,
+            "duration_ms": float,
+            "created_at": str,
+        },
+        pk="id",
+    )
+
+
+@migration
+def m002_indexes(db: sqlite_utils.Database) -> None:
+    db["metrics"].create_index(["run_id"])  # type: ignore[union-attr]
+    db["traces"].create_index(["run_id"])  # type: ignore[union-attr]
+    db["runs"].create_index(["started_at"])  # type: ignore[union-attr]
+    db["metrics"].create_index(["name"])  # type: ignore[union-attr]
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply every migration not yet applied; return the names applied now."""
+    db["_migrations"].create(  # type: ignore[union-attr]
+        {"name": str, "applied_at": str}, pk="name", if_not_exists=True
+    )
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.conn:
+            fn(db)
+            db["_migrations"].insert(  # type: ignore[union-attr]
+                {"name": fn.__name__, "applied_at": _now()}
+            )
+        applied.append(fn.__name__)
+    return applied
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
