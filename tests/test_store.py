@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from openpto.errors import StoreError
+from openpto.store import RunRecorder, Store
+
+EXPECTED_SCHEMA = {
+    "runs": ["id", "kind", "status", "model", "config", "started_at", "finished_at", "error"],
+    "metrics": ["id", "run_id", "name", "value", "unit", "details"],
+    "traces": ["id", "run_id", "name", "started_at", "duration_ms", "attributes"],
+    "models": ["id", "path", "source_model", "method", "config", "size_bytes", "created_at", "run_id"],
+    "datasets": ["id", "name", "source", "sha256", "tokens", "created_at"],
+    "prompts": [
+        "id", "conversation_id", "model", "prompt", "response", "tokens_in", "tokens_out",
+        "duration_ms", "created_at",
+    ],
+}
+
+
+def test_schema_is_pinned(tmp_path: Path) -> None:
+    store = Store(tmp_path / "opt.db")
+    for table, columns in EXPECTED_SCHEMA.items():
+        assert list(store.db[table].columns_dict) == columns, table
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db["metrics"].foreign_keys[0].other_table == "runs"
+
+
+def test_migrations_run_once(tmp_path: Path) -> None:
+    Store(tmp_path / "opt.db")
+    store = Store(tmp_path / "opt.db")
+    assert store.db["_migrations"].count == 2
+
+
+def test_run_succeeds_with_metrics_and_traces(tmp_path: Path) -> None:
+    store = Store(tmp_path / "opt.db")
+    with RunRecorder(store, "eval", "m", {"seq_len": 8}) as run:
+        assert store.rows("runs")[0]["status"] == "running"
+        with run.trace("load", device="cpu") as attrs:
+            attrs["params"] = 3
+        run.metric("perplexity", 12.5, "", {"seq_len": 8})
+    row = store.rows("runs")[0]
+    assert row["status"] == "succeeded" and row["finished_at"] and row["error"] is None
+    assert json.loads(row["config"]) == {"seq_len": 8}
+    (metric,) = store.rows("metrics")
+    assert metric["value"] == 12.5 and metric["run_id"] == run.id
+    (trace,) = store.rows("traces")
+    assert json.loads(trace["attributes"]) == {"device": "cpu", "params": 3}
+    assert trace["duration_ms"] >= 0
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_run_failure_is_recorded(tmp_path: Path, exc: BaseException) -> None:
+    store = Store(tmp_path / "opt.db")
+    with pytest.raises(type(exc)), RunRecorder(store, "eval", "m"):
+        raise exc
+    row = store.rows("runs")[0]
+    assert row["status"] == "failed"
+    assert row["error"].splitlines()[0].startswith(type(exc).__name__)
+
+
+def test_readonly_query_refuses_writes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "opt.db")
+    with RunRecorder(store, "eval", "m"):
+        pass
+    assert store.query_readonly("select count(*) as n from runs") == [{"n": 1}]
+    with pytest.raises(StoreError, match="read-only"):
+        store.query_readonly("delete from runs")
+    assert store.db["runs"].count == 1
+    with pytest.raises(StoreError, match="query failed"):
+        store.query_readonly("select * from nowhere")
+
+
+def test_export_json_and_csv(tmp_path: Path) -> None:
+    store = Store(tmp_path / "opt.db")
+    with RunRecorder(store, "eval", "m") as run:
+        run.metric("x", 1.0)
+    rows = json.loads(store.export("metrics", "json"))
+    assert rows[0]["name"] == "x"
+    csv_text = store.export("metrics", "csv")
+    assert csv_text.splitlines()[0] == "id,run_id,name,value,unit,details"
+    with pytest.raises(StoreError):
+        store.export("metrics", "xml")
+    with pytest.raises(StoreError):
+        store.export("nope", "json")
+
+
+def test_unwritable_database_path_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(blocker / "sub" / "opt.db")
+
+
+def test_store_module_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, openpto.store; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
