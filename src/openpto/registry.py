@@ -80,3 +80,16 @@ class NameRegistry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+# The project's registries. They live here, below every layer, so that algorithms can register
+# themselves and front ends can look them up without importing each other.
+
+#: config type -> transform ``(model, config, calibration, on_layer) -> CompressionResult``
+TRANSFORMS: TypeRegistry = TypeRegistry("transform")
+#: kernel name -> factory of a packed Linear implementation (see ``openpto.kernels``)
+KERNELS: NameRegistry = NameRegistry("kernel")
+#: backend name (``torch``, ``bitsandbytes``, ``quanto``, ``mlx``, ...) -> quantization backend
+QUANT_BACKENDS: NameRegistry = NameRegistry("quantization backend")
+#: artifact format (``openpto.json`` "format") -> loader that turns a loaded folder into a runnable model
+ARTIFACT_LOADERS: NameRegistry = NameRegistry("artifact format")
