@@ -1,0 +1,235 @@
+"""Layer-sequential calibration: one decoder layer on the device at a time.
+
+The inputs of decoder layer 0 are captured for every calibration sample; then each layer is
+handed to a ``LayerCompressor`` together with a function that runs all samples through it (so
+the compressor's hooks can collect activations), and the layer's outputs — computed with its
+weights already compressed — become the next layer's inputs. Errors therefore propagate the way
+they will at inference, and peak memory is one layer plus the activations, whatever the depth.
+
+This module is pure torch: progress, traces and saving belong to ``openpto.pipeline``, which
+passes ``on_layer`` to receive one ``LayerEvent`` per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from openpto.errors import UnsupportedModel
+
+
+@dataclass
+class LinearReport:
+    """What happened to one Linear: its error, its time and what it became."""
+
+    layer_index: int
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    error: float  # method-specific reconstruction loss (documented by each method)
+    seconds: float
+    quantized: Any = None  # openpto.core.quant.tensor.QuantizedWeight, when quantized
+    mask: torch.Tensor | None = None  # bool [out, in] of kept weights, when pruned
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerEvent:
+    index: int
+    total: int
+    seconds: float
+    reports: list[LinearReport]
+    peak_memory_bytes: int | None
+
+
+@dataclass
+class CompressionResult:
+    method: str
+    config: dict[str, Any]
+    reports: list[LinearReport]
+    seconds: float
+    device: str
+
+    def quantized_weights(self) -> dict[str, Any]:
+        return {r.name: r.quantized for r in self.reports if r.quantized is not None}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {r.name: r.mask for r in self.reports if r.mask is not None}
+
+
+RunLayer = Callable[[], None]
+LayerCallback = Callable[[LayerEvent], None]
+
+
+class LayerCompressor(Protocol):
+    def compress_layer(
+        self, index: int, prefix: str, layer: nn.Module, run_layer: RunLayer
+    ) -> list[LinearReport]:
+        """Compress the Linears of ``layer`` in place (writing back the weights the model should
+        compute with from now on) and report each. ``run_layer()`` pushes every calibration
+        sample through the layer as it currently is; call it as often as the method needs."""
+        ...
+
+
+class _Captured(Exception):
+    """Raised by the layer-0 stand-in to stop the forward pass once its inputs are caught."""
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list and its module path (``model.layers`` for Llama-like models)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "layers"):
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module
+    raise UnsupportedModel(
+        f"cannot find the decoder layers of {type(model).__name__} "
+        "(looked for model.layers, model.decoder.layers, transformer.h)"
+    )
+
+
+def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def _move_kwargs(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    moved: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            moved[key] = tuple(v.to(device) for v in value)
+        else:
+            moved[key] = value
+    return moved
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, calibration: torch.Tensor, device: torch.device, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Run the model up to decoder layer 0 and keep, per batch, its hidden states and kwargs."""
+    _, layers = decoder_layers(model)
+    first = layers[0]
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict[str, Any]] = []
+
+    class Catcher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # Some models read attributes of layer 0 (e.g. attention_type) before calling it.
+            self.__dict__.update({k: v for k, v in first.__dict__.items() if not k.startswith("_")})
+
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            hidden.append(hidden_states.detach())
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            kwargs["use_cache"] = False
+            kwargs_list.append(kwargs)
+            raise _Captured
+
+    layers[0] = Catcher()
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            ids = calibration[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        layers[0] = first
+    return hidden, kwargs_list
+
+
+def _infer_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def run_layer_sequential(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    compressor: LayerCompressor,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    on_layer: LayerCallback | None = None,
+) -> list[LinearReport]:
+    """Compress every decoder layer in order; only the current layer lives on ``device``.
+
+    Everything but the decoder layers (embeddings, rotary tables, final norm, head) is moved to
+    ``device`` only while the layer-0 inputs are captured. The model ends where it started.
+    """
+    exec_device = torch.device(device) if device is not None else _infer_device(model)
+    home = _infer_device(model)
+    prefix, layers = decoder_layers(model)
+    was_training = model.training
+    model.eval()
+
+    layer_home = [next(layer.parameters()).device for layer in layers]
+    if exec_device != home:
+        _to_device_except_layers(model, layers, exec_device)
+
+    if exec_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(exec_device)
+    hidden, kwargs_list = capture_layer_inputs(model, calibration, exec_device, batch_size)
+    if exec_device != home:
+        _to_device_except_layers(model, layers, home)
+
+    reports: list[LinearReport] = []
+    total = len(layers)
+    for index, layer in enumerate(layers):
+        started = time.perf_counter()
+        layer.to(exec_device)
+        layer_kwargs = [_move_kwargs(kw, exec_device) for kw in kwargs_list]
+
+        def run_layer(layer: nn.Module = layer, layer_kwargs: list[dict[str, Any]] = layer_kwargs) -> None:
+            for states, kwargs in zip(hidden, layer_kwargs):
+                layer(states, **kwargs)
+
+        layer_reports = compressor.compress_layer(index, f"{prefix}.{index}", layer, run_layer)
+        reports.extend(layer_reports)
+        hidden = [
+            _first_output(layer(states, **kwargs)) for states, kwargs in zip(hidden, layer_kwargs)
+        ]
+        layer.to(layer_home[index])
+        if on_layer is not None:
+            on_layer(
+                LayerEvent(
+                    index=index,
+                    total=total,
+                    seconds=time.perf_counter() - started,
+                    reports=layer_reports,
+                    peak_memory_bytes=_peak_memory(exec_device),
+                )
+            )
+    if was_training:
+        model.train()
+    return reports
+
+
+def _to_device_except_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    layer_ids = {id(p) for layer in layers for p in layer.parameters()}
+    layer_ids |= {id(b) for layer in layers for b in layer.buffers()}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in layer_ids:
+                param.data = param.data.to(device)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if id(buf) not in layer_ids:
+                module._buffers[name] = buf.to(device)

@@ -1,0 +1,80 @@
+"""The second-order machinery that GPTQ and SparseGPT share.
+
+Both minimise ``||W X - W' X||^2`` for one Linear, whose Hessian with respect to a row of ``W`` is
+``H = 2 X X^T`` accumulated over the calibration tokens. Both then need the upper Cholesky factor
+of ``H^-1``; dampening is relative to the mean diagonal, as in the GPTQ paper, and retried upward
+when the factorisation fails (near-singular ``H`` from few tokens or dead inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from openpto.errors import OptError
+
+
+class HessianAccumulator:
+    """Running ``2/n * sum(x x^T)`` in float32 over every token seen by one Linear."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.columns = columns
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.columns).to(device=self.H.device, dtype=torch.float32)
+        new = x.shape[0]
+        if new == 0:
+            return
+        # Rescale the running mean before adding, so H never overflows however many tokens arrive.
+        self.H.mul_(self.tokens / (self.tokens + new))
+        self.tokens += new
+        x = x * (2.0 / self.tokens) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+    def column_norms(self) -> torch.Tensor:
+        """``||X_j||_2`` over all tokens for each input column (what Wanda scores with)."""
+        return (self.H.diagonal() * self.tokens / 2.0).clamp_min(0).sqrt()
+
+
+@dataclass
+class InverseFactor:
+    """Upper Cholesky factor of the damped ``H^-1`` and how it was obtained."""
+
+    upper: torch.Tensor
+    damp: float
+    dead: torch.Tensor  # bool [columns]: inputs that were always zero
+
+
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    return H.diagonal() == 0
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) -> InverseFactor:
+    """Damp ``H`` and return the upper Cholesky factor of its inverse.
+
+    Dead columns (zero diagonal: the input never fired) get a unit diagonal so the factorisation
+    exists; callers zero the matching weight columns, which cannot affect the output anyway.
+    """
+    H = H.clone()
+    dead = dead_columns(H)
+    H[dead, dead] = 1.0
+    mean_diag = H.diagonal().mean().item()
+    eye = torch.arange(H.shape[0], device=H.device)
+    current = damp
+    for _ in range(max_tries):
+        damped = H.clone()
+        damped[eye, eye] += current * mean_diag
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info.item()) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info.item()) == 0:
+                return InverseFactor(upper=upper, damp=current, dead=dead)
+        current *= 10.0
+    raise OptError(
+        f"the Hessian stayed singular after dampening up to {current / 10:g} x its mean diagonal; "
+        "use more or longer calibration samples"
+    )
