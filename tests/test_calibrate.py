@@ -21,7 +21,9 @@ class RecordingCompressor:
 
     def compress_layer(self, index, prefix, layer, run_layer):  # type: ignore[no-untyped-def]
         seen: list[torch.Tensor] = []
-        handle = layer.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0]), with_kwargs=True)
+        handle = layer.register_forward_pre_hook(
+            lambda m, args, kw: seen.append(args[0]), with_kwargs=True
+        )
         run_layer()
         handle.remove()
         self.inputs[index] = seen
@@ -49,7 +51,8 @@ def test_layer_sequential_feeds_compressed_outputs_forward() -> None:
         seen = torch.cat(compressor.inputs[index])
         torch.testing.assert_close(seen, out.hidden_states[index], rtol=1e-5, atol=1e-5)
     # And the compression really happened (weights differ from the untouched twin).
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
+    ours, theirs = model.model.layers[0].mlp.up_proj, reference.model.layers[0].mlp.up_proj
+    assert not torch.equal(ours.weight, theirs.weight)
 
 
 def test_capture_matches_embeddings() -> None:

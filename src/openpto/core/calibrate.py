@@ -12,6 +12,7 @@ passes ``on_layer`` to receive one ``LayerEvent`` per layer.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,10 +148,8 @@ def capture_layer_inputs(
     try:
         for start in range(0, calibration.shape[0], batch_size):
             ids = calibration[start : start + batch_size].to(device)
-            try:
+            with contextlib.suppress(_Captured):
                 model(input_ids=ids, use_cache=False)
-            except _Captured:
-                pass
     finally:
         layers[0] = first
     return hidden, kwargs_list
@@ -198,14 +197,19 @@ def run_layer_sequential(
         layer.to(exec_device)
         layer_kwargs = [_move_kwargs(kw, exec_device) for kw in kwargs_list]
 
-        def run_layer(layer: nn.Module = layer, layer_kwargs: list[dict[str, Any]] = layer_kwargs) -> None:
-            for states, kwargs in zip(hidden, layer_kwargs):
+        def run_layer(
+            layer: nn.Module = layer,
+            inputs: list[torch.Tensor] = hidden,
+            layer_kwargs: list[dict[str, Any]] = layer_kwargs,
+        ) -> None:
+            for states, kwargs in zip(inputs, layer_kwargs, strict=True):
                 layer(states, **kwargs)
 
         layer_reports = compressor.compress_layer(index, f"{prefix}.{index}", layer, run_layer)
         reports.extend(layer_reports)
         hidden = [
-            _first_output(layer(states, **kwargs)) for states, kwargs in zip(hidden, layer_kwargs)
+            _first_output(layer(states, **kwargs))
+            for states, kwargs in zip(hidden, layer_kwargs, strict=True)
         ]
         layer.to(layer_home[index])
         if on_layer is not None:
@@ -227,7 +231,7 @@ def _to_device_except_layers(model: nn.Module, layers: nn.ModuleList, device: to
     layer_ids = {id(p) for layer in layers for p in layer.parameters()}
     layer_ids |= {id(b) for layer in layers for b in layer.buffers()}
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+        for _name, param in list(module.named_parameters(recurse=False)):
             if id(param) not in layer_ids:
                 param.data = param.data.to(device)
         for name, buf in list(module.named_buffers(recurse=False)):
