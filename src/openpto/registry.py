@@ -93,3 +93,6 @@ KERNELS: NameRegistry = NameRegistry("kernel")
 QUANT_BACKENDS: NameRegistry = NameRegistry("quantization backend")
 #: artifact format (``openpto.json`` "format") -> loader that turns a loaded folder into a runnable model
 ARTIFACT_LOADERS: NameRegistry = NameRegistry("artifact format")
+
+# Built-in artifact formats; each loader is imported only when an artifact of its format loads.
+ARTIFACT_LOADERS.register("pack-quantized", "openpto.models.artifact_loaders:load_pack_quantized")
