@@ -1,0 +1,82 @@
+"""Frozen configs of the quantization methods; each is dispatched by type through ``TRANSFORMS``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from openpto.config import MethodConfig
+from openpto.core.quant.primitives import GROUP_SIZES, check_bits
+from openpto.errors import ConfigError
+
+
+def _check_group(group_size: int | None) -> None:
+    if group_size is not None and group_size not in GROUP_SIZES:
+        sizes = ", ".join(str(g) for g in GROUP_SIZES)
+        raise ConfigError(
+            f"group size must be one of {sizes} or None (per-channel), got {group_size!r}"
+        )
+
+
+@dataclass(frozen=True)
+class QuantConfig(MethodConfig):
+    """What every weight-only quantization method shares: the integer grid."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        _check_group(self.group_size)
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Round-to-nearest with min/max scales: no calibration data."""
+
+    type_name: ClassVar[str] = "rtn"
+    # INT8 per-channel symmetric is the near-lossless default; INT4 wants groups.
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ (Frantar et al. 2022): error-compensating rounding driven by the layer Hessian."""
+
+    type_name: ClassVar[str] = "gptq"
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added before Cholesky
+    block_size: int = 128  # columns per lazy-update block
+    act_order: bool = True  # quantize columns by decreasing Hessian diagonal
+    # With act-order, fix each group's scale/zero from the original column order before the
+    # permuted pass, so the stored weight needs no reordering (no g_idx) at inference.
+    static_groups: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if self.act_order and not self.static_groups and self.group_size is not None:
+            raise ConfigError(
+                "act_order with groups needs static_groups=True: the packed format stores "
+                "codes in the original column order with no group index"
+            )
+
+
+@dataclass(frozen=True)
+class AWQConfig(QuantConfig):
+    """AWQ (Lin et al. 2023): activation-aware channel scales folded into the preceding op."""
+
+    type_name: ClassVar[str] = "awq"
+    grid: int = 20  # alpha values tried: 0, 1/grid, ..., (grid-1)/grid
+    duo: bool = False  # s = x^a / w^(1-a) (weight-aware) instead of s = x^a
+    clip: bool = True  # search a per-group clipping ratio after the scales
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid < 1:
+            raise ConfigError(f"grid must be positive, got {self.grid}")
