@@ -1,0 +1,54 @@
+"""``opt eval``: perplexity of a model on held-out text."""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+from openpto.cli.common import JSON_HELP, RichProgress, emit
+
+MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
+TEXT_HELP = (
+    "Text file, folder of .txt/.md, .jsonl, built-in corpus (stdlib-docstrings, pydoc-topics) "
+    "or cached data set NAME[:CONFIG][:SPLIT]. Default: stdlib-docstrings."
+)
+MAX_TOKENS_HELP = "Score at most this many tokens from the start of the text (default: all)."
+
+
+def register(app: typer.Typer) -> None:
+    # This Typer keeps single line breaks in help paragraphs; join them so Rich can reflow.
+    paragraphs = inspect.cleandoc(eval_cmd.__doc__ or "").split("\n\n")
+    app.command("eval", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(eval_cmd)
+
+
+def eval_cmd(
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    text: str | None = typer.Option(None, "--text", help=TEXT_HELP),
+    text_field: str = typer.Option("text", help="Field with the text in JSONL or data set rows."),
+    seq_len: int = typer.Option(512, help="Tokens per window (at least 2)."),
+    max_tokens: int | None = typer.Option(None, help=MAX_TOKENS_HELP),
+    batch_size: int = typer.Option(1, help="Windows per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Measure a model's perplexity on text.
+
+    Protocol: the whole text is tokenized once without special tokens, cut to the first
+    --max-tokens tokens and split into non-overlapping windows of --seq-len tokens (an incomplete
+    last window is dropped). In each window every token after the first is scored, so each token
+    counts once; perplexity = exp(mean negative log-likelihood over the scored tokens), computed
+    from float32 log-probabilities. The default text is the built-in corpus "stdlib-docstrings",
+    which shares no text with the calibration default "pydoc-topics". The run, its metrics and
+    the text's sha256 are recorded in the run database.
+
+    Example: opt eval smollm2-135m --seq-len 512 --max-tokens 4096 --json
+    """
+    from openpto.pipeline.evaluate import evaluate
+
+    result = evaluate(
+        model, text, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+        device=device, dtype=dtype, progress=RichProgress(), text_field=text_field,
+    )
+    emit(result, as_json, title="eval")
