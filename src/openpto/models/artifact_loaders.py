@@ -1,0 +1,101 @@
+"""Loaders for artifact formats other than ``dense``, registered in ``ARTIFACT_LOADERS``.
+
+``load_model`` loads an artifact folder's float parts with transformers (its
+``quantization_config`` removed, so the packed Linears come up as placeholders), then hands the
+``LoadedModel`` to the loader named by ``openpto.json``'s ``format``. The ``pack-quantized``
+loader reads each Linear's packed tensors and swaps in a ``QuantLinear`` that keeps them packed
+and runs a real kernel, so resident memory is the packed size, not the float one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from openpto.errors import CorruptFile, UnsupportedModel
+from openpto.models.loaded import LoadedModel
+
+
+def _schemes(qconfig: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
+    groups = qconfig.get("config_groups") or {}
+    return [(list(g.get("targets") or []), dict(g.get("weights") or {})) for g in groups.values()]
+
+
+def _scheme_for(name: str, module: nn.Module, schemes: list[tuple[list[str], dict[str, Any]]]
+                ) -> dict[str, Any] | None:
+    for targets, weights in schemes:
+        for target in targets:
+            if target.startswith("re:"):
+                if re.match(target[3:], name):
+                    return weights
+            elif target == type(module).__name__ or target == name:
+                return weights
+    return None
+
+
+def read_packed_weights(folder: Path, model: nn.Module) -> dict[str, Any]:
+    """Every packed Linear of the folder as a ``QuantizedWeight`` (codes unpacked to uint8)."""
+    from safetensors import safe_open
+
+    from openpto.core.quant.primitives import unpack_int32
+    from openpto.core.quant.tensor import QuantizedWeight
+
+    config = json.loads((folder / "config.json").read_text())
+    qconfig = config.get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("format") != "pack-quantized":
+        raise CorruptFile(f"{folder}/config.json has no pack-quantized quantization_config")
+    schemes = _schemes(qconfig)
+    files = sorted(folder.glob("*.safetensors"))
+    out: dict[str, QuantizedWeight] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for key in sorted(k for k in keys if k.endswith(".weight_packed")):
+                name = key.removesuffix(".weight_packed")
+                module = model.get_submodule(name)
+                scheme = _scheme_for(name, module, schemes)
+                if scheme is None:
+                    raise CorruptFile(f"{file}: {name} is packed but no config group targets it")
+                bits = int(scheme["num_bits"])
+                symmetric = bool(scheme.get("symmetric", True))
+                out_f, in_f = (int(v) for v in f.get_tensor(f"{name}.weight_shape").tolist())
+                q = unpack_int32(f.get_tensor(key), bits, (out_f, in_f))
+                scale = f.get_tensor(f"{name}.weight_scale").float()
+                groups = scale.shape[1]
+                if symmetric:
+                    zero = torch.full_like(scale, float(2 ** (bits - 1)))
+                else:
+                    zp = f.get_tensor(f"{name}.weight_zero_point")
+                    zero = unpack_int32(zp, bits, (out_f, groups), packed_dim=0).float()
+                out[name] = QuantizedWeight(q, scale, zero, bits, in_f // groups, symmetric)
+    if not out:
+        raise CorruptFile(f"{folder} says pack-quantized but holds no weight_packed tensors")
+    return out
+
+
+def load_pack_quantized(loaded: LoadedModel, kernel: str = "auto") -> LoadedModel:
+    """Swap every packed Linear of the artifact for a ``QuantLinear`` on its kernel."""
+    from openpto.kernels import model_kernel_summary, swap_to_packed
+
+    folder = Path(loaded.path)
+    model = loaded.model
+    quantized = read_packed_weights(folder, model)
+    for name, qw in quantized.items():
+        if not isinstance(model.get_submodule(name), nn.Linear):
+            raise UnsupportedModel(f"{folder}: {name} is packed but the model has no Linear there")
+        # One at a time, so at most one Linear's unpacked codes exist besides the packed model.
+        swap_to_packed(model, {name: qw}, kernel)
+    del quantized
+    summary = model_kernel_summary(model)
+    packed = {k: v for k, v in summary.items() if k != "dense"}
+    metadata = dict(loaded.metadata)
+    # The kernel most Linears run on labels every measurement made with this model.
+    metadata["kernel"] = max(packed, key=lambda k: packed[k]) if packed else "dense"
+    metadata["kernels"] = summary
+    loaded.metadata = metadata
+    return loaded

@@ -1,0 +1,31 @@
+"""Quantization backends, looked up by name in ``openpto.registry.QUANT_BACKENDS``.
+
+``torch`` is ours (RTN/GPTQ/AWQ, packed compressed-tensors artifacts); ``bitsandbytes``,
+``quanto`` and ``mlx`` wrap those libraries as data-free alternatives. Each entry is imported
+only when used, and each reports whether it can run here (``backend_availability``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from openpto.registry import QUANT_BACKENDS
+
+QUANT_BACKENDS.register("torch", "openpto.pipeline.backends.torch_backend:TorchBackend")
+QUANT_BACKENDS.register("bitsandbytes", "openpto.pipeline.backends.bnb:BitsAndBytesBackend")
+QUANT_BACKENDS.register("quanto", "openpto.pipeline.backends.quanto:QuantoBackend")
+QUANT_BACKENDS.register("mlx", "openpto.pipeline.backends.mlx:MLXBackend")
+
+
+def get_backend(name: str) -> Any:
+    """An instance of the backend registered as ``name`` (``UsageError`` naming the known ones)."""
+    return QUANT_BACKENDS.get(name)()
+
+
+def backend_availability() -> dict[str, dict[str, Any]]:
+    """Every quantization backend -> ``{available, reason}`` (for ``opt info``)."""
+    report: dict[str, dict[str, Any]] = {}
+    for name in QUANT_BACKENDS.names():
+        ok, reason = get_backend(name).availability()
+        report[name] = {"available": ok, "reason": reason}
+    return report
