@@ -15,6 +15,7 @@ from openpto.errors import OptError
 COMMAND_MODULES = [
     "openpto.cli.db",
     "openpto.cli.models",
+    "openpto.cli.info",
     "openpto.cli.eval",
 ]
 
