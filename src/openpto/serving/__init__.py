@@ -1,0 +1,25 @@
+"""The HTTP server: OpenAI- and Ollama-compatible APIs over a pluggable engine.
+
+    from openpto.serving import ServerSettings, create_app, make_engine, EngineOptions
+    app = create_app(ServerSettings(), make_engine("torch", "smollm2-135m", EngineOptions()))
+
+Importing this package needs the ``serve`` extra (fastapi, uvicorn, prometheus-client).
+"""
+
+from openpto.errors import require
+
+require("fastapi", "serve", "the HTTP server")
+require("prometheus_client", "serve", "the server's /metrics")
+
+from openpto.serving.app import create_app, serve  # noqa: E402
+from openpto.serving.engine import (  # noqa: E402
+    BACKENDS,
+    Engine,
+    EngineOptions,
+    ModelInfo,
+    make_engine,
+)
+from openpto.serving.settings import ServerSettings  # noqa: E402
+
+__all__ = ["BACKENDS", "Engine", "EngineOptions", "ModelInfo", "ServerSettings", "create_app",
+           "make_engine", "serve"]

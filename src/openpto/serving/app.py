@@ -1,0 +1,90 @@
+"""``create_app(settings, engine)``: the FastAPI application; ``serve(...)`` runs it under uvicorn.
+
+No module-level state: everything an app needs hangs off ``app.state.service``, so tests can run
+several apps (different settings, different engines) in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from openpto import __version__
+from openpto.errors import OptError
+from openpto.serving import ollama_routes, openai_routes, ops_routes
+from openpto.serving.engine import Engine
+from openpto.serving.errors import HANDLERS
+from openpto.serving.metrics import ServerMetrics
+from openpto.serving.middleware import AccessLog, BodyLimit, LogSink, stderr_json
+from openpto.serving.service import Service
+from openpto.serving.settings import ServerSettings
+
+
+def create_app(settings: ServerSettings, engine: Engine,
+               access_sink: LogSink | None = stderr_json) -> FastAPI:
+    """The app for ``engine``. The model loads in the background at start-up: ``/health``
+    answers 503 until it is ready, and model routes answer 503 meanwhile."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service: Service = app.state.service
+        loading = asyncio.create_task(_load(service))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.to_thread(engine.close)
+            service.close()
+
+    model_id = settings.model_id or engine.info.id
+    metrics = ServerMetrics(model_id, engine.stats, lambda: engine.ready)
+    app = FastAPI(title="openpto", version=__version__, lifespan=lifespan,
+                  exception_handlers=HANDLERS)  # type: ignore[arg-type]
+    app.state.service = Service(settings, engine, metrics)
+    app.include_router(ops_routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(ollama_routes.router)
+    # Added innermost first: access log (outermost) -> CORS -> size limit -> routes.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(AccessLog, sink=access_sink if settings.access_log else None,
+                       on_done=metrics.observe_http)
+    return app
+
+
+async def _load(service: Service) -> None:
+    started = time.perf_counter()
+    try:
+        await asyncio.to_thread(service.engine.load)
+    except OptError as exc:
+        service.load_error = str(exc)
+    except Exception as exc:  # reported by /health; the server stays up to say so
+        service.load_error = f"{type(exc).__name__}: {exc}"
+    service.load_seconds = time.perf_counter() - started
+    stderr_json({"event": "model_loaded" if service.engine.ready else "model_load_failed",
+                 "model": service.model_id, "backend": service.engine.backend,
+                 "seconds": round(service.load_seconds, 3), "error": service.load_error})
+
+
+def serve(settings: ServerSettings, engine: Engine,
+          on_started: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run the app under uvicorn until interrupted (blocking)."""
+    import uvicorn
+
+    app = create_app(settings, engine)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    if on_started is not None:
+        on_started({"url": f"http://{settings.host}:{settings.port}", "model": app.state.service
+                    .model_id, "backend": engine.backend})
+    server.run()

@@ -1,0 +1,241 @@
+"""The backend interface the HTTP layer talks to, and the registry of backends.
+
+Every backend (torch with continuous batching, llama.cpp, MLX) implements ``Engine``; the routes
+never ask which one they have. Backends are registered by name, lazily, so that choosing
+``--backend mlx`` imports mlx and nothing else.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from openpto.core.sampling import SamplingParams
+from openpto.errors import OptError
+from openpto.registry import NameRegistry
+from openpto.serving.streams import RequestStream, StreamEvent, Timings
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """What ``opt serve`` passes to a backend besides the model."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_batch: int = 8
+    draft: str | None = None
+    threads: int | None = None
+    context_length: int | None = None  # None: the model's own
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What the model-listing routes (``/v1/models``, ``/api/tags``, ``/api/show``) report."""
+
+    id: str
+    backend: str
+    path: str = ""
+    family: str = "llama"
+    format: str = "safetensors"
+    parameter_count: int = 0
+    quantization: str = "F32"
+    context_length: int = 2048
+    embedding_length: int = 0
+    size_bytes: int = 0
+    digest: str = ""
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    chat_template: str = ""
+
+
+@dataclasses.dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    draft_tokens: int = 0  # cumulative, speculative decoding only
+    accepted_tokens: int = 0
+
+
+@dataclasses.dataclass
+class Embeddings:
+    vectors: list[list[float]]
+    tokens: int
+
+
+class Engine(abc.ABC):
+    """A loaded (or loading) model that generates for many concurrent requests."""
+
+    backend: str = ""
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the model (blocking; the app calls it off the event loop at start-up)."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True once ``load`` has finished and requests can be served."""
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model sees a prompt (a template's special tokens kept)."""
+
+    @abc.abstractmethod
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt text of a conversation, through the model's chat template."""
+
+    @abc.abstractmethod
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+        """Start generating; events go to ``stream``. Must not block on the model."""
+
+    @abc.abstractmethod
+    def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
+        """Mean-pooled, L2-normalised last hidden states, one vector per text."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop worker threads; pending requests end with ``finish_reason='cancelled'``."""
+
+
+#: backend name -> Engine class taking ``(model_spec, options)``
+BACKENDS: NameRegistry = NameRegistry("serving backend")
+BACKENDS.register("torch", "openpto.serving.torch_backend:TorchEngine")
+BACKENDS.register("llamacpp", "openpto.serving.llamacpp_backend:LlamaCppEngine")
+BACKENDS.register("mlx", "openpto.serving.mlx_backend:MLXEngine")
+
+
+def make_engine(backend: str, model: str | None, options: EngineOptions) -> Engine:
+    factory: Callable[[str | None, EngineOptions], Engine] = BACKENDS.get(backend)
+    return factory(model, options)
+
+
+# -- a one-sequence-at-a-time engine for backends that own their own decode loop -----------------
+
+
+@dataclasses.dataclass
+class _Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    timings: Timings = dataclasses.field(default_factory=Timings)
+
+
+class SerialEngine(Engine):
+    """Runs requests one after another on a worker thread (llama.cpp and MLX contexts are not
+    safe to share between threads). Subclasses provide ``_token_ids`` (a generator of token ids
+    for one request) and ``_embed``; stop strings, timings and cancellation are handled here."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[_Job | Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._running = 0
+        self._draft_tokens = 0
+        self._accepted_tokens = 0
+
+    def _start_worker(self) -> None:
+        self._thread = threading.Thread(target=self._work, name=f"opt-{self.backend}", daemon=True)
+        self._thread.start()
+
+    @abc.abstractmethod
+    def _token_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """Sampled token ids, one at a time; the caller stops pulling when it is done."""
+
+    @abc.abstractmethod
+    def _eos_ids(self) -> set[int]: ...
+
+    @abc.abstractmethod
+    def _tokenizer_for_text(self) -> Any:
+        """An object with ``decode(ids, skip_special_tokens=True)`` for ``TextStream``."""
+
+    @abc.abstractmethod
+    def _embed(self, texts: Sequence[str]) -> Embeddings: ...
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+        self._queue.put(_Job(prompt_ids, params, stream))
+
+    def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
+        future: concurrent.futures.Future[Embeddings] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._embed(texts))
+            except Exception as exc:  # handed to the waiting request, which reports it
+                future.set_exception(exc)
+
+        self._queue.put(run)
+        return future
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._running, self._queue.qsize(), self._draft_tokens,
+                           self._accepted_tokens)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if not isinstance(job, _Job):
+                job()
+                continue
+            self._running = 1
+            try:
+                self._run_job(job)
+            except OptError as exc:
+                job.stream.push(StreamEvent(finish_reason="error", error=str(exc)))
+            except Exception as exc:  # a backend crash ends this request, not the server
+                job.stream.push(StreamEvent(finish_reason="error",
+                                            error=f"{type(exc).__name__}: {exc}"))
+            finally:
+                self._running = 0
+
+    def _run_job(self, job: _Job) -> None:
+        from openpto.core.generate import Finisher
+
+        timings, eos = job.timings, self._eos_ids()
+        finisher = Finisher(self._tokenizer_for_text(), job.prompt_ids, job.params, eos)
+        timings.started = time.perf_counter()
+        finish: str | None = None
+        last = timings.started
+        for token in self._token_ids(job.prompt_ids, job.params):
+            now = time.perf_counter()
+            if timings.first_token is None:
+                timings.first_token = now
+            else:
+                timings.token_gaps.append(now - last)
+            last = now
+            if job.stream.cancelled:
+                finish = "cancelled"
+                break
+            text, finish = finisher.push(token)
+            # An end-of-sequence token is not part of the completion.
+            counted = 0 if token in eos else 1
+            if text or counted:
+                job.stream.push(StreamEvent(text=text, tokens=counted))
+            if finish is not None:
+                break
+        timings.finished = time.perf_counter()
+        if finish is None:  # the backend stopped on its own (its context is full)
+            finish = "length"
+            tail = finisher.stream.finish()
+            if tail:
+                job.stream.push(StreamEvent(text=tail))
+        job.stream.push(StreamEvent(finish_reason=finish, prompt_tokens=len(job.prompt_ids),
+                                    timings=timings))

@@ -1,0 +1,254 @@
+"""OpenAI-compatible routes: chat and text completions (SSE streaming), models, embeddings.
+
+``n`` > 1 is supported: each choice runs as its own sequence in the batch (with a seed, choice i
+uses seed + i). Not supported, refused with a 400 naming the field: tools, logprobs, JSON mode,
+images, frequency/presence penalties other than 0, ``suffix``, ``best_of`` > ``n``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from openpto.core.sampling import SamplingParams
+from openpto.serving.deps import ServiceDep, require_api_key
+from openpto.serving.errors import APIError
+from openpto.serving.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+)
+from openpto.serving.service import Completion, Service
+from openpto.serving.streams import RequestStream, Timings
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    checks: list[tuple[bool, str, str]] = [
+        (bool(body.logprobs), "logprobs are not supported", "logprobs"),
+        (bool(body.frequency_penalty), "frequency_penalty is not supported (use "
+         "repetition_penalty)", "frequency_penalty"),
+        (bool(body.presence_penalty), "presence_penalty is not supported (use "
+         "repetition_penalty)", "presence_penalty"),
+    ]
+    if isinstance(body, ChatCompletionRequest):
+        fmt = (body.response_format or {}).get("type", "text")
+        checks += [
+            (bool(body.tools), "tool calling is not supported by this server", "tools"),
+            (fmt != "text", f"response_format {fmt!r} is not supported", "response_format"),
+        ]
+    else:
+        checks += [
+            (body.suffix is not None, "suffix (fill-in-the-middle) is not supported", "suffix"),
+            (body.best_of is not None and body.best_of > body.n,
+             "best_of > n is not supported", "best_of"),
+        ]
+    for failed, message, param in checks:
+        if failed:
+            raise APIError(400, message, "unsupported_parameter", param)
+
+
+def _message_text(message: ChatMessage) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts = []
+    for part in message.content:
+        if part.type != "text":
+            raise APIError(400, f"content parts of type {part.type!r} are not supported",
+                           "unsupported_content", "messages")
+        texts.append(part.text or "")
+    return "".join(texts)
+
+
+def _params(service: Service, body: ChatCompletionRequest | CompletionRequest,
+            max_tokens: int | None, prompt_tokens: int) -> SamplingParams:
+    return service.sampling(
+        max_tokens=max_tokens, prompt_tokens=prompt_tokens, temperature=body.temperature,
+        top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, stop=body.stop, seed=body.seed,
+    )
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _stream(
+    service: Service, streams: list[RequestStream], *, first: list[dict[str, Any]],
+    choice: Any, envelope: dict[str, Any], prompt_tokens: int, include_usage: bool,
+    log: tuple[str, str] | None,
+) -> AsyncIterator[str]:
+    """SSE: ``first`` chunks, a chunk per text delta, one per finish, usage, ``[DONE]``."""
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        data = {**envelope, "choices": choices}
+        if include_usage:
+            data["usage"] = usage
+        return _sse(data)
+
+    counts = [0] * len(streams)
+    texts = [""] * len(streams)
+    try:
+        for item in first:
+            yield chunk([item])
+        async for index, event in service.merged(streams):
+            counts[index] += event.tokens
+            texts[index] += event.text
+            if event.text:
+                yield chunk([choice(index, event.text, None)])
+            if event.finish_reason is not None:
+                yield chunk([choice(index, None, event.finish_reason)])
+                if log is not None and index == 0:
+                    done = Completion(texts[0], event.finish_reason, prompt_tokens, counts[0],
+                                      event.timings or Timings())
+                    await service.log_prompt(log[0], done, log[1])
+        if include_usage:
+            yield chunk([], _usage(prompt_tokens, sum(counts)))
+    except APIError as exc:  # the status line is gone; report the error in-band, as OpenAI does
+        yield _sse({"error": {"message": exc.message, "type": "server_error", "code": exc.code}})
+    yield _sse("[DONE]")
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           service: ServiceDep) -> Any:
+    service.check_model(body.model)
+    _refuse_unsupported(body)
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": _message_text(m)} for m in body.messages]
+    prompt = service.engine.chat_prompt(messages)
+    ids = service.prompt_ids(prompt)
+    params = _params(service, body, body.max_completion_tokens or body.max_tokens, len(ids))
+    streams = service.start_n(ids, params, body.n)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    envelope = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": service.model_id, "system_fingerprint": None}
+    if body.stream:
+        def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+            delta = {} if text is None else {"content": text}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(body.n)]
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(service, streams, first=first, choice=choice, envelope=envelope,
+                    prompt_tokens=len(ids), include_usage=include,
+                    log=(prompt, request_id)),
+            media_type="text/event-stream", headers=_SSE_HEADERS)
+    results = await asyncio.gather(*(service.collect(s, request) for s in streams))
+    await service.log_prompt(prompt, results[0], request_id)
+    return {
+        **envelope,
+        "object": "chat.completion",
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                     "logprobs": None, "finish_reason": r.finish_reason}
+                    for i, r in enumerate(results)],
+        "usage": _usage(len(ids), sum(r.completion_tokens for r in results)),
+    }
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
+    service.check_model(body.model)
+    _refuse_unsupported(body)
+    prompts = _prompts(body.prompt)
+    if body.echo and not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "echo needs text prompts, not token ids", None, "echo")
+    prompt_ids = [service.prompt_ids(p) if isinstance(p, str) else p for p in prompts]
+    streams: list[RequestStream] = []
+    for ids in prompt_ids:
+        streams += service.start_n(ids, _params(service, body, body.max_tokens, len(ids)), body.n)
+    prompt_tokens = sum(len(ids) for ids in prompt_ids)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    envelope = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                "model": service.model_id, "system_fingerprint": None}
+    echo = [p if body.echo and isinstance(p, str) else "" for p in prompts for _ in range(body.n)]
+    if body.stream:
+        def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        first = [choice(i, e, None) for i, e in enumerate(echo) if e]
+        log = (prompts[0], request_id) if isinstance(prompts[0], str) else None
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(service, streams, first=first, choice=choice, envelope=envelope,
+                    prompt_tokens=prompt_tokens, include_usage=include, log=log),
+            media_type="text/event-stream", headers=_SSE_HEADERS)
+    results = await asyncio.gather(*(service.collect(s, request) for s in streams))
+    if isinstance(prompts[0], str):
+        await service.log_prompt(prompts[0], results[0], request_id)
+    return {
+        **envelope,
+        "choices": [{"index": i, "text": echo[i] + r.text, "logprobs": None,
+                     "finish_reason": r.finish_reason} for i, r in enumerate(results)],
+        "usage": _usage(prompt_tokens, sum(r.completion_tokens for r in results)),
+    }
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", "empty_prompt", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+@router.get("/models")
+async def list_models(service: ServiceDep) -> Any:
+    return {"object": "list", "data": [_model_card(service)]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, service: ServiceDep) -> Any:
+    service.check_model(model_id)
+    return _model_card(service)
+
+
+def _model_card(service: Service) -> dict[str, Any]:
+    info = service.engine.info
+    return {"id": service.model_id, "object": "model", "created": info.created,
+            "owned_by": "openpto", "backend": info.backend, "context_length": info.context_length}
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, service: ServiceDep) -> Any:
+    service.check_model(body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise APIError(400, "input must be a string or a list of strings (token ids are not "
+                            "supported)", "unsupported_input", "input")
+    width = service.engine.info.embedding_length
+    if body.dimensions is not None and body.dimensions != width:
+        raise APIError(400, f"this model's embeddings have {width} dimensions; dimensions="
+                            f"{body.dimensions} is not supported", None, "dimensions")
+    result = await service.embed([str(t) for t in texts])
+    data = []
+    for index, vector in enumerate(result.vectors):
+        value: Any = vector
+        if body.encoding_format == "base64":
+            import numpy as np
+
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    return {"object": "list", "data": data, "model": service.model_id,
+            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}

@@ -1,0 +1,186 @@
+"""The torch backend: any model or artifact ``load_model`` reads, served with continuous batching.
+
+Artifacts come with their packed kernels (``load_model`` installs them), so a quantized artifact
+is served on the same int4/int8 modules that ``opt profile`` measures.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from openpto.core.generate import StepRecord, build_chat_prompt, eos_ids
+from openpto.core.sampling import SamplingParams
+from openpto.errors import BackendUnavailable, UsageError
+from openpto.serving.batching import BatchScheduler
+from openpto.serving.engine import Embeddings, Engine, EngineOptions, EngineStats, ModelInfo
+from openpto.serving.streams import RequestStream
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(self, model: str | None = None, options: EngineOptions | None = None) -> None:
+        self.spec = model
+        self.options = options or EngineOptions()
+        self._model: torch.nn.Module | None = None
+        self._tokenizer: Any = None
+        self._info: ModelInfo | None = None
+        self._scheduler: BatchScheduler | None = None
+
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, tokenizer: Any, name: str,
+        options: EngineOptions | None = None, path: str = "",
+    ) -> TorchEngine:
+        """An engine over a model already in memory (tests, notebooks, benchmarks)."""
+        engine = cls(None, options)
+        engine._adopt(model, tokenizer, name, path, kind="in-memory")
+        return engine
+
+    def load(self) -> None:
+        if self._scheduler is not None:
+            return
+        if self._model is None:
+            from openpto.models import load_model
+
+            loaded = load_model(self.spec, dtype=self.options.dtype, device=self.options.device)
+            self._adopt(loaded.model, loaded.tokenizer, loaded.name, str(loaded.path),
+                        kind=loaded.kind, digest=loaded.source_sha256 or "",
+                        metadata=loaded.metadata)
+        assert self._model is not None
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        speculative = _speculative_factory(self.options.draft, self._model, self._tokenizer)
+        self._scheduler = BatchScheduler(
+            self._model,
+            self._tokenizer,
+            eos=eos_ids(self._model, self._tokenizer),
+            max_batch=self.options.max_batch,
+            context_length=self.info.context_length,
+            speculative=speculative,
+        )
+
+    def _adopt(self, model: torch.nn.Module, tokenizer: Any, name: str, path: str, *, kind: str,
+               digest: str = "", metadata: dict[str, Any] | None = None) -> None:
+        model.eval()
+        self._model, self._tokenizer = model, tokenizer
+        config = getattr(model, "config", None)
+        params = sum(p.numel() for p in model.parameters())
+        size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        dtype = next(model.parameters()).dtype
+        methods = (metadata or {}).get("methods") or (metadata or {}).get("method")
+        quant = str(methods) if methods else str(dtype).removeprefix("torch.").upper()
+        context = self.options.context_length or int(
+            getattr(config, "max_position_embeddings", 2048) or 2048)
+        self._info = ModelInfo(
+            id=name,
+            backend=self.backend,
+            path=path,
+            family=str(getattr(config, "model_type", "unknown")),
+            format="artifact" if kind == "artifact" else "safetensors",
+            parameter_count=params,
+            quantization=quant[:40],
+            context_length=context,
+            embedding_length=int(getattr(config, "hidden_size", 0) or 0),
+            size_bytes=size,
+            digest=digest or hashlib.sha256(f"{name}:{path}:{params}".encode()).hexdigest(),
+            chat_template=str(getattr(tokenizer, "chat_template", "") or ""),
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._scheduler is not None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            return ModelInfo(id=self.spec or "smollm2-135m", backend=self.backend)
+        return self._info
+
+    def tokenize(self, text: str) -> list[int]:
+        bos = getattr(self._tokenizer, "bos_token", None)
+        # A chat template already wrote the BOS token; adding it again would double it.
+        add_special = not (bos and text.startswith(bos))
+        return [int(t) for t in self._tokenizer(text, add_special_tokens=add_special)["input_ids"]]
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        return build_chat_prompt(self._tokenizer, messages)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+        self._require().submit(prompt_ids, params, stream)
+
+    def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
+        return self._require().embed(texts)
+
+    def stats(self) -> EngineStats:
+        return self._scheduler.stats() if self._scheduler is not None else EngineStats()
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+
+    def _require(self) -> BatchScheduler:
+        if self._scheduler is None:
+            raise BackendUnavailable("the model is still loading")
+        return self._scheduler
+
+
+# -- drafts for --draft ----------------------------------------------------------------------------
+
+
+def _lookup_draft(spec: str, target: torch.nn.Module, tokenizer: Any) -> Any:
+    from openpto.core.drafts import LookupDraft
+
+    return LookupDraft()
+
+
+def _layers_draft(spec: str, target: torch.nn.Module, tokenizer: Any) -> Any:
+    from openpto.core.drafts import ModelDraft, early_exit_model
+
+    layers = spec.partition("=")[2]
+    if not layers.isdigit():
+        raise UsageError(f"--draft self:layers=K needs a whole number K, got {spec!r}")
+    return ModelDraft(early_exit_model(target, int(layers)), name=spec)
+
+
+def _model_draft(spec: str, target: torch.nn.Module, tokenizer: Any) -> Any:
+    from openpto.core.drafts import ModelDraft, check_same_tokenizer
+    from openpto.models import load_model
+
+    device = next(target.parameters()).device
+    dtype = next(target.parameters()).dtype
+    loaded = load_model(spec, dtype=dtype, device=device)
+    check_same_tokenizer(tokenizer, loaded.tokenizer)
+    return ModelDraft(loaded.model, name=loaded.name)
+
+
+# Draft kinds by prefix; anything else is a MODEL argument. Quantized copies of the target
+# (self:int4, self:int8) are made by `opt quantize` first and passed here as artifacts.
+_DRAFT_KINDS: dict[str, Callable[[str, torch.nn.Module, Any], Any]] = {
+    "lookup": _lookup_draft,
+    "self:layers": _layers_draft,
+}
+
+
+def _speculative_factory(spec: str | None, target: torch.nn.Module, tokenizer: Any) -> Any:
+    if not spec:
+        return None
+    from openpto.core.speculative import SpeculativeStats, speculative_stream
+
+    build = _DRAFT_KINDS.get(spec.partition("=")[0], _model_draft)
+    draft = build(spec, target, tokenizer)
+
+    def start(context: list[int], params: SamplingParams,
+              generator: torch.Generator | None) -> tuple[Iterator[StepRecord], Any]:
+        stats = SpeculativeStats()
+        records = speculative_stream(target, tokenizer, draft, context, params, stats=stats,
+                                     generator=generator)
+        return records, stats
+
+    return start
