@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "openpto.cli.models",
     "openpto.cli.info",
     "openpto.cli.eval",
+    "openpto.cli.quantize",
+    "openpto.cli.export",
 ]
 
 app = typer.Typer(

@@ -26,20 +26,23 @@ def _schemes(qconfig: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
     return [(list(g.get("targets") or []), dict(g.get("weights") or {})) for g in groups.values()]
 
 
-def _scheme_for(name: str, module: nn.Module, schemes: list[tuple[list[str], dict[str, Any]]]
+def _scheme_for(name: str, module_type: str, schemes: list[tuple[list[str], dict[str, Any]]]
                 ) -> dict[str, Any] | None:
     for targets, weights in schemes:
         for target in targets:
             if target.startswith("re:"):
                 if re.match(target[3:], name):
                     return weights
-            elif target == type(module).__name__ or target == name:
+            elif target in (module_type, name):
                 return weights
     return None
 
 
-def read_packed_weights(folder: Path, model: nn.Module) -> dict[str, Any]:
-    """Every packed Linear of the folder as a ``QuantizedWeight`` (codes unpacked to uint8)."""
+def read_packed_weights(folder: Path, model: nn.Module | None) -> dict[str, Any]:
+    """Every packed Linear of the folder as a ``QuantizedWeight`` (codes unpacked to uint8).
+
+    Without a ``model`` every packed module is taken to be a ``Linear`` (the only type our
+    artifacts pack), for readers that never build the model (exporters)."""
     from safetensors import safe_open
 
     from openpto.core.quant.primitives import unpack_int32
@@ -57,8 +60,8 @@ def read_packed_weights(folder: Path, model: nn.Module) -> dict[str, Any]:
             keys = set(f.keys())
             for key in sorted(k for k in keys if k.endswith(".weight_packed")):
                 name = key.removesuffix(".weight_packed")
-                module = model.get_submodule(name)
-                scheme = _scheme_for(name, module, schemes)
+                module_type = type(model.get_submodule(name)).__name__ if model else "Linear"
+                scheme = _scheme_for(name, module_type, schemes)
                 if scheme is None:
                     raise CorruptFile(f"{file}: {name} is packed but no config group targets it")
                 bits = int(scheme["num_bits"])

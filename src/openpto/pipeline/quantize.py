@@ -254,6 +254,7 @@ def _metadata(loaded: LoadedModel, request: QuantRequest, backend: str, calib: A
         "openpto_version": __version__,
         "source_model": loaded.name,
         "source_kind": loaded.kind,
+        "source_path": str(loaded.path),
         "source_sha256": loaded.source_sha256,
         "backend": backend,
         "quantization": request.describe(),
