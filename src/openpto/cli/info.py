@@ -33,6 +33,7 @@ def info_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> N
 
 def _print_tables(info: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     cpu = info["cpu"]
@@ -52,12 +53,15 @@ def _print_tables(info: dict[str, Any]) -> None:
     devices = Table("type", "name", "memory", "capability", title="devices")
     for device in info["devices"]:
         memory = f"{device['memory_bytes'] / 2**30:.1f} GiB"
-        devices.add_row(device["type"], device["name"], memory, device.get("capability", ""))
+        devices.add_row(
+            device["type"], escape(device["name"]), memory, device.get("capability", "")
+        )
 
     backends = Table("backend", "available", "version", "reason", title="backends")
     for name, backend in info["backends"].items():
         mark = "[green]yes[/green]" if backend["available"] else "[red]no[/red]"
-        backends.add_row(name, mark, backend["version"] or "", backend["reason"])
+        # escape: reasons hold pip hints like openpto[tui], which Rich would read as markup
+        backends.add_row(name, mark, backend["version"] or "", escape(backend["reason"]))
 
     console = Console()
     for table in (machine, devices, backends):
