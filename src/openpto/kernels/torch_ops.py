@@ -2,8 +2,9 @@
 
 Converting our ``w = (q - zero) * scale`` to the int4 ops' convention ``w = (q - 8) * s + z``
 is exact in real arithmetic: ``s = scale`` and ``z = (8 - zero) * scale``. The int8 op has one
-scale per row and no zero: it reads signed ``q - 128``, and a row offset ``(128 - zero) * scale``
-times ``sum(x)`` restores asymmetric (or fewer-bit) codes.
+scale per row and no zero: it reads signed ``q - zero`` directly when codes have at most 7 bits;
+8-bit asymmetric codes are stored as ``q - 128`` and a row offset ``(128 - zero) * scale`` times
+``sum(x)`` is added back.
 """
 
 from __future__ import annotations
@@ -128,11 +129,14 @@ class Int8CPUKernel(Kernel):
     def pack(
         cls, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        weight = (qw.q.to(torch.int16) - 128).to(torch.int8)
+        q = qw.q.to(torch.int16)
+        # q - zero fits in int8 when codes have at most 7 bits: exact, no correction term.
+        shift = qw.zero[:, :1].to(torch.int16) if qw.bits < 8 else torch.full_like(q[:, :1], 128)
+        weight = (q - shift).to(torch.int8)
         scale = qw.scale[:, 0].double()
-        offset = ((128.0 - qw.zero[:, 0].double()) * scale).float()
+        offset = ((shift[:, 0].double() - qw.zero[:, 0].double()) * scale).float()
         if bool((offset == 0).all()):
-            offset = offset[:0]  # symmetric 8-bit: no correction term at all
+            offset = offset[:0]  # symmetric 8-bit and every code of 7 bits or fewer
         return {"weight": weight, "scales": scale.to(dtype), "offset": offset}
 
     @classmethod
