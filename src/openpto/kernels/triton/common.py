@@ -1,0 +1,144 @@
+"""Pieces shared by the Triton kernels: nibble decoding, split-K finishing, launch workspaces.
+
+Imports triton at module level: only ``openpto.kernels.triton.linear`` (and benchmarks) import
+this, at the point of use.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nibble_f32(w, J: tl.constexpr):
+    """``1 + q/16`` as float32 for the 4-bit field ``J`` of each int32 word.
+
+    Moving the field into mantissa bits 19..22 under the exponent of 1.0 turns it into a float
+    with one shift and one and-or, avoiding the int-to-float conversion unit (a quarter of the
+    FMA rate on Hopper); ``a * f + b`` with ``a = 16s`` and ``b = -s (16 + z)`` is then the
+    dequantized weight ``(q - z) s``.
+    """
+    if J * 4 <= 19:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
+        v = w << (19 - 4 * J)
+    else:
+        v = w >> (4 * J - 19)
+    return ((v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scale_zero_ab(sz):
+    """``sz`` words (bf16 scale low, bf16 zero high) -> ``(a, b)`` for ``nibble_f32``."""
+    s = (sz << 16).to(tl.float32, bitcast=True)
+    z = (sz & -65536).to(tl.float32, bitcast=True)
+    return 16.0 * s, -s * (16.0 + z)
+
+
+@triton.jit
+def store_rows(
+    y,
+    m,
+    offs_n,
+    mask_n,
+    M,
+    N,
+    out_ptr,
+    stride_om,
+    ws_ptr,
+    pid_k,
+    MP,
+    SPLIT_P2: tl.constexpr,
+):
+    """Write one token's partial sums ``y [BN]``: straight to the output without split-K, or to
+    this program's slice of the float32 workspace ``[split, MP, N]``."""
+    if SPLIT_P2 == 1:
+        tl.store(
+            out_ptr + m * stride_om + offs_n,
+            y.to(out_ptr.dtype.element_ty),
+            mask=mask_n & (m < M),
+        )
+    else:
+        tl.store(ws_ptr + (pid_k * MP + m) * N + offs_n, y, mask=mask_n)
+
+
+@triton.jit
+def finish_split(
+    offs_n,
+    mask_n,
+    M,
+    N,
+    out_ptr,
+    stride_om,
+    ws_ptr,
+    lock_ptr,
+    lock_id,
+    MP: tl.constexpr,
+    SPLIT_K,
+    SPLIT_P2: tl.constexpr,
+):
+    """The last of the ``SPLIT_K`` programs of an output strip to arrive sums the partials in a
+    fixed order (so results are deterministic) and resets the strip's counter for the next launch.
+
+    The barrier before the counter makes every thread's partial stores happen before thread 0's
+    release; the acquire on the counter orders the reads after them (the layer-norm backward
+    tutorial's lock pattern). Each token's partials load as one ``[SPLIT_P2, BN]`` tile, so the
+    fix-up costs one memory round trip rather than one per split.
+    """
+    if SPLIT_P2 > 1:
+        tl.debug_barrier()
+        count = tl.atomic_add(lock_ptr + lock_id, 1, sem="acq_rel", scope="gpu")
+        if count == SPLIT_K - 1:
+            offs_s = tl.arange(0, SPLIT_P2)
+            for m in tl.static_range(MP):
+                if m < M:
+                    part = tl.load(
+                        ws_ptr + (offs_s[:, None] * MP + m) * N + offs_n[None, :],
+                        mask=(offs_s[:, None] < SPLIT_K) & mask_n[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    total = tl.sum(part, axis=0)
+                    tl.store(
+                        out_ptr + m * stride_om + offs_n,
+                        total.to(out_ptr.dtype.element_ty),
+                        mask=mask_n,
+                    )
+            tl.atomic_xchg(lock_ptr + lock_id, 0, sem="relaxed", scope="gpu")
+
+
+class Workspace:
+    """Per-device float32 scratch for split-K partial sums and int32 arrival counters.
+
+    Counters are left at zero by every launch, so buffers are allocated once and reused; a
+    larger request allocates larger buffers and keeps the old ones alive, so CUDA graphs captured
+    earlier never point at freed memory.
+    """
+
+    def __init__(self) -> None:
+        self._ws: dict[int | str, torch.Tensor] = {}
+        self._locks: dict[int | str, torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
+
+    def get(
+        self, device: torch.device, floats: int, locks: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx: int | str = device.index if device.index is not None else device.type
+        if device.type == "cuda" and device.index is None:
+            idx = torch.cuda.current_device()
+        ws = self._ws.get(idx)
+        if ws is None or ws.numel() < floats:
+            if ws is not None:
+                self._retired.append(ws)
+            ws = torch.empty(max(floats, 1 << 20), dtype=torch.float32, device=device)
+            self._ws[idx] = ws
+        lk = self._locks.get(idx)
+        if lk is None or lk.numel() < locks:
+            if lk is not None:
+                self._retired.append(lk)
+            lk = torch.zeros(max(locks, 1 << 14), dtype=torch.int32, device=device)
+            self._locks[idx] = lk
+        return ws, lk
+
+
+WORKSPACE = Workspace()
