@@ -111,7 +111,8 @@ class Service:
     # -- running -----------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         self.check_ready()
-        stream = RequestStream(asyncio.get_running_loop(), self.settings.stream_buffer)
+        stream = RequestStream(asyncio.get_running_loop(), self.settings.stream_buffer,
+                               on_finish=self.metrics.observe_finished)
         self.engine.submit(prompt_ids, params, stream)
         return stream
 
@@ -127,19 +128,15 @@ class Service:
                      request: Request | None = None) -> AsyncIterator[StreamEvent]:
         """The stream's events; the sequence is cancelled if the consumer stops early or, for a
         non-streaming request, if the client disconnects while it waits."""
-        generated = 0
         try:
             while not stream.finished:
                 events = await stream.next_events(timeout=None if request is None else 0.5)
                 if not events and request is not None and await request.is_disconnected():
                     return
                 for event in events:
-                    generated += event.tokens
-                    if event.finish_reason is not None:
-                        self.metrics.observe_finished(event, generated)
-                        if event.finish_reason == "error":
-                            raise APIError(500, f"generation failed: {event.error}",
-                                           "generation_error")
+                    if event.finish_reason == "error":
+                        raise APIError(500, f"generation failed: {event.error}",
+                                       "generation_error")
                     yield event
         finally:
             if not stream.finished:
@@ -161,10 +158,12 @@ class Service:
                     pending[asyncio.ensure_future(iterators[index].__anext__())] = index
                     yield index, event
         finally:
+            # No awaiting here: inside a cancelled task group every await raises again.
             for task in pending:
                 task.cancel()
-            for it in iterators:
-                await it.aclose()  # type: ignore[attr-defined]
+            for stream in streams:
+                if not stream.finished:
+                    stream.cancel()
 
     async def collect(self, stream: RequestStream, request: Request | None = None) -> Completion:
         parts: list[str] = []

@@ -15,7 +15,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 @dataclasses.dataclass
@@ -78,8 +78,13 @@ class StreamEvent:
 class RequestStream:
     """Events of one request, written by an engine thread, read by one asyncio consumer."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_pending: int = 64) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_pending: int = 64,
+                 on_finish: Callable[[StreamEvent, int], None] | None = None) -> None:
         self._loop = loop
+        # Called on the engine thread with the last event and the number of generated tokens,
+        # whether or not anyone still reads the stream (a vanished client's request counts too).
+        self._on_finish = on_finish
+        self._tokens = 0
         self._max_pending = max_pending
         self._lock = threading.Lock()
         self._pending: deque[StreamEvent] = deque()
@@ -95,6 +100,9 @@ class RequestStream:
 
     def push(self, event: StreamEvent) -> None:
         """Never blocks: merges into the last pending event when the reader is behind."""
+        self._tokens += event.tokens
+        if event.finish_reason is not None and self._on_finish is not None:
+            self._on_finish(event, self._tokens)
         with self._lock:
             if len(self._pending) >= self._max_pending:
                 self._pending[-1] = self._pending[-1].merge(event)
