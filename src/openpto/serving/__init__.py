@@ -10,8 +10,9 @@ from openpto.errors import require
 
 require("fastapi", "serve", "the HTTP server")
 require("prometheus_client", "serve", "the server's /metrics")
+require("uvicorn", "serve", "the HTTP server")
 
-from openpto.serving.app import create_app, serve  # noqa: E402
+from openpto.serving.app import create_app, serve, serve_model  # noqa: E402
 from openpto.serving.engine import (  # noqa: E402
     BACKENDS,
     Engine,
@@ -22,4 +23,4 @@ from openpto.serving.engine import (  # noqa: E402
 from openpto.serving.settings import ServerSettings  # noqa: E402
 
 __all__ = ["BACKENDS", "Engine", "EngineOptions", "ModelInfo", "ServerSettings", "create_app",
-           "make_engine", "serve"]
+           "make_engine", "serve", "serve_model"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from openpto import __version__
 from openpto.errors import OptError
 from openpto.serving import ollama_routes, openai_routes, ops_routes
-from openpto.serving.engine import Engine
+from openpto.serving.engine import Engine, EngineOptions, make_engine
 from openpto.serving.errors import HANDLERS
 from openpto.serving.metrics import ServerMetrics
 from openpto.serving.middleware import AccessLog, BodyLimit, LogSink, stderr_json
@@ -78,9 +79,13 @@ async def _load(service: Service) -> None:
 def serve(settings: ServerSettings, engine: Engine,
           on_started: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Run the app under uvicorn until interrupted (blocking)."""
+    _run_uvicorn(create_app(settings, engine), settings, engine, on_started)
+
+
+def _run_uvicorn(app: FastAPI, settings: ServerSettings, engine: Engine,
+                 on_started: Callable[[dict[str, Any]], None] | None) -> None:
     import uvicorn
 
-    app = create_app(settings, engine)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
                             log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -88,3 +93,35 @@ def serve(settings: ServerSettings, engine: Engine,
         on_started({"url": f"http://{settings.host}:{settings.port}", "model": app.state.service
                     .model_id, "backend": engine.backend})
     server.run()
+
+
+def serve_model(
+    model: str | None,
+    backend: str,
+    settings: ServerSettings,
+    options: EngineOptions,
+    on_started: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """``opt serve``: build the backend's engine, serve until interrupted, record the run.
+
+    The run (kind ``serve``) holds the settings (the API key left out) and, at shutdown, how
+    many requests finished and how many tokens they generated.
+    """
+    from openpto.store import RunRecorder, Store
+
+    config = {"backend": backend, **settings.model_dump(exclude={"api_key"}),
+              "auth": settings.api_key is not None, **dataclasses.asdict(options)}
+    with RunRecorder(Store(), "serve", model, config) as run:
+        engine = make_engine(backend, model, options)
+        app = create_app(settings, engine)
+        service: Service = app.state.service
+
+        def started(info: dict[str, Any]) -> None:
+            if on_started is not None:
+                on_started({**info, "run_id": run.id})
+
+        _run_uvicorn(app, settings, engine, started)
+        totals = service.metrics.totals()
+        for name, value in totals.items():
+            run.metric(name, value, unit="count", details={"source": "server counters"})
+        return {**totals, "run_id": run.id}

@@ -99,6 +99,16 @@ class ServerMetrics:
         if t.finished is not None:
             self.e2e.labels(self.model).observe(t.finished - t.arrived)
 
+    def totals(self) -> dict[str, float]:
+        """Finished requests and token counts so far (what ``opt serve`` records at exit)."""
+        def total(counter: Counter) -> float:
+            return sum(s.value for m in counter.collect() for s in m.samples
+                       if s.name.endswith("_total"))
+
+        return {"requests": total(self.request_success),
+                "prompt_tokens": total(self.prompt_tokens),
+                "generation_tokens": total(self.generation_tokens)}
+
     def observe_http(self, method: str, route: str, status: int) -> None:
         self.http_requests.labels(method, route, str(status)).inc()
 

@@ -1,0 +1,52 @@
+"""``opt serve``: the OpenAI- and Ollama-compatible HTTP server."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from openpto.cli.common import JSON_HELP, emit, stderr
+
+MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
+DRAFT_HELP = "Speculative draft for lone requests: a MODEL, self:layers=K or lookup."
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
+
+
+def serve_cmd(
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    backend: str = typer.Option("torch", help="torch, llamacpp or mlx."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: str | None = typer.Option(None, envvar="OPT_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' (not /health)."),
+    cors_origin: list[str] = typer.Option([], help="Allow this browser origin (repeatable)."),
+    max_batch: int = typer.Option(8, min=1, help="Most sequences decoded together (torch)."),
+    draft: str | None = typer.Option(None, help=DRAFT_HELP),
+    log_prompts: bool = typer.Option(False, help="Record prompt/response pairs in the database."),
+    max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (torch)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (torch)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (once, when it starts)"),
+) -> None:
+    """Serve a model over OpenAI- and Ollama-compatible HTTP APIs until interrupted.
+
+    Example: opt serve smollm2-135m --port 8000 --api-key secret --max-batch 8
+    """
+    # Front ends never import each other statically (import-linter); the server is started here.
+    serving = importlib.import_module("openpto.serving")
+    settings = serving.ServerSettings(
+        host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin),
+        log_prompts=log_prompts, max_tokens_limit=max_tokens_limit)
+    options = serving.EngineOptions(dtype=dtype, device=device, max_batch=max_batch, draft=draft)
+
+    def started(info: dict[str, object]) -> None:
+        if as_json:
+            emit(info, True)
+        else:
+            stderr.print(f"serving {info['model']} ({backend}) on {info['url']} (Ctrl-C stops)")
+
+    serving.serve_model(model, backend, settings, options, on_started=started)
