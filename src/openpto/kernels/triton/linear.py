@@ -102,11 +102,11 @@ class TritonW4A16Kernel(Kernel):
 def is_24_int4(qw: QuantizedWeight) -> bool:
     """True when at most 2 of every 4 consecutive codes differ from their zero-point (the codes
     of a 2:4-pruned weight, whose pruned entries dequantize to exactly 0)."""
-    if qw.in_features % 4:
+    if qw.in_features % 4 or qw.group_size % 4:
         return False
-    zeros = qw.zero.repeat_interleave(qw.group_size, dim=1)
-    kept = (qw.q.to(zeros.dtype) != zeros).reshape(qw.out_features, -1, 4).sum(-1)
-    return bool((kept <= 2).all())
+    grouped = qw.q.reshape(qw.out_features, -1, qw.group_size)
+    nonzero = grouped != qw.zero.to(torch.uint8).unsqueeze(-1)
+    return bool((nonzero.reshape(qw.out_features, -1, 4).sum(-1) <= 2).all())
 
 
 class TritonSparse24Int4Kernel(Kernel):

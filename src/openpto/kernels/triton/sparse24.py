@@ -269,6 +269,7 @@ def sparse24_matmul(
     launch: Launch,
     sz: torch.Tensor | None = None,
     group_size: int = KBLOCK,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ W^T -> [M, N]`` for a compressed 2:4 weight (int4 values when ``sz`` is set)."""
     if x.stride(-1) != 1:
@@ -282,7 +283,8 @@ def sparse24_matmul(
     n_blocks = triton.cdiv(n, launch.block_n)
     mp = _p2(m)
     ws, locks = WORKSPACE.get(x.device, split * mp * n if split > 1 else 0, n_blocks)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     int4 = sz is not None
     _sp24_gemv_kernel[(n_blocks, split)](
         x,

@@ -252,9 +252,14 @@ def dequantize(
 
 
 def w4a16_matmul(
-    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int, launch: Launch
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    group_size: int,
+    launch: Launch,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W^T -> [M, N]`` in ``x``'s dtype (bf16 or fp16)."""
+    """``x [M, K] @ W^T -> [M, N]`` in ``x``'s dtype (bf16 or fp16), into ``out`` if given."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -262,8 +267,10 @@ def w4a16_matmul(
     kblocks = k // KBLOCK
     group_kb = group_size // KBLOCK
     if launch.path == "dequant":
-        return x @ dequantize(qweight, sz, group_size, x.dtype, launch.block_n)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        wt = dequantize(qweight, sz, group_size, x.dtype, launch.block_n)
+        return torch.mm(x, wt, out=out) if out is not None else x @ wt
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = launch.split_k
     if kblocks % split:
         raise ValueError(f"split_k {split} does not divide {kblocks} kblocks")
