@@ -48,6 +48,21 @@ def test_builtin_corpora_are_large_and_hashed() -> None:
     assert "Return" in evals.text and "Abstract Base Classes" in evals.text
 
 
+def test_evaluation_text_ignores_methods_patched_in_by_libraries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    from openpto.data.corpora import _stdlib_docstrings, stdlib_docstrings
+
+    def warning_twice(self: logging.Logger) -> None:
+        """A method some library added to a standard-library class at import time."""
+
+    before = stdlib_docstrings()
+    monkeypatch.setattr(logging.Logger, "warning_twice", warning_twice, raising=False)
+    assert _stdlib_docstrings.__wrapped__() == before
+
+
 def test_evaluation_text_shares_no_long_ngram_with_calibration_text() -> None:
     calib = load_text("pydoc-topics").text
     evals = load_text("stdlib-docstrings").text

@@ -116,7 +116,7 @@ def _walk(module_names: tuple[str, ...]) -> Iterator[str | None]:
                 continue
             yield inspect.getdoc(obj)
             if inspect.isclass(obj):
-                yield from _member_docs(obj)
+                yield from _member_docs(obj, module)
 
 
 def _defined_in(obj: object, module: object) -> bool:
@@ -127,16 +127,20 @@ def _defined_in(obj: object, module: object) -> bool:
     return owner is None or owner == name or owner.startswith(name + ".")
 
 
-def _member_docs(cls: type) -> Iterator[str | None]:
+def _member_docs(cls: type, module: object) -> Iterator[str | None]:
     for attr in sorted(vars(cls)):
         if attr.startswith("_"):
             continue
         value = vars(cls)[attr]
+        func = value.fget if isinstance(value, property) else value
+        func = func.__func__ if isinstance(func, (classmethod, staticmethod)) else func
+        # Libraries patch methods onto stdlib classes (transformers adds ``Logger.warning_once``);
+        # only members defined in the module itself keep the text the same in every process.
+        if not inspect.isroutine(func) or not _defined_in(func, module):
+            continue
         if isinstance(value, property):
             yield inspect.cleandoc(value.__doc__) if value.__doc__ else None
-            continue
-        func = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
-        if inspect.isroutine(func):
+        else:
             yield inspect.getdoc(func)
 
 
