@@ -115,7 +115,9 @@ def test_missing_packages_name_the_install(monkeypatch: pytest.MonkeyPatch) -> N
         "version": None,
     }
     assert found["optimum-quanto"]["reason"].endswith("pip install optimum-quanto")
-    assert "(uvicorn)" in found["fastapi+uvicorn"]["reason"]
+    both = found["fastapi+uvicorn"]
+    assert not both["available"]
+    assert "uvicorn" in both["reason"] and "openpto[serve]" in both["reason"]
 
 
 def test_import_is_cheap() -> None:

@@ -189,6 +189,24 @@ def test_device_choices(saved: Path) -> None:
             assert parse_device("auto").type == "cpu"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_on_cuda_matches_cpu(saved: Path) -> None:
+    from openpto.models import parse_device
+
+    assert parse_device("auto").type == "cuda"
+    on_gpu = load_model(str(saved), device="cuda")
+    on_cpu = load_model(str(saved))
+    assert on_gpu.device.type == "cuda" and on_gpu.weight_bytes == on_cpu.weight_bytes
+    ids = torch.tensor([[1, 17, 99, 300, 5]])
+    with torch.no_grad():
+        gpu_logits = on_gpu.model(ids.cuda()).logits.cpu()
+        cpu_logits = on_cpu.model(ids).logits
+    # TF32 may be on for CUDA matmuls; 2 tiny layers keep the difference far below this.
+    torch.testing.assert_close(gpu_logits, cpu_logits, atol=2e-3, rtol=0)
+    assert load_model(str(saved), device="cuda:0", dtype="bfloat16").dtype == torch.bfloat16
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
