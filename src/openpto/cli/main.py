@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "openpto.cli.eval",
     "openpto.cli.quantize",
     "openpto.cli.export",
+    "openpto.cli.sparsify",
     "openpto.cli.serve",
 ]
 

@@ -228,6 +228,20 @@ _PRUNERS: dict[type[SparsityConfig], type[_Pruner]] = {
 }
 
 
+def check_widths(model: nn.Module, config: SparsityConfig) -> None:
+    """Refuse an N:M pattern whose M does not divide some decoder Linear's input width."""
+    if config.nm is None:
+        return
+    prefix, layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        for name, linear in find_linears(layer).items():
+            check_nm_width(linear.in_features, config.nm, f"{prefix}.{index}.{name}")
+
+
+def needs_calibration(config: SparsityConfig) -> bool:
+    return _PRUNERS[type(config)].needs_data
+
+
 def _run_data_free(
     model: nn.Module, pruner: _Pruner, on_layer: LayerCallback | None
 ) -> list[LinearReport]:
@@ -263,6 +277,7 @@ def sparsify_model(
     pruning); ``device`` is where each layer is processed (default: where the model is).
     """
     started = time.perf_counter()
+    check_widths(model, config)
     pruner = _PRUNERS[type(config)](config)
     if not pruner.needs_data:
         reports = _run_data_free(model, pruner, on_layer)

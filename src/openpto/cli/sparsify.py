@@ -1,0 +1,56 @@
+"""``opt sparsify``: prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)."""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+from openpto.cli.common import JSON_HELP, RichProgress, emit
+
+MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
+CALIB_HELP = (
+    "Calibration text: file, folder, .jsonl, built-in corpus or data set (default pydoc-topics)."
+)
+EVAL_HELP = "Also measure perplexity on this text before and after pruning."
+
+
+def register(app: typer.Typer) -> None:
+    paragraphs = inspect.cleandoc(sparsify_cmd.__doc__ or "").split("\n\n")
+    app.command("sparsify", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(sparsify_cmd)
+
+
+def sparsify_cmd(
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    method: str = typer.Option(..., "--method", help="magnitude, wanda or sparsegpt."),
+    sparsity: float | None = typer.Option(None, help="Fraction of weights to zero (default 0.5)."),
+    pattern: str | None = typer.Option(None, help="N:M: keep N of every M weights, e.g. 2:4."),
+    bits: int | None = typer.Option(None, help="sparsegpt only: also quantize to this many bits."),
+    group_size: int | None = typer.Option(
+        None, help="With --bits: 32, 64 or 128 (default: per row)."
+    ),
+    sym: bool = typer.Option(False, "--sym/--asym", help="With --bits: symmetric grid."),
+    calib: str | None = typer.Option(None, "--calib", help=CALIB_HELP),
+    samples: int = typer.Option(128, help="Calibration windows."),
+    calib_seq_len: int = typer.Option(512, help="Tokens per calibration window."),
+    output: str | None = typer.Option(None, help="Artifact folder (default: under OPT_HOME)."),
+    eval_text: str | None = typer.Option(None, "--eval", help=EVAL_HELP),
+    device: str = typer.Option("cpu", help="Where each layer is processed: cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Prune every Linear of the decoder layers and write an artifact whose zeros are the mask.
+
+    Magnitude needs no data; Wanda and SparseGPT calibrate one decoder layer at a time. With
+    --bits, SparseGPT prunes and quantizes in one pass. The sparsity reported is measured from
+    the weights over the pruned Linears.
+
+    Example: opt sparsify smollm2-135m --method sparsegpt --pattern 2:4 --eval stdlib-docstrings
+    """
+    from openpto.pipeline.sparsify import make_config, sparsify_model
+
+    config = make_config(method, sparsity, pattern, bits, group_size, sym)
+    result = sparsify_model(
+        model, config, calib=calib, samples=samples, calib_seq_len=calib_seq_len,
+        output=output, eval_text=eval_text, device=device, progress=RichProgress(),
+    )
+    emit(result, as_json, title="sparsify")
