@@ -38,8 +38,9 @@ def make_weight(n: int, k: int, seed: int) -> dict[str, Any]:
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     scale = torch.rand(n, k // GROUP, generator=g) * 0.004 + 0.001
     zero = torch.randint(0, 16, (n, k // GROUP), generator=g).float()
-    packed = {key: v.cuda() for key, v in gd.pack_w4a16(q, scale, zero, GROUP).items()}
-    w_ref = gd.dequantize_w4a16(packed["qweight"].cpu(), packed["sz"].cpu()).cuda()
+    # the layout functions are plain torch: packing on the GPU takes milliseconds
+    packed = gd.pack_w4a16(q.cuda(), scale.cuda(), zero.cuda(), GROUP)
+    w_ref = gd.dequantize_w4a16(packed["qweight"], packed["sz"])
     return {"q": q, "scale": scale, "zero": zero, **packed, "w_ref": w_ref}
 
 
