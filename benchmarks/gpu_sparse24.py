@@ -220,6 +220,12 @@ def main() -> None:
                     flush=True,
                 )
         torch.cuda.empty_cache()
+        with open(args.json, "w") as f:  # after each shape: a timeout keeps these
+            json.dump(
+                {"env": env, "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results},
+                f,
+                indent=1,
+            )
     with open(args.json, "w") as f:
         json.dump(
             {"env": env, "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results},

@@ -216,10 +216,14 @@ def main() -> None:
             print(_line(row), flush=True)
         torch.cuda.empty_cache()
 
-    report = {"env": env, "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results}
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1)
+        _save(args.json, env, copy_bw, chosen, results)  # after each shape: a timeout keeps these
     print(_table(results))
+
+
+def _save(path: str, env: Any, copy_bw: float, chosen: Any, results: Any) -> None:
+    report = {"env": env, "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def _tinygemm_buffers(wt: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
