@@ -116,6 +116,18 @@ BACKENDS.register("llamacpp", "openpto.serving.llamacpp_backend:LlamaCppEngine")
 BACKENDS.register("mlx", "openpto.serving.mlx_backend:MLXEngine")
 
 
+def served_name(spec: str | None) -> str:
+    """The model id clients see: an alias or hub id as given, a file or folder by its name."""
+    from pathlib import Path
+
+    if not spec:
+        return "smollm2-135m"
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path.name.removesuffix(".gguf")
+    return spec
+
+
 def make_engine(backend: str, model: str | None, options: EngineOptions) -> Engine:
     factory: Callable[[str | None, EngineOptions], Engine] = BACKENDS.get(backend)
     return factory(model, options)

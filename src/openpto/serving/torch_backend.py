@@ -17,7 +17,14 @@ from openpto.core.generate import StepRecord, build_chat_prompt, eos_ids
 from openpto.core.sampling import SamplingParams
 from openpto.errors import BackendUnavailable, UsageError
 from openpto.serving.batching import BatchScheduler
-from openpto.serving.engine import Embeddings, Engine, EngineOptions, EngineStats, ModelInfo
+from openpto.serving.engine import (
+    Embeddings,
+    Engine,
+    EngineOptions,
+    EngineStats,
+    ModelInfo,
+    served_name,
+)
 from openpto.serving.streams import RequestStream
 
 
@@ -49,7 +56,7 @@ class TorchEngine(Engine):
             from openpto.models import load_model
 
             loaded = load_model(self.spec, dtype=self.options.dtype, device=self.options.device)
-            self._adopt(loaded.model, loaded.tokenizer, loaded.name, str(loaded.path),
+            self._adopt(loaded.model, loaded.tokenizer, served_name(loaded.name), str(loaded.path),
                         kind=loaded.kind, digest=loaded.source_sha256 or "",
                         metadata=loaded.metadata)
         assert self._model is not None
@@ -99,7 +106,7 @@ class TorchEngine(Engine):
     @property
     def info(self) -> ModelInfo:
         if self._info is None:
-            return ModelInfo(id=self.spec or "smollm2-135m", backend=self.backend)
+            return ModelInfo(id=served_name(self.spec), backend=self.backend)
         return self._info
 
     def tokenize(self, text: str) -> list[int]:

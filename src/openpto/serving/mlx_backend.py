@@ -1,0 +1,163 @@
+"""The MLX backend (``mlx-lm``): Apple Silicon, or MLX's CPU build on Linux.
+
+MODEL may be an MLX folder (``opt export --format mlx``), a Hugging Face folder, or anything
+``load_model`` converts from GGUF (the default alias): the cached float safetensors folder of that
+conversion is what mlx-lm reads. Requests run one at a time on one worker thread; sampling is
+mlx-lm's own (its sampler and repetition-penalty processor take the same parameters).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from openpto.core.sampling import SamplingParams
+from openpto.errors import BackendUnavailable, require
+from openpto.serving.engine import (
+    Embeddings,
+    EngineOptions,
+    ModelInfo,
+    SerialEngine,
+    served_name,
+)
+
+
+def mlx_folder(spec: str | None) -> tuple[Path, str]:
+    """The folder mlx-lm should read for MODEL, and the model's name."""
+    from openpto.models import resolve_model
+
+    source = resolve_model(spec)
+    if source.kind in ("alias", "gguf"):
+        from openpto.models.gguf import cached_conversion
+
+        name = source.name if source.kind == "alias" else source.path.stem
+        folder, _ = cached_conversion(source.path, name)
+        return folder, name
+    return source.path, served_name(source.name)
+
+
+class MLXEngine(SerialEngine):
+    backend = "mlx"
+
+    def __init__(self, model: str | None = None, options: EngineOptions | None = None) -> None:
+        super().__init__()
+        self.spec = model
+        self.options = options or EngineOptions()
+        self._model: Any = None
+        self._hf_tokenizer: Any = None
+        self._info: ModelInfo | None = None
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        require("mlx_lm", "mlx", "the MLX backend")
+        folder, name = mlx_folder(self.spec)
+        # MLX keeps per-thread default streams: load on the thread that will generate.
+        self._start_worker()
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def load_here() -> None:
+            try:
+                self._load(folder, name)
+                done.set_result(None)
+            except BaseException as exc:  # handed to the caller of load()
+                done.set_exception(exc)
+
+        self._queue.put(load_here)
+        done.result()
+
+    def _load(self, folder: Path, name: str) -> None:
+        from mlx.utils import tree_flatten
+        from mlx_lm import load
+
+        loaded: Any = load(str(folder))
+        model, wrapper = loaded[0], loaded[1]
+        self._hf_tokenizer = getattr(wrapper, "_tokenizer", wrapper)
+        params: list[Any] = list(tree_flatten(model.parameters()))
+        count = sum(int(v.size) for _, v in params)
+        size = sum(int(v.nbytes) for _, v in params)
+        args = getattr(model, "args", None)
+        self._info = ModelInfo(
+            id=name, backend=self.backend, path=str(folder),
+            family=str(getattr(args, "model_type", "unknown")), format="mlx",
+            parameter_count=count, quantization=str(params[0][1].dtype).removeprefix("mlx.core."),
+            context_length=self.options.context_length
+            or int(getattr(args, "max_position_embeddings", 2048) or 2048),
+            embedding_length=int(getattr(args, "hidden_size", 0) or 0), size_bytes=size,
+            digest=hashlib.sha256(str(folder.resolve()).encode()).hexdigest(),
+            chat_template=str(getattr(self._hf_tokenizer, "chat_template", "") or ""),
+        )
+        self._model = model
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info or ModelInfo(id=served_name(self.spec), backend=self.backend)
+
+    def tokenize(self, text: str) -> list[int]:
+        self._require()
+        bos = getattr(self._hf_tokenizer, "bos_token", None)
+        add_special = not (bos and text.startswith(bos))
+        return [int(t) for t in self._hf_tokenizer(text, add_special_tokens=add_special)
+                ["input_ids"]]
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        from openpto.core.generate import build_chat_prompt
+
+        self._require()
+        return build_chat_prompt(self._hf_tokenizer, messages)
+
+    def _require(self) -> None:
+        if self._model is None:
+            raise BackendUnavailable("the model is still loading")
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self._hf_tokenizer, "eos_token_id", None)
+        return {int(eos)} if eos is not None else set()
+
+    def _tokenizer_for_text(self) -> Any:
+        return self._hf_tokenizer
+
+    def _token_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        sampler = make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p,
+                               top_k=params.top_k)
+        processors = make_logits_processors(
+            repetition_penalty=params.repetition_penalty
+            if params.repetition_penalty != 1.0 else None,
+            repetition_context_size=len(prompt_ids) + params.max_tokens)
+        room = self.info.context_length - len(prompt_ids)
+        for token, _ in generate_step(mx.array(prompt_ids), self._model,
+                                      max_tokens=min(params.max_tokens, room), sampler=sampler,
+                                      logits_processors=processors):
+            yield int(token)
+
+    def _embed(self, texts: Sequence[str]) -> Embeddings:
+        import mlx.core as mx
+
+        self._require()
+        vectors: list[list[float]] = []
+        total = 0
+        for text in texts:
+            ids = self._hf_tokenizer(text)["input_ids"][: self.info.context_length] or [0]
+            total += len(ids)
+            hidden = self._model.model(mx.array([ids]))[0].astype(mx.float32)
+            pooled = hidden.mean(axis=0)
+            pooled = pooled / mx.maximum(mx.linalg.norm(pooled), 1e-12)
+            vectors.append([float(x) for x in pooled.tolist()])
+        return Embeddings(vectors, total)
+
+    def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
+        self._require()
+        return super().embed(texts)
