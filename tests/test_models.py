@@ -22,7 +22,7 @@ from openpto.errors import (
     UnsupportedModel,
     UsageError,
 )
-from openpto.models import LoadedModel, load_model, resolve_model, save_model
+from openpto.models import LoadedModel, hf_folder, load_model, resolve_model, save_model
 from openpto.models import cache as model_cache
 from openpto.registry import ARTIFACT_LOADERS
 from tests.helpers import tiny_llama, tiny_tokenizer
@@ -144,6 +144,7 @@ def test_hub_id_is_loaded_from_the_local_cache_only(saved: Path, tmp_path: Path)
     (repo / "refs" / "main").write_text(commit)
     source = resolve_model("someone/tiny")
     assert (source.kind, source.path) == ("hub-cache", snapshot)
+    assert hf_folder("someone/tiny") == snapshot
     loaded = load_model("someone/tiny")
     assert loaded.kind == "hub-cache"
     assert torch.equal(loaded.model.lm_head.weight, tiny_llama().lm_head.weight)
@@ -156,6 +157,7 @@ def test_hub_id_is_loaded_from_the_local_cache_only(saved: Path, tmp_path: Path)
 
 def test_dtype_choices(saved: Path, tmp_path: Path) -> None:
     assert load_model(str(saved), dtype="bfloat16").dtype == torch.bfloat16
+    assert load_model(str(saved), dtype="fp16").dtype == torch.float16
     assert load_model(str(saved), dtype=torch.float16).dtype == torch.float16
     half = tmp_path / "half"
     save_model(tiny_llama(dtype=torch.float16), tiny_tokenizer(), half)

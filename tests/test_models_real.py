@@ -32,14 +32,16 @@ def test_default_model_converts_once_then_loads_from_cache(
     gguf_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     from openpto.models import gguf as gguf_module
-    from openpto.models import load_model
+    from openpto.models import hf_folder, load_model
     from openpto.models.cache import file_sha256, models_cache_dir
 
     first = load_model()  # converts unless an earlier test in this session already did
     sha = file_sha256(gguf_path)
     assert first.source_sha256 == sha
     assert (first.kind, first.name, first.path) == ("alias", "smollm2-135m", gguf_path)
-    assert (models_cache_dir() / f"smollm2-135m-{sha[:12]}" / "model.safetensors").is_file()
+    folder = models_cache_dir() / f"smollm2-135m-{sha[:12]}"
+    assert (folder / "model.safetensors").is_file()
+    assert hf_folder(None) == folder
 
     def no_conversion(*args: object) -> None:
         raise AssertionError("the second load converted the GGUF again")

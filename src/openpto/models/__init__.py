@@ -7,7 +7,7 @@ hub ids already in the local cache. Nothing here downloads.
 
 from openpto.models.aliases import ALIASES, DEFAULT_ALIAS, alias_names
 from openpto.models.loaded import LoadedModel, save_model
-from openpto.models.loader import load_model, parse_device, parse_dtype
+from openpto.models.loader import hf_folder, load_model, parse_device, parse_dtype
 from openpto.models.resolve import ModelSource, resolve_model
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "LoadedModel",
     "ModelSource",
     "alias_names",
+    "hf_folder",
     "load_model",
     "parse_device",
     "parse_dtype",

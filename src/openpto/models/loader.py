@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+DTYPE_SYNONYMS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -41,6 +42,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         if not dtype.is_floating_point:
             raise UsageError(f"model dtype must be a float type, not {dtype}")
         return dtype
+    dtype = DTYPE_SYNONYMS.get(dtype, dtype)
     if dtype == "auto":
         return "auto"
     if dtype in DTYPE_NAMES:
@@ -201,8 +203,7 @@ def load_model(
     if source.kind in ("alias", "gguf"):
         from openpto.models.gguf import cached_conversion
 
-        folder, sha = cached_conversion(source.path, source.name if source.kind == "alias"
-                                        else source.path.stem, progress)
+        folder, sha = cached_conversion(source.path, _cache_name(source), progress)
         model, tokenizer = _load_folder(folder, torch_dtype, False)
     else:
         folder = source.path
@@ -218,6 +219,23 @@ def load_model(
     if target.type != "cpu":
         loaded.model.to(target)  # type: ignore[arg-type]
     return loaded
+
+
+def _cache_name(source: ModelSource) -> str:
+    return source.name if source.kind == "alias" else source.path.stem
+
+
+def hf_folder(source: ModelSource | str | None, progress: ProgressReporter | None = None) -> Path:
+    """The Hugging Face folder with the source's weights: for a GGUF source (the default alias
+    included) its cached float conversion, made first if needed; else the source's own folder.
+    For tools that read folders themselves (mlx-lm, exporters)."""
+    if not isinstance(source, ModelSource):
+        source = resolve_model(source)
+    if source.kind in ("alias", "gguf"):
+        from openpto.models.gguf import cached_conversion
+
+        return cached_conversion(source.path, _cache_name(source), progress)[0]
+    return source.path
 
 
 def _apply_artifact_loader(loaded: LoadedModel, fmt: str) -> LoadedModel:
