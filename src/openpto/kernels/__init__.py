@@ -13,6 +13,7 @@ KERNELS.register("dequantized-reference", "openpto.kernels.torch_ops:ReferenceKe
 KERNELS.register("packed-int4-cpu", "openpto.kernels.torch_ops:Int4CPUKernel")
 KERNELS.register("packed-int8-cpu", "openpto.kernels.torch_ops:Int8CPUKernel")
 KERNELS.register("tinygemm-int4-cuda", "openpto.kernels.torch_ops:TinygemmInt4CUDAKernel")
+KERNELS.register("sparse24-cusparselt", "openpto.kernels.sparse24:Sparse24Kernel")
 KERNELS.register("triton-w4a16", "openpto.kernels.triton.linear:TritonW4A16Kernel")
 KERNELS.register("triton-w4a16-2:4", "openpto.kernels.triton.linear:TritonSparse24Int4Kernel")
 
