@@ -102,21 +102,22 @@ def safe_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def _lock(path: Path) -> Iterator[bool]:
     """An exclusive advisory lock, so two processes do not convert the same model at once.
+    Yields whether it really locked.
 
     Where ``fcntl`` is missing (Windows) both convert and the second rename loses; still correct.
     """
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
@@ -126,10 +127,14 @@ def building(final: Path) -> Iterator[Path | None]:
     """Build ``final`` atomically: yields a temporary folder to fill (renamed to ``final`` on
     success, removed on failure), or ``None`` when another process finished it while we waited."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final.parent / f".{final.name}.lock"):
+    with _lock(final.parent / f".{final.name}.lock") as locked:
         if final.is_dir():
             yield None
             return
+        if locked:
+            # Holding the lock, any temporary folder of this entry is a killed process's leftover.
+            for stale in final.parent.glob(f".tmp-{final.name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
         # mkdtemp makes a private folder; the finished cache entry gets ordinary permissions.
         umask = os.umask(0)
