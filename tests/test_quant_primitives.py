@@ -150,15 +150,13 @@ def test_int4_and_int8_pack_round_trip() -> None:
         pack_int4(q4[:, :3])
 
 
-ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-
-
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("shape", [(6, 64), (5, 100), (33, 7)])
 @pytest.mark.parametrize("packed_dim", [0, 1])
 def test_pack_int32_matches_compressed_tensors(
     bits: int, shape: tuple[int, int], packed_dim: int
 ) -> None:
+    ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
     torch.manual_seed(bits)
     q = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
     signed = (q.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)

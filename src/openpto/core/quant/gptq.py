@@ -82,7 +82,8 @@ class GPTQ:
             H = H[perm][:, perm]
         factor = inverse_cholesky(H, config.damp)
         Hinv = factor.upper
-        column = perm if perm is not None else torch.arange(cols, device=W.device)
+        # A Python list: indexing a device tensor per column would sync the GPU every column.
+        column = perm.tolist() if perm is not None else list(range(cols))
 
         Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
         bs = config.block_size
@@ -92,7 +93,7 @@ class GPTQ:
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
-                col = int(column[i1 + i])
+                col = column[i1 + i]
                 gi = col // g
                 if not static and col % g == 0:
                     # Without act-order columns arrive in order; fix the group's grid from the
