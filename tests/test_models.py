@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -114,7 +115,24 @@ def test_dense_artifact_loads_with_its_metadata(copy_of: Path) -> None:
 def test_packed_artifact_goes_through_its_registered_loader(
     copy_of: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers.utils import logging as hf_logging
+
     (copy_of / "openpto.json").write_text(json.dumps({"format": "test-packed"}))
+    # A packed Linear: its float weight replaced by tensors only the artifact loader understands.
+    tensors = load_file(copy_of / "model.safetensors")
+    weight = tensors.pop("model.layers.0.mlp.up_proj.weight")
+    tensors["model.layers.0.mlp.up_proj.weight_packed"] = weight.to(torch.int32)
+    save_file(tensors, copy_of / "model.safetensors", metadata={"format": "pt"})
+    verbosity = hf_logging.get_verbosity()
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("transformers").addHandler(handler)
     calls: list[LoadedModel] = []
 
     def loader(loaded: LoadedModel) -> LoadedModel:
@@ -124,9 +142,15 @@ def test_packed_artifact_goes_through_its_registered_loader(
                            loaded.source_sha256, loaded.metadata)
 
     monkeypatch.setitem(ARTIFACT_LOADERS._entries, "test-packed", loader)
-    loaded = load_model(str(copy_of))
+    try:
+        loaded = load_model(str(copy_of))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
     assert len(calls) == 1 and calls[0].metadata == {"format": "test-packed"}
     assert loaded.name == "swapped" and not loaded.model.training
+    # Missing and unexpected keys are expected here: transformers' load report stays quiet.
+    assert not [m for m in records if "LOAD REPORT" in m]
+    assert hf_logging.get_verbosity() == verbosity
 
 
 def test_unknown_artifact_format_is_unsupported(copy_of: Path) -> None:

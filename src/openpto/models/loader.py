@@ -7,9 +7,11 @@ so that a missing, corrupt or unsupported model fails with one clear line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,15 +163,32 @@ def _load_folder(
     if drop_quantization and hasattr(config, "quantization_config"):
         # The artifact loader swaps in packed modules itself; transformers must not try to.
         del config.quantization_config
+    quiet = _transformers_errors_only() if drop_quantization else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, config=config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as exc:
         # Only .bin checkpoints get here corrupt: safetensors were checked above.
         raise CorruptFile(f"{folder}: a .bin weights file is corrupt or truncated: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """Packed artifacts store ``weight_packed``/``weight_scale`` where the float model has
+    ``weight``; transformers' load report would list every Linear as missing and unexpected,
+    which is exactly what the artifact loader then resolves, so only errors are shown."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _read_artifact_metadata(folder: Path) -> dict[str, Any]:
