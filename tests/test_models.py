@@ -233,6 +233,23 @@ def test_load_on_cuda_matches_cpu(saved: Path) -> None:
     assert load_model(str(saved), device="cuda:0", dtype="bfloat16").dtype == torch.bfloat16
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_artifact_loader_sees_the_target_device(
+    copy_of: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (copy_of / "openpto.json").write_text(json.dumps({"format": "test-device"}))
+    seen: list[str] = []
+
+    def loader(loaded: LoadedModel) -> LoadedModel:
+        seen.append(loaded.device.type)
+        return loaded
+
+    monkeypatch.setitem(ARTIFACT_LOADERS._entries, "test-device", loader)
+    assert load_model(str(copy_of), device="cuda").device.type == "cuda"
+    assert seen == ["cuda"]
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

@@ -232,11 +232,13 @@ def load_model(
         model, tokenizer = _load_folder(folder, torch_dtype, trust_remote_code, fmt != "dense")
         sha = files_sha256(weight_files(folder))
     model.eval()
+    if target.type != "cpu":
+        model.to(target)
     loaded = LoadedModel(model, tokenizer, source.name, source.kind, source.path, sha, metadata)
     if fmt != "dense":
+        # After the move: packed modules are built on the device of the Linears they replace,
+        # so each artifact loader picks the kernel of the target device.
         loaded = _apply_artifact_loader(loaded, fmt)
-    if target.type != "cpu":
-        loaded.model.to(target)  # type: ignore[arg-type]
     return loaded
 
 
