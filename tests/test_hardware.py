@@ -52,7 +52,8 @@ def test_cpu_flags_match_proc_cpuinfo() -> None:
     present = set(line.split(":", 1)[1].split())
     cpu = hardware.cpu_info()
     assert cpu["flags_source"] == "/proc/cpuinfo"
-    assert cpu["cores_logical"] >= cpu["cores_usable"] >= 1
+    assert cpu["cores"]["logical"] >= cpu["cores"]["usable"] >= 1
+    assert cpu["cores"]["logical"] >= (cpu["cores"]["physical"] or 1)
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert {k: v for k, v in cpu["flags"].items() if k in hardware.X86_FLAGS} == {
             name: name in present for name in hardware.X86_FLAGS

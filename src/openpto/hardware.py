@@ -85,9 +85,11 @@ def cpu_info() -> dict[str, Any]:
     return {
         "model": fields.get("model name") or platform.processor() or machine,
         "architecture": machine,
-        "cores_physical": psutil.cpu_count(logical=False),
-        "cores_logical": psutil.cpu_count(logical=True),
-        "cores_usable": usable,
+        "cores": {
+            "physical": psutil.cpu_count(logical=False),
+            "logical": psutil.cpu_count(logical=True),
+            "usable": usable,  # what this process may run on (affinity, container limits)
+        },
         "flags": flags,
         "flags_source": "/proc/cpuinfo" if fields else "architecture",
     }

@@ -44,10 +44,8 @@ def _print_tables(info: dict[str, Any]) -> None:
     machine.add_row("torch", info["torch"])
     machine.add_row("platform", f"{info['platform']['system']} {info['platform']['machine']}")
     machine.add_row("cpu", cpu["model"])
-    machine.add_row(
-        "cores", f"{cpu['cores_physical']} physical, {cpu['cores_logical']} logical, "
-        f"{cpu['cores_usable']} usable"
-    )
+    cores = ", ".join(f"{n} {kind}" for kind, n in cpu["cores"].items())
+    machine.add_row("cores", cores)
     machine.add_row("cpu flags", " ".join(k for k, v in cpu["flags"].items() if v) or "-")
 
     devices = Table("type", "name", "memory", "capability", title="devices")
