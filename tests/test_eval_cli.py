@@ -147,7 +147,7 @@ def _assert_clean_failure(code: int, out: str, err: str, message: str) -> None:
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
     (run,) = Store().rows("runs")
-    assert run["kind"] == "eval" and run["status"] == "failed"
+    assert run["kind"] == "eval" and run["status"] == "failed" and run["model"]
     assert message in run["error"].splitlines()[0]
 
 

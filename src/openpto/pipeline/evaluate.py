@@ -42,7 +42,11 @@ def evaluate(
         "seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
         "device": device, "dtype": dtype, "text_field": text_field,
     }
-    with open_run("eval", model_spec, config, store=store, progress=progress) as wf:
+    from openpto.models import DEFAULT_ALIAS
+
+    # The run names the model asked for from the start, so a failed load still says which.
+    run_model = model_spec or DEFAULT_ALIAS
+    with open_run("eval", run_model, config, store=store, progress=progress) as wf:
         _check_options(seq_len, max_tokens, batch_size)  # before anything slow is loaded
         text = wf.load_text(text_source, default=EVALUATION_DEFAULT, text_field=text_field)
         loaded = wf.load_model(
@@ -66,9 +70,9 @@ def evaluate(
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "batch_size": batch_size, "text": text.name, "text_sha256": text.sha256,
         }
-        kernel = (getattr(loaded, "metadata", None) or {}).get("kernel")
-        if kernel is not None:
-            details["kernel"] = kernel
+        # Artifacts on packed kernels say which ones ran; a number without it could be either.
+        metadata = loaded.metadata or {}
+        details.update({k: metadata[k] for k in ("kernel", "kernels") if k in metadata})
         wf.run.metric("perplexity", result.perplexity, "", details)
         wf.run.metric("tokens", result.tokens, "tokens", {"scored_tokens": result.scored_tokens})
         timing = {"stages": "tokenize+eval", "device": details["device"]}
