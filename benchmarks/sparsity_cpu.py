@@ -7,7 +7,8 @@ At the default model's Linear shapes (SmolLM2-135M: 576x576, 1536x576, 576x1536,
   loads) — the zeros are multiplied like any other number;
 - ``csr 50%`` / ``csr 90%``: ``torch.sparse.mm`` on a CSR copy of an unstructured 50% / 90%
   pruned weight (torch's only CPU sparse matmul; there is no CPU 2:4 kernel).
-Median of ``--repeats`` calls after warm-up, on the threads torch is given (``--threads``).
+Median of ``--repeats`` calls after warm-up, the variants timed round-robin, on the threads
+torch is given (``--threads``).
 
 Usage: python benchmarks/sparsity_cpu.py [--threads 2] [--out sparsity_cpu.json]
 """
@@ -33,15 +34,19 @@ SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576),
 TOKENS = (1, 16, 128, 512)
 
 
-def median_us(fn: Any, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def interleaved_us(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median microseconds per call of each function, timed round-robin so that load from other
+    processes on a shared machine hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -64,12 +69,12 @@ def main() -> None:
         for tokens in TOKENS:
             x = torch.randn(tokens, width)
             xt = x.t().contiguous()
-            times = {
-                "dense": median_us(lambda w=w, x=x: F.linear(x, w), args.repeats),
-                "masked_2_4": median_us(lambda m=masked, x=x: F.linear(x, m), args.repeats),
-                "csr_50": median_us(lambda c=csr50, xt=xt: torch.sparse.mm(c, xt), args.repeats),
-                "csr_90": median_us(lambda c=csr90, xt=xt: torch.sparse.mm(c, xt), args.repeats),
-            }
+            times = interleaved_us({
+                "dense": lambda w=w, x=x: F.linear(x, w),
+                "masked_2_4": lambda m=masked, x=x: F.linear(x, m),
+                "csr_50": lambda c=csr50, xt=xt: torch.sparse.mm(c, xt),
+                "csr_90": lambda c=csr90, xt=xt: torch.sparse.mm(c, xt),
+            }, args.repeats)
             row = {"shape": name, "tokens": tokens, **{f"{k}_us": v for k, v in times.items()},
                    **{f"speedup_{k}": times["dense"] / v for k, v in times.items() if k != "dense"}}
             rows.append(row)
@@ -81,7 +86,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "threads": args.threads,
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "dtype": "float32",
-        "timing": "perf_counter, median after 3 warm-up calls", "rows": rows,
+        "timing": "perf_counter, median after 3 warm-up calls, variants round-robin", "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
