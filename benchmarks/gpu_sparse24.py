@@ -64,10 +64,9 @@ def split_options(n_blocks: int, kblocks: int, sms: int, limit: int = 4) -> list
 
 def candidates(n: int, k: int, m: int, sms: int) -> list[Launch]:
     out = []
-    for bn in (128, 256, 512):
-        for warps in (4, 8):
-            for split in split_options(-(-n // bn), k // gd.KBLOCK, sms):
-                out.append(Launch("gemv", bn, min(m, 4), split, warps, 1))
+    for bn, warps in ((256, 2), (512, 4)):
+        for split in split_options(-(-n // bn), k // gd.KBLOCK, sms, 3):
+            out.append(Launch("gemv", bn, min(m, 2), split, warps, 1))
     return out
 
 

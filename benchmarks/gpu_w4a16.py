@@ -58,23 +58,22 @@ def split_options(n_blocks: int, kblocks: int, sms: int, limit: int = 4) -> list
 def candidates(n: int, k: int, m: int, sms: int) -> list[Launch]:
     kb = k // gd.KBLOCK
     out: list[Launch] = []
-    if m <= 16:
-        for bn in (128, 256, 512):
-            for warps in (4, 8):
-                for split in split_options(-(-n // bn), kb, sms):
-                    out.append(Launch("gemv", bn, min(m, 4), split, warps, 1))
+    if m <= 4:
+        # BN = 128 outputs per warp, so a thread's rows never leave its registers
+        for bn, warps in ((256, 2), (512, 4), (1024, 8)):
+            for rows, prefetch in ((16, False), (8, False), (8, True)):
+                if m > 1 and (rows == 16 or bn == 1024):
+                    continue
+                for split in split_options(-(-n // bn), kb, sms, 3):
+                    out.append(Launch("gemv", bn, min(m, 2), split, warps, 1, rows, prefetch))
     if 2 <= m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
-        for bn in (64, 128, 256):
-            for stages in (1, 2):
-                splits = split_options(-(-n // bn), kb, sms, 3) if m <= bm else [1]
-                for split in splits:
-                    out.append(Launch("dot", bn, bm, split, 4 if bn < 256 else 8, stages))
+        for bn in (64, 128):
+            splits = split_options(-(-n // bn), kb, sms, 3) if m <= bm else [1]
+            for split in splits:
+                out.append(Launch("dot", bn, bm, split, 4, 2))
     if m >= 32:
-        for bm in (64, 128):
-            for bn in (128, 256):
-                for stages in (2, 3):
-                    out.append(Launch("dot", bn, bm, 1, 8 if bm * bn >= 128 * 256 else 4, stages))
+        out.append(Launch("dot", 128, 128 if m >= 128 else 64, 1, 8, 3))
         out.append(Launch("dequant", 256))
     return out
 
@@ -99,6 +98,8 @@ def precompile(jobs: list[tuple[int, int, int, Launch]], workers: int) -> None:
     groups: dict[tuple[Any, ...], list[tuple[int, int, int, dict[str, Any]]]] = {}
     for n, k, m, la in jobs:
         key = (
+            la.rows,
+            la.prefetch,
             la.path,
             la.block_m,
             la.block_n,
@@ -142,6 +143,7 @@ def main() -> None:
         precompile(jobs, args.workers)
 
     results: list[dict[str, Any]] = []
+    tried: list[dict[str, Any]] = []  # every tuning candidate's time: the evidence for the choice
     chosen: dict[str, dict[str, Any]] = {}
     for n, k in SHAPES:
         wt = make_weight(n, k, seed=n * 7 + k)
@@ -177,6 +179,7 @@ def main() -> None:
                         print(f"  REJECT {n}x{k} m={m} {cand}: error {err}", flush=True)
                         continue
                     t, _ = timer.device_time(partial(run, cand), reps=max(15, args.reps // 3))
+                    tried.append({"tokens": m, "out": n, "in": k, "us": t * 1e6, **cand.to_dict()})
                     if best is None or t < best[0]:
                         best = (t, cand)
                 assert best is not None, f"no launch passed for {n}x{k} m={m}"
@@ -216,12 +219,20 @@ def main() -> None:
             print(_line(row), flush=True)
         torch.cuda.empty_cache()
 
-        _save(args.json, env, copy_bw, chosen, results)  # after each shape: a timeout keeps these
+        _save(
+            args.json, env, copy_bw, chosen, results, tried
+        )  # after each shape: a timeout keeps these
     print(_table(results))
 
 
-def _save(path: str, env: Any, copy_bw: float, chosen: Any, results: Any) -> None:
-    report = {"env": env, "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results}
+def _save(path: str, env: Any, copy_bw: float, chosen: Any, results: Any, tried: Any) -> None:
+    report = {
+        "env": env,
+        "copy_bw_bytes_per_s": copy_bw,
+        "chosen": chosen,
+        "results": results,
+        "candidates": tried,
+    }
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
 

@@ -153,7 +153,7 @@ def test_choose_w4a16_by_token_count(m: int, path: str, block_m: int) -> None:
 
 
 def test_choose_w4a16_prefers_the_tuned_table() -> None:
-    tuned = {(4096, 4096, 2): Launch("gemv", 512, 2, 8, 8, 1)}
+    tuned = {(4096, 4096, 2): Launch("gemv", 512, 2, 8, 4, 1, 8, True)}
     assert gd.choose_w4a16(2, 4096, 4096, tuned) == tuned[(4096, 4096, 2)]
     assert gd.choose_w4a16(1, 4096, 4096, tuned).path == "gemv"
     with pytest.raises(ConfigError):
@@ -167,8 +167,8 @@ def test_split_fills_the_gpu_and_divides_the_kblocks() -> None:
     assert gd.default_split(2000, 32) == 1
     assert [gd.token_bucket(m) for m in (1, 3, 5, 17, 100, 5000)] == [1, 4, 8, 32, 128, 4096]
     launch = gd.choose_24(3, 4096, 4096, "int4")
-    assert (launch.path, launch.block_m) == ("gemv", 4)
-    assert gd.choose_24(16, 4096, 4096, "bf16").block_m == 4
+    assert (launch.path, launch.block_m) == ("gemv", 2)
+    assert gd.choose_24(16, 4096, 4096, "bf16").block_m == 2
 
 
 def test_triton_kernels_report_why_they_cannot_run_on_cpu() -> None:

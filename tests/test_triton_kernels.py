@@ -40,10 +40,11 @@ def _int4(n: int, k: int, g: int, seed: int) -> tuple[dict[str, torch.Tensor], t
 
 
 LAUNCHES = [
-    Launch("gemv", 128, 1, 1, 4),
-    Launch("gemv", 256, 2, 4, 4),
-    Launch("gemv", 512, 4, 2, 8),
-    Launch("gemv", 128, 4, 8, 4),
+    Launch("gemv", 128, 1, 1, 1, 1, 16, False),
+    Launch("gemv", 256, 2, 4, 2, 1, 8, True),
+    Launch("gemv", 512, 1, 2, 4, 1, 8, False),
+    Launch("gemv", 512, 2, 8, 4, 1, 16, False),
+    Launch("gemv", 256, 1, 8, 2, 1, 8, True),
     Launch("dot", 64, 16, 1, 4),
     Launch("dot", 128, 16, 4, 4, 2),
     Launch("dot", 128, 64, 1, 4, 2),
@@ -73,7 +74,7 @@ def test_w4a16_split_k_is_deterministic_and_leaves_counters_at_zero() -> None:
 
     packed, _ = _int4(1024, 4096, 128, seed=1)
     x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
-    launch = Launch("gemv", 128, 2, 32, 4)
+    launch = Launch("gemv", 512, 2, 32, 4, 1, 8, True)
     first = w4a16.w4a16_matmul(x, packed["qweight"], packed["sz"], 128, launch)
     for _ in range(20):
         assert torch.equal(
@@ -100,7 +101,7 @@ def test_sparse24_kernels_match_reference(m: int) -> None:
     ci = {k_: v.cuda() for k_, v in gd.compress_24_int4(q, scale, zero, g, mask=keep).items()}
     ref_int4 = gd.dequantize_24_int4(*(ci[n_].cpu() for n_ in ("values", "meta", "sz"))).cuda()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    for launch in (Launch("gemv", 128, min(m, 4), 1, 4), Launch("gemv", 256, 2, 4, 8)):
+    for launch in (Launch("gemv", 128, min(m, 4), 1, 4), Launch("gemv", 512, 2, 4, 4)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         y = sparse24.sparse24_matmul(x, c["values"], c["meta"], launch, out=out)
         assert rel_error(y, x.float() @ ref_bf16.t()) < BF16_LIMIT
@@ -135,14 +136,14 @@ def test_quant_linear_picks_triton_and_matches_reference() -> None:
 
 
 def test_sparse24_linear_matches_dense_linear() -> None:
-    from openpto.kernels.triton.linear import Sparse24Linear
+    from openpto.kernels.triton.linear import Compressed24Linear
 
     lin = torch.nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         w = lin.weight.view(768, 256, 4)
         keep = torch.rand(768, 256, 4, device="cuda").argsort(-1)[..., :2]
         lin.weight.mul_(torch.zeros_like(w).scatter_(2, keep, 1.0).view(768, 1024))
-    sp = Sparse24Linear.from_linear(lin)
+    sp = Compressed24Linear.from_linear(lin)
     for m in (1, 4, 33):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         assert rel_error(sp(x), F.linear(x.float(), lin.weight.float(), lin.bias.float())) < 1e-2

@@ -266,8 +266,10 @@ class Launch:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    rows: int = 16  # gemv: word rows per tile (16 = a whole kblock, 8 = half)
+    prefetch: bool = False  # gemv: load the next tile before this tile's arithmetic
 
-    def to_dict(self) -> dict[str, int | str]:
+    def to_dict(self) -> dict[str, int | str | bool]:
         return {
             "path": self.path,
             "block_n": self.block_n,
@@ -275,6 +277,8 @@ class Launch:
             "split_k": self.split_k,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
+            "rows": self.rows,
+            "prefetch": self.prefetch,
         }
 
 
@@ -313,14 +317,15 @@ def choose_w4a16(
     if tuned is not None and (n, k, bucket) in tuned:
         return tuned[(n, k, bucket)]
     kblocks = k // KBLOCK
-    if bucket <= 4:
-        block_n = 256
+    if bucket <= 2:
+        # 128 outputs per warp keep a tile's rows inside each thread: the row sums stay local
+        block_n = 512
         split = default_split(-(-n // block_n), kblocks, sms)
-        return Launch("gemv", block_n=block_n, block_m=bucket, split_k=split)
+        return Launch("gemv", block_n=block_n, block_m=bucket, split_k=split, rows=8, prefetch=True)
     if bucket <= 16:
         block_n = 128
         split = default_split(-(-n // block_n), kblocks, sms, waves=2)
-        return Launch("dot", block_n=block_n, block_m=16, split_k=split)
+        return Launch("dot", block_n=block_n, block_m=16, split_k=split, num_stages=2)
     if bucket <= 64:
         return Launch("dot", block_n=128, block_m=bucket, split_k=1, num_warps=4)
     return Launch("dequant")
@@ -335,12 +340,13 @@ def choose_24(
     sms: int = DEFAULT_SMS,
 ) -> Launch:
     """The launch of a compressed 2:4 matrix-vector product (``values`` is ``bf16`` or ``int4``).
-    Tokens go through in passes of at most 4 (``block_m``) over the same weight tile."""
+    Tokens go through in passes of at most 2 (``block_m``) over the same weight tile: 4 per pass
+    needs more registers than a thread has."""
     if m < 1:
         raise ConfigError(f"token count must be positive, got {m}")
     bucket = token_bucket(m)
     if tuned is not None and (values, n, k, bucket) in tuned:
         return tuned[(values, n, k, bucket)]
-    block_n = 256
+    block_n = 512
     split = default_split(-(-n // block_n), k // KBLOCK, sms)
-    return Launch("gemv", block_n=block_n, block_m=min(bucket, 4), split_k=split)
+    return Launch("gemv", block_n=block_n, block_m=min(bucket, 2), split_k=split)

@@ -147,7 +147,7 @@ class TritonSparse24Int4Kernel(Kernel):
         return _act(y, x.dtype)
 
 
-class Sparse24Linear(nn.Module):
+class Compressed24Linear(nn.Module):
     """A bf16/fp16 Linear whose 2:4-sparse weight is stored compressed (kept values + positions).
 
     Up to ``SPARSE_MAX_TOKENS`` tokens run the Triton matrix-vector kernel, which reads 9/16 of the
@@ -163,11 +163,11 @@ class Sparse24Linear(nn.Module):
         super().__init__()
         reason = device_reason(weight.device, weight.dtype)
         if reason is not None:
-            raise BackendUnavailable(f"Sparse24Linear cannot run here: {reason}")
+            raise BackendUnavailable(f"Compressed24Linear cannot run here: {reason}")
         self.out_features, self.in_features = weight.shape
         if self.in_features % gd.KBLOCK:
             raise BackendUnavailable(
-                f"Sparse24Linear needs in_features divisible by 128, got {self.in_features}"
+                f"Compressed24Linear needs in_features divisible by 128, got {self.in_features}"
             )
         self.dtype = weight.dtype
         for name, t in gd.compress_24(weight.detach(), mask).items():
@@ -176,7 +176,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Sparse24Linear:
+    def from_linear(cls, linear: nn.Linear) -> Compressed24Linear:
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ class Sparse24Linear(nn.Module):
 
 def dense_reference(module: nn.Module) -> torch.Tensor:
     """The float32 ``[out, in]`` weight a Triton-backed module computes with (for checks)."""
-    if isinstance(module, Sparse24Linear):
+    if isinstance(module, Compressed24Linear):
         return gd.decompress_24(module.get_buffer("values"), module.get_buffer("meta")).float()
     names = dict(module.named_buffers())
     if "qweight" in names:
@@ -209,7 +209,7 @@ def dense_reference(module: nn.Module) -> torch.Tensor:
 
 
 __all__ = [
-    "Sparse24Linear",
+    "Compressed24Linear",
     "TritonSparse24Int4Kernel",
     "TritonW4A16Kernel",
     "dense_reference",

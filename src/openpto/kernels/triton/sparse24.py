@@ -281,7 +281,7 @@ def sparse24_matmul(
     if kblocks % split:
         raise ValueError(f"split_k {split} does not divide {kblocks} kblocks")
     n_blocks = triton.cdiv(n, launch.block_n)
-    mp = _p2(m)
+    mp = _p2(max(m, launch.block_m))  # whole passes of block_m rows, padding included
     ws, locks = WORKSPACE.get(x.device, split * mp * n if split > 1 else 0, n_blocks)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -31,6 +31,14 @@ from openpto.kernels.triton.common import (
 
 
 @triton.jit
+def _gemv_tile(qw_ptr, step, offs_r, offs_n, mask, N, ROWS: tl.constexpr):
+    # step = one ROWS-row slice of a kblock's 16 word rows
+    kb = step // (16 // ROWS)
+    row0 = kb * 16 + (step % (16 // ROWS)) * ROWS
+    return tl.load(qw_ptr + (row0 + offs_r)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr,
     qw_ptr,
@@ -49,102 +57,60 @@ def _w4a16_gemv_kernel(
     MP: tl.constexpr,
     SPLIT_K,
     SPLIT_P2: tl.constexpr,
+    ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    """Split-K GEMV for ``BM`` (1 or 2) tokens per pass over ``ROWS x BN`` word tiles.
+
+    Factored form: per tile, ``t = sum_j f_j x_j`` and ``s = sum_j x_j`` per row, then
+    ``acc += sum_rows(a t + b s)`` once per tile, so each weight costs a shift, a ``lop3`` and
+    one FMA. With ``PREFETCH`` the next tile's loads are issued before this tile's arithmetic.
+    """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, 16)
+    mask = mask_n[None, :]
+    offs_r = tl.arange(0, ROWS)
+    steps = KBP * (16 // ROWS)
+    first = pid_k * steps
     for m0 in range(0, M, BM):
-        acc0 = tl.zeros([16, BN], tl.float32)
-        acc1 = tl.zeros([16, BN], tl.float32)
-        acc2 = tl.zeros([16, BN], tl.float32)
-        acc3 = tl.zeros([16, BN], tl.float32)
-        for i in range(KBP):
-            kb = pid_k * KBP + i
-            w = tl.load(
-                qw_ptr + (kb * 16 + offs_r)[:, None] * N + offs_n[None, :],
-                mask=mask_n[None, :],
-                other=0,
-            )
+        acc0 = tl.zeros([BN], tl.float32)
+        acc1 = tl.zeros([BN], tl.float32)
+        w_next = _gemv_tile(qw_ptr, first, offs_r, offs_n, mask, N, ROWS)
+        for i in range(steps):
+            step = first + i
+            if PREFETCH:
+                w = w_next
+                w_next = _gemv_tile(
+                    qw_ptr, step + 1, offs_r, offs_n, mask & (i + 1 < steps), N, ROWS
+                )
+            else:
+                w = _gemv_tile(qw_ptr, step, offs_r, offs_n, mask, N, ROWS)
+            kb = step // (16 // ROWS)
             sz = tl.load(sz_ptr + (kb // GROUP_KB) * N + offs_n, mask=mask_n, other=0)
             a, b = scale_zero_ab(sz)
-            xb = x_ptr + kb * 128 + offs_r
+            xb = x_ptr + m0 * stride_xm + kb * 128 + (step % (16 // ROWS)) * ROWS + offs_r
+            t0 = tl.zeros([ROWS, BN], tl.float32)
+            t1 = tl.zeros([ROWS, BN], tl.float32)
+            s0 = tl.zeros([ROWS], tl.float32)
+            s1 = tl.zeros([ROWS], tl.float32)
             for j in tl.static_range(8):
-                wd = nibble_f32(w, j) * a[None, :] + b[None, :]
-                x0 = tl.load(xb + m0 * stride_xm + 16 * j).to(tl.float32)
-                acc0 += wd * x0[:, None]
+                f = nibble_f32(w, j)
+                x0 = tl.load(xb + 16 * j).to(tl.float32)
+                t0 += f * x0[:, None]
+                s0 += x0
                 if BM > 1:
-                    x1 = tl.load(xb + (m0 + 1) * stride_xm + 16 * j, mask=m0 + 1 < M, other=0.0).to(
-                        tl.float32
-                    )
-                    acc1 += wd * x1[:, None]
-                if BM > 2:
-                    x2 = tl.load(xb + (m0 + 2) * stride_xm + 16 * j, mask=m0 + 2 < M, other=0.0).to(
-                        tl.float32
-                    )
-                    acc2 += wd * x2[:, None]
-                    x3 = tl.load(xb + (m0 + 3) * stride_xm + 16 * j, mask=m0 + 3 < M, other=0.0).to(
-                        tl.float32
-                    )
-                    acc3 += wd * x3[:, None]
-        store_rows(
-            tl.sum(acc0, axis=0),
-            m0,
-            offs_n,
-            mask_n,
-            M,
-            N,
-            out_ptr,
-            stride_om,
-            ws_ptr,
-            pid_k,
-            MP,
-            SPLIT_P2,
-        )
+                    x1 = tl.load(xb + stride_xm + 16 * j, mask=m0 + 1 < M, other=0.0)
+                    t1 += f * x1.to(tl.float32)[:, None]
+                    s1 += x1.to(tl.float32)
+            acc0 += tl.sum(a[None, :] * t0 + b[None, :] * s0[:, None], axis=0)
+            if BM > 1:
+                acc1 += tl.sum(a[None, :] * t1 + b[None, :] * s1[:, None], axis=0)
+        store_rows(acc0, m0, offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, pid_k, MP, SPLIT_P2)
         if BM > 1:
             store_rows(
-                tl.sum(acc1, axis=0),
-                m0 + 1,
-                offs_n,
-                mask_n,
-                M,
-                N,
-                out_ptr,
-                stride_om,
-                ws_ptr,
-                pid_k,
-                MP,
-                SPLIT_P2,
-            )
-        if BM > 2:
-            store_rows(
-                tl.sum(acc2, axis=0),
-                m0 + 2,
-                offs_n,
-                mask_n,
-                M,
-                N,
-                out_ptr,
-                stride_om,
-                ws_ptr,
-                pid_k,
-                MP,
-                SPLIT_P2,
-            )
-            store_rows(
-                tl.sum(acc3, axis=0),
-                m0 + 3,
-                offs_n,
-                mask_n,
-                M,
-                N,
-                out_ptr,
-                stride_om,
-                ws_ptr,
-                pid_k,
-                MP,
-                SPLIT_P2,
+                acc1, m0 + 1, offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, pid_k, MP, SPLIT_P2
             )
     finish_split(
         offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, lock_ptr, pid_n, MP, SPLIT_K, SPLIT_P2
@@ -276,7 +242,9 @@ def w4a16_matmul(
         raise ValueError(f"split_k {split} does not divide {kblocks} kblocks")
     n_blocks = triton.cdiv(n, launch.block_n)
     if launch.path == "gemv":
-        mp = _p2(m)
+        if launch.block_m not in (1, 2) or launch.rows not in (8, 16):
+            raise ValueError(f"gemv takes block_m 1 or 2 and rows 8 or 16, got {launch}")
+        mp = _p2(max(m, launch.block_m))  # whole passes of block_m rows, padding included
         ws, locks = WORKSPACE.get(x.device, split * mp * n if split > 1 else 0, n_blocks)
         _w4a16_gemv_kernel[(n_blocks, split)](
             x,
@@ -296,6 +264,8 @@ def w4a16_matmul(
             MP=mp,
             SPLIT_K=split,
             SPLIT_P2=_p2(split),
+            ROWS=launch.rows,
+            PREFETCH=launch.prefetch,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
