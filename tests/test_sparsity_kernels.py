@@ -56,3 +56,11 @@ def test_captured_call_replays_the_sparse_path() -> None:
     captured = sparse24.CapturedCall(layer, x)
     y = torch.randn_like(x)
     torch.testing.assert_close(captured(y), layer(y), rtol=0, atol=0)
+
+
+def test_swap_artifact_only_considers_24_artifacts() -> None:
+    model = nn.Sequential(_pruned_linear())
+    assert sparse24.swap_artifact(model, {"sparsity": {"pattern": "unstructured"}}) == {}
+    assert sparse24.swap_artifact(model, {}) == {}
+    outcome = sparse24.swap_artifact(model, {"sparsity": {"pattern": "2:4", "layers": {"0": 0.5}}})
+    assert list(outcome) == ["0"] and "need CUDA" in outcome["0"]

@@ -137,6 +137,17 @@ def swap_to_sparse24(
     return outcome
 
 
+def swap_artifact(model: nn.Module, metadata: dict[str, Any],
+                  min_tokens: int = DEFAULT_MIN_TOKENS) -> dict[str, str]:
+    """For a loaded ``opt sparsify`` artifact: put its 2:4 Linears on cuSPARSELt when the model
+    is on CUDA in a half dtype (``openpto.json``'s ``sparsity.pattern`` says whether it is 2:4).
+    Returns what ``swap_to_sparse24`` returns, or an empty dict when the artifact is not 2:4."""
+    sparsity = metadata.get("sparsity") or {}
+    if sparsity.get("pattern") != "2:4":
+        return {}
+    return swap_to_sparse24(model, min_tokens, names=sorted(sparsity.get("layers") or {}))
+
+
 class CapturedCall:
     """``fn`` over fixed-shape CUDA tensors, captured once in a CUDA graph and replayed.
 
