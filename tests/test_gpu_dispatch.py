@@ -137,7 +137,7 @@ def test_is_24_int4_detects_pruned_codes() -> None:
     [
         (1, "gemv", 1),
         (2, "gemv", 2),
-        (3, "gemv", 4),
+        (3, "dot", 16),
         (8, "dot", 16),
         (16, "dot", 16),
         (33, "dot", 64),
