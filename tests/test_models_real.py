@@ -50,8 +50,9 @@ def test_default_model_converts_once_then_loads_from_cache(
     start = time.perf_counter()
     second = load_model("smollm2-135m")
     seconds = time.perf_counter() - start
-    # About 1 s on two shared cores; the conversion it replaces takes about 25 s.
-    assert seconds < 10.0, f"cached load took {seconds:.1f} s"
+    # About 1 s on two idle cores (the conversion it replaces takes about 25 s); the margin is
+    # for CI machines shared with other jobs.
+    assert seconds < 15.0, f"cached load took {seconds:.1f} s"
 
     config = second.model.config
     assert second.num_parameters == 134_515_008  # 134.5M, tied embeddings counted once
