@@ -30,6 +30,7 @@ def serve_cmd(
     max_tokens_limit: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (torch)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (torch)."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for the model."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (once, when it starts)"),
 ) -> None:
     """Serve a model over OpenAI- and Ollama-compatible HTTP APIs until interrupted.
@@ -41,7 +42,8 @@ def serve_cmd(
     settings = serving.ServerSettings(
         host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin),
         log_prompts=log_prompts, max_tokens_limit=max_tokens_limit)
-    options = serving.EngineOptions(dtype=dtype, device=device, max_batch=max_batch, draft=draft)
+    options = serving.EngineOptions(dtype=dtype, device=device, max_batch=max_batch, draft=draft,
+                                    threads=threads)
 
     def started(info: dict[str, object]) -> None:
         if as_json:

@@ -84,8 +84,10 @@ class BatchScheduler:
         max_batch: int = 8,
         context_length: int = 2048,
         speculative: SpeculativeFactory | None = None,
+        threads: int | None = None,
     ) -> None:
         self.model = model
+        self.threads = threads
         self.tokenizer = tokenizer
         self.eos = eos
         self.max_batch = max_batch
@@ -138,6 +140,9 @@ class BatchScheduler:
 
     # -- the scheduler thread ------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads:
+            # OpenMP thread counts belong to the calling thread: set it where the model runs.
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self._stopping:
                 self._take_inbox(block=not self._active and not self._waiting)

@@ -60,8 +60,6 @@ class TorchEngine(Engine):
                         kind=loaded.kind, digest=loaded.source_sha256 or "",
                         metadata=loaded.metadata)
         assert self._model is not None
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
         speculative = _speculative_factory(self.options.draft, self._model, self._tokenizer)
         self._scheduler = BatchScheduler(
             self._model,
@@ -70,6 +68,7 @@ class TorchEngine(Engine):
             max_batch=self.options.max_batch,
             context_length=self.info.context_length,
             speculative=speculative,
+            threads=self.options.threads,
         )
 
     def _adopt(self, model: torch.nn.Module, tokenizer: Any, name: str, path: str, *, kind: str,
