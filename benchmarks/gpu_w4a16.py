@@ -118,6 +118,85 @@ def precompile(jobs: list[tuple[int, int, int, Launch]], workers: int) -> None:
         list(pool.map(_run_jobs, [c for c in chunks if c]))
 
 
+def probe(path: str) -> None:
+    """Where the 1-token time goes: the chosen GEMV against a kernel that only reads the same
+    packed words with the same grid (no decode, no split-K fix-up), with the words' natural row
+    stride and with a padded one (DRAM channel camping on power-of-two strides), and against a
+    plain torch read of the same bytes."""
+    import triton
+    import triton.language as tl
+
+    from openpto.kernels.triton import tuned, w4a16
+    from openpto.kernels.triton.timing import Timer, copy_bandwidth
+
+    @triton.jit
+    def read_only(qw_ptr, out_ptr, N, stride, KBP, BN: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_r = tl.arange(0, 16)
+        acc = tl.zeros([16, BN], tl.float32)
+        for i in range(KBP):
+            rows = (pid_k * KBP + i) * 16 + offs_r
+            w = tl.load(qw_ptr + rows[:, None] * stride + offs_n[None, :], mask=offs_n[None, :] < N)
+            acc += w.to(tl.float32)
+        tl.store(out_ptr + pid_k * N + offs_n, tl.sum(acc, axis=0), mask=offs_n < N)
+
+    timer = Timer()
+    copy_bw = copy_bandwidth()
+    rows: list[dict[str, Any]] = []
+    for n, k in SHAPES:
+        wt = make_weight(n, k, seed=1)
+        launch = gd.choose_w4a16(1, n, k, tuned.W4A16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        kbp = k // gd.KBLOCK // launch.split_k
+        grid = (triton.cdiv(n, launch.block_n), launch.split_k)
+        out = torch.empty(launch.split_k, n, device="cuda")
+        padded = torch.empty(k // 8, n + 64, dtype=torch.int32, device="cuda")
+        padded[:, :n] = wt["qweight"]
+        row: dict[str, Any] = {"out": n, "in": k, "launch": launch.to_dict()}
+        row["gemv_us"] = (
+            1e6
+            * timer.device_time(
+                partial(w4a16.w4a16_matmul, x, wt["qweight"], wt["sz"], GROUP, launch)
+            )[0]
+        )
+        for name, q, stride in (("read_us", wt["qweight"], n), ("read_padded_us", padded, n + 64)):
+            fn = partial(
+                read_only[grid],
+                q,
+                out,
+                n,
+                stride,
+                kbp,
+                BN=launch.block_n,
+                num_warps=launch.num_warps,
+            )
+            row[name] = 1e6 * timer.device_time(fn)[0]
+        flat = wt["qweight"].view(-1).view(torch.float32)
+        row["torch_sum_us"] = 1e6 * timer.device_time(partial(torch.sum, flat))[0]
+        empty = torch.empty(0, device="cuda")
+        row["empty_op_us"] = 1e6 * timer.device_time(partial(torch.neg, empty))[0]
+        for key in ("gemv_us", "read_us", "read_padded_us", "torch_sum_us"):
+            row[key.replace("_us", "_bw_frac")] = n * k / 2 / (row[key] * 1e-6) / copy_bw
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    with open(path, "w") as f:
+        json.dump({"copy_bw_bytes_per_s": copy_bw, "rows": rows}, f, indent=1)
+
+
+def ncu_target() -> None:
+    """A few launches of the 1-token GEMV on 4096x14336, for ``ncu``."""
+    from openpto.kernels.triton import tuned, w4a16
+
+    wt = make_weight(4096, 14336, seed=1)
+    x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    launch = gd.choose_w4a16(1, 4096, 14336, tuned.W4A16)
+    for _ in range(4):
+        w4a16.w4a16_matmul(x, wt["qweight"], wt["sz"], GROUP, launch)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true", help="time candidate launches, keep the best")
@@ -125,7 +204,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--probe", default=None, help="only run the read-only probe; JSON path")
+    ap.add_argument("--ncu-target", action="store_true", help="only launch the GEMV (for ncu)")
     args = ap.parse_args()
+    if args.probe:
+        return probe(args.probe)
+    if args.ncu_target:
+        return ncu_target()
 
     from openpto.kernels.triton import tuned, w4a16
     from openpto.kernels.triton.timing import Timer, copy_bandwidth, environment, rel_error

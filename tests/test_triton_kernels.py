@@ -126,8 +126,8 @@ def test_quant_linear_picks_triton_and_matches_reference() -> None:
     keep = torch.rand(512, 256, 4).argsort(-1)[..., :2]
     mask = torch.zeros(512, 256, 4, dtype=torch.bool).scatter_(2, keep, True).reshape(512, 1024)
     qs = quantize_weight(w * mask, bits=4, group_size=128, symmetric=False)
-    sparse = QuantLinear(qs, kernel="auto", dtype=torch.bfloat16, device="cuda")
-    assert sparse.kernel_name == "triton-w4a16-2:4"
+    assert QuantLinear(qs, dtype=torch.bfloat16, device="cuda").kernel_name == "triton-w4a16"
+    sparse = QuantLinear(qs, kernel="triton-w4a16-2:4", dtype=torch.bfloat16, device="cuda")
     for mod in (layer, sparse):
         for m in (1, 9, 70):
             x = torch.randn(2, m, 1024, device="cuda", dtype=torch.bfloat16)

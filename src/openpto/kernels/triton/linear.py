@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from openpto.kernels.quant_linear import QuantLinear
 
 ACT_DTYPES = (torch.bfloat16, torch.float16)
-#: above this many tokens the 2:4 kernels expand the weight and call cuBLAS
-SPARSE_MAX_TOKENS = 16
+#: above this many tokens the 2:4 kernels expand the weight and call cuBLAS (measured on an H200:
+#: the compressed kernels lose to expand + cuBLAS from 2 tokens on; docs/benchmarks.md)
+SPARSE_MAX_TOKENS = 1
 
 
 @functools.cache
@@ -110,11 +111,12 @@ def is_24_int4(qw: QuantizedWeight) -> bool:
 
 
 class TritonSparse24Int4Kernel(Kernel):
-    """2:4-pruned int4 weights stored compressed (kept codes and 2-bit positions only); chosen
-    over dense int4 automatically when every group of 4 codes has at most 2 non-zero weights."""
+    """2:4-pruned int4 weights stored compressed (kept codes and 2-bit positions only): 3 bits
+    per weight instead of 4.25. Not chosen by ``"auto"`` (its priority is below the dense W4A16
+    kernel's): on an H200 it is smaller but 1.4x slower at 1 token; ask for it by name."""
 
     name = "triton-w4a16-2:4"
-    priority = 40
+    priority = 25
 
     @classmethod
     def unavailable(
@@ -151,7 +153,8 @@ class Compressed24Linear(nn.Module):
     """A bf16/fp16 Linear whose 2:4-sparse weight is stored compressed (kept values + positions).
 
     Up to ``SPARSE_MAX_TOKENS`` tokens run the Triton matrix-vector kernel, which reads 9/16 of the
-    dense weight's bytes; more tokens expand the weight and use cuBLAS.
+    dense weight's bytes; more tokens expand the weight and use cuBLAS. It saves memory, not time:
+    docs/benchmarks.md has the measured speed.
     """
 
     def __init__(
