@@ -220,15 +220,22 @@ def planned_size(
     """The artifact's size on disk before any work: the safetensors file (exact), and the config,
     tokenizer and ``openpto.json`` files written to a scratch folder (the metrics that
     ``openpto.json`` gains at the end are a few hundred bytes)."""
+    qconfig = quantization_config(plans, linear_names(model)) if plans else None
+    small_files = small_files_size(model, tokenizer, qconfig, metadata)
+    return safetensors_size(planned_tensors(model, plans, scale_dtype)) + small_files + 400
+
+
+def small_files_size(model: nn.Module, tokenizer: Any, qconfig: dict[str, Any] | None,
+                     metadata: dict[str, Any] | None) -> int:
+    """Bytes of everything but the weights (config, tokenizer, ``openpto.json``), measured by
+    writing them to a scratch folder."""
     with tempfile.TemporaryDirectory(prefix="openpto-size-") as scratch:
         folder = Path(scratch)
-        qconfig = quantization_config(plans, linear_names(model)) if plans else None
         _write_config(model, folder, qconfig)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / ARTIFACT_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str))
-        small_files = folder_size(folder)
-    return safetensors_size(planned_tensors(model, plans, scale_dtype)) + small_files + 400
+        return folder_size(folder)
 
 
 def folder_size(folder: Path) -> int:

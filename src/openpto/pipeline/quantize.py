@@ -78,7 +78,7 @@ def default_output(model_name: str, request: QuantRequest, backend: str) -> Path
 
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_name).name or model_name).strip("-")
     grid = f"w{request.bits}" + (f"g{request.group_size}" if request.group_size else "ch")
-    default_sym = request.bits >= 8
+    default_sym = get_backend(backend).default_symmetric(request.bits)
     sym = "" if request.symmetric == default_sym else ("-sym" if request.symmetric else "-asym")
     suffix = "" if backend == "torch" else f"-{backend}"
     return opt_home() / "artifacts" / f"{stem}-{request.method}-{grid}{sym}{suffix}"
@@ -169,7 +169,7 @@ def quantize_model(
             raise UsageError("--samples must be at least 1 and --calib-seq-len at least 2")
         engine = get_backend(backend)
         # Method and bits first: a backend that lacks them fails before the model loads.
-        engine.check(QuantRequest(method, bits, None, bits >= 8, device))
+        engine.check(QuantRequest(method, bits, None, engine.default_symmetric(bits), device))
         if output is not None:
             check_output(Path(output))
         loaded = wf.load_model(model_spec, dtype=dtype, device="cpu")
@@ -238,14 +238,15 @@ def _resolve_request(wf: Workflow, loaded: LoadedModel, engine: Any, method: str
     from openpto.pipeline.backends.torch_backend import decoder_linears
 
     widths = {linear.in_features for linear in decoder_linears(loaded.model).values()}
-    group, note = resolve_group_size(group_size, bits, widths)
+    # A backend without per-channel scales gets groups at 8 bits too.
+    grid_bits = bits if engine.per_channel else min(bits, 4)
+    group, note = resolve_group_size(group_size, grid_bits, widths)
     if note:
         wf.progress.log(f"using {note}")
-    sym = bits >= 8 if symmetric is None else symmetric
+    sym = engine.default_symmetric(bits) if symmetric is None else symmetric
     request = QuantRequest(method, bits, group, sym, device)
     engine.check(request)
-    configure = getattr(engine, "configure", None)
-    return configure(request) if configure is not None else request
+    return engine.configure(request)  # type: ignore[no-any-return]
 
 
 def _metadata(loaded: LoadedModel, request: QuantRequest, backend: str, calib: Any,

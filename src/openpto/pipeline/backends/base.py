@@ -65,6 +65,12 @@ class QuantBackend(abc.ABC):
     bits: ClassVar[tuple[int, ...]]
     #: the artifact format it writes (``openpto.json`` "format")
     format: ClassVar[str]
+    #: whether it can keep one scale per output row (else 8 bits also get groups by default)
+    per_channel: ClassVar[bool] = True
+
+    def default_symmetric(self, bits: int) -> bool:
+        """Symmetric for 8 bits (near-lossless anyway, and simpler kernels), asymmetric below."""
+        return bits >= 8
 
     @abc.abstractmethod
     def availability(self) -> tuple[bool, str]:
@@ -75,7 +81,8 @@ class QuantBackend(abc.ABC):
         return False
 
     def check(self, request: QuantRequest) -> None:
-        """Refuse, before any work, what this backend cannot do."""
+        """Refuse, before the model loads, a method or bit width this backend lacks, or a
+        backend that cannot run here."""
         if request.method not in self.methods:
             raise ConfigError(
                 f"the {self.name} backend has no method {request.method!r} "
@@ -89,6 +96,10 @@ class QuantBackend(abc.ABC):
         ok, reason = self.availability()
         if not ok:
             raise BackendUnavailable(f"the {self.name} backend cannot run here: {reason}")
+
+    def configure(self, request: QuantRequest) -> QuantRequest:
+        """Check the resolved grid (group size, symmetry) and attach what the backend needs."""
+        return request
 
     @abc.abstractmethod
     def planned_size(self, loaded: LoadedModel, request: QuantRequest,

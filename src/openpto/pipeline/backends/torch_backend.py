@@ -64,10 +64,6 @@ class TorchBackend(QuantBackend):
     def needs_calibration(self, request: QuantRequest) -> bool:
         return request.method != "rtn"
 
-    def check(self, request: QuantRequest) -> None:
-        super().check(request)
-        self.configure(request)
-
     def configure(self, request: QuantRequest) -> QuantRequest:
         """Attach the method config (``RTNConfig``/``GPTQConfig``/``AWQConfig``) by its name."""
         import openpto.core.quant  # noqa: F401  (registers the method configs)

@@ -1,0 +1,223 @@
+"""Quantization quality and calibration time on the default model (CPU).
+
+128 calibration windows of 512 tokens from the default calibration text (pydoc-topics), perplexity
+on the default evaluation text (stdlib-docstrings, no shared text) in windows of 512: the float
+model, RTN int8 per-channel, RTN int4 g64 asym/sym, GPTQ w4 g64, AWQ w4 g64 (and GPTQ/AWQ at g32
+for reference: the default model's weights already lie on a Q4_1 g32 grid, so g32 flatters every
+method; judge at g64). Then the GPTQ w4 g64 artifact is written through ``quantize_model`` and
+loaded in a fresh process to measure resident memory and greedy decode speed against the float
+model (each in its own process, so one's memory does not count in the other's).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quant_quality.py --eval-tokens 8192 \
+        --json benchmarks/results/quant_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+CONFIGS = [
+    ("RTN int8 per-channel sym", "rtn", dict(bits=8, group_size=None, symmetric=True)),
+    ("RTN int4 g64 asym", "rtn", dict(bits=4, group_size=64, symmetric=False)),
+    ("RTN int4 g64 sym", "rtn", dict(bits=4, group_size=64, symmetric=True)),
+    ("GPTQ int4 g64 asym", "gptq", dict(bits=4, group_size=64, symmetric=False)),
+    ("GPTQ int4 g64 sym", "gptq", dict(bits=4, group_size=64, symmetric=True)),
+    ("AWQ int4 g64 asym", "awq", dict(bits=4, group_size=64, symmetric=False)),
+    ("RTN int4 g32 asym (on-grid, reference)", "rtn", dict(bits=4, group_size=32, symmetric=False)),
+    (
+        "GPTQ int4 g32 asym (on-grid, reference)",
+        "gptq",
+        dict(bits=4, group_size=32, symmetric=False),
+    ),
+]
+
+DECODE_SCRIPT = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {src!r})
+from openpto.models import load_model
+torch.set_num_threads({threads})
+loaded = load_model({spec!r})
+model, tok = loaded.model, loaded.tokenizer
+rss = int(open("/proc/self/statm").read().split()[1]) * 4096
+messages = [{{"role": "user", "content": "Explain what a Python decorator is, with an example."}}]
+ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+
+@torch.no_grad()
+def greedy(n):
+    out = model(ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    tokens = [int(nxt)]
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens.append(int(nxt))
+    return (n - 1) / (time.perf_counter() - start), tokens
+
+greedy(8)  # warm-up
+runs = [greedy({new_tokens}) for _ in range({repeats})]
+speeds = sorted(r[0] for r in runs)
+print(json.dumps({{"rss_bytes": rss, "weight_bytes": loaded.weight_bytes,
+                  "decode_tokens_per_second": speeds[len(speeds) // 2],
+                  "kernel": loaded.metadata.get("kernel", "dense"),
+                  "prompt_tokens": int(ids.shape[1]),
+                  "text": tok.decode(runs[0][1][:40])}}))
+"""
+
+
+def decode_in_subprocess(spec: str, threads: int, new_tokens: int, repeats: int) -> dict:
+    code = DECODE_SCRIPT.format(
+        src=str(ROOT / "src"), spec=spec, threads=threads, new_tokens=new_tokens, repeats=repeats
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--only", nargs="*", help="labels (substrings) to run")
+    parser.add_argument("--reference", action="store_true", help="also run the g32 rows")
+    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/quant_quality.json"))
+    args = parser.parse_args()
+
+    from openpto.api import quantize_
+    from openpto.config import registered_config_types
+    from openpto.core.metrics import perplexity
+    from openpto.data import (
+        CALIBRATION_DEFAULT,
+        EVALUATION_DEFAULT,
+        calibration_batches,
+        load_text,
+        tokenize_text,
+    )
+    from openpto.models import load_model
+
+    threads = torch.get_num_threads()
+    loaded = load_model(None)
+    tok = loaded.tokenizer
+    calib = calibration_batches(
+        tok, load_text(None, default=CALIBRATION_DEFAULT), args.samples, args.calib_seq_len, seed=0
+    )
+    eval_ids = tokenize_text(tok, load_text(None, default=EVALUATION_DEFAULT))
+    rows = []
+
+    def ppl(model: torch.nn.Module) -> float:
+        return perplexity(model, eval_ids, 512, max_tokens=args.eval_tokens).perplexity
+
+    start = time.perf_counter()
+    base = ppl(loaded.model)
+    rows.append(
+        {
+            "setting": "float32 (no quantization)",
+            "perplexity": base,
+            "seconds": 0.0,
+            "eval_seconds": time.perf_counter() - start,
+        }
+    )
+    print(f"{'float32':45s} ppl {base:8.3f}", flush=True)
+    import openpto.core.quant  # noqa: F401  (registers the method configs)
+
+    types = registered_config_types()
+    for label, method, kwargs in CONFIGS:
+        if args.only and not any(s in label for s in args.only):
+            continue
+        if REFERENCE in label and not args.reference:
+            continue
+        model = copy.deepcopy(loaded.model)
+        config = types[method](**kwargs)
+        t0 = time.perf_counter()
+        quantize_(model, config, None if method == "rtn" else calib, device="cpu")
+        seconds = time.perf_counter() - t0
+        value = ppl(model)
+        rows.append(
+            {
+                "setting": label,
+                "method": method,
+                **kwargs,
+                "perplexity": value,
+                "delta_percent": 100 * (value / base - 1),
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"{label:45s} ppl {value:8.3f} ({100 * (value / base - 1):+6.2f}%) "
+            f"calibration+quantization {seconds:7.1f} s",
+            flush=True,
+        )
+        del model
+
+    decode = {}
+    if not args.skip_decode:
+        from openpto.pipeline.quantize import quantize_model
+
+        out = Path(os.environ.get("OPT_HOME", Path.home() / ".openpto")) / "bench-gptq-w4g64"
+        made = quantize_model(
+            None,
+            method="gptq",
+            bits=4,
+            group_size=64,
+            output=out,
+            samples=args.samples,
+            calib_seq_len=args.calib_seq_len,
+        )
+        decode["artifact"] = {
+            k: made[k]
+            for k in ("output", "size_bytes_before", "size_bytes_after", "seconds", "run_id")
+        }
+        decode["float"] = decode_in_subprocess("smollm2-135m", threads, args.new_tokens, 3)
+        decode["int4"] = decode_in_subprocess(str(out), threads, args.new_tokens, 3)
+        for key in ("float", "int4"):
+            d = decode[key]
+            print(
+                f"decode {key:6s} {d['decode_tokens_per_second']:6.1f} tok/s  RSS "
+                f"{d['rss_bytes'] / 2**20:7.1f} MiB  weights {d['weight_bytes'] / 2**20:7.1f} MiB"
+                f"  kernel {d['kernel']}",
+                flush=True,
+            )
+
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{threads} threads",
+        "load_average": os.getloadavg(),
+        "command": " ".join(sys.argv),
+        "calibration": {
+            "text": CALIBRATION_DEFAULT,
+            "samples": args.samples,
+            "seq_len": args.calib_seq_len,
+            "seed": 0,
+        },
+        "evaluation": {"text": EVALUATION_DEFAULT, "seq_len": 512, "tokens": args.eval_tokens},
+        "rows": rows,
+        "decode": decode,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The ``bitsandbytes`` backend: NF4 (4-bit, blocks of 64) or LLM.int8 (8-bit, per row), data-free.
+
+The model is saved as a plain folder and reloaded by transformers with a ``BitsAndBytesConfig``,
+which swaps in bitsandbytes' ``Linear4bit``/``Linear8bitLt``; the result is saved with its
+``quantization_config`` so transformers reloads it quantized. bitsandbytes 0.45+ runs these on
+CPU through torch fallbacks (slow, but real); on CUDA it uses its own kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from openpto.errors import ConfigError
+from openpto.models.resolve import ARTIFACT_FILE
+from openpto.pipeline.artifacts import check_output, folder_size, small_files_size
+from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
+
+if TYPE_CHECKING:
+    from openpto.models import LoadedModel
+
+FORMAT_BNB = "bitsandbytes"
+#: method -> (bits, block size: NF4's absmax blocks, None for LLM.int8's per-row scales)
+METHODS = {"nf4": (4, 64), "int8": (8, None)}
+
+
+class BitsAndBytesBackend(QuantBackend):
+    name: ClassVar[str] = "bitsandbytes"
+    methods: ClassVar[tuple[str, ...]] = tuple(METHODS)
+    bits: ClassVar[tuple[int, ...]] = (4, 8)
+    format: ClassVar[str] = FORMAT_BNB
+
+    def availability(self) -> tuple[bool, str]:
+        try:
+            version = importlib.metadata.version("bitsandbytes")
+        except importlib.metadata.PackageNotFoundError:
+            return False, "bitsandbytes is not installed: pip install bitsandbytes"
+        try:
+            import bitsandbytes  # noqa: F401
+        except (ImportError, RuntimeError) as exc:
+            return False, f"bitsandbytes {version} is installed but cannot load: {exc}"
+        where = "CUDA kernels" if torch.cuda.is_available() else "CPU (torch fallbacks, slow)"
+        return True, f"bitsandbytes {version}: NF4 and LLM.int8 on {where}"
+
+    def default_symmetric(self, bits: int) -> bool:
+        return True  # both formats scale by the absolute maximum
+
+    def check(self, request: QuantRequest) -> None:
+        super().check(request)
+        bits, _ = METHODS[request.method]
+        if request.bits != bits:
+            raise ConfigError(f"bitsandbytes {request.method} is {bits}-bit; pass --bits {bits}")
+
+    def configure(self, request: QuantRequest) -> QuantRequest:
+        if not request.symmetric:
+            raise ConfigError("bitsandbytes formats are symmetric (absmax); drop --asym")
+        # The grid is the format's own: NF4 blocks of 64, LLM.int8 one scale per row.
+        return dataclasses.replace(request, group_size=METHODS[request.method][1])
+
+    def _config(self, request: QuantRequest) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        if request.method == "nf4":
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+        return BitsAndBytesConfig(load_in_8bit=True)
+
+    def planned_size(self, loaded: LoadedModel, request: QuantRequest,
+                     metadata: dict[str, Any]) -> int:
+        from openpto.pipeline.backends.torch_backend import decoder_linears
+
+        quantized = {id(m.weight) for m in decoder_linears(loaded.model).values()}
+        total = 0
+        for _, p in {id(p): p for p in loaded.model.parameters()}.items():
+            if id(p) in quantized:
+                rows, cols = p.shape
+                if request.method == "nf4":  # packed nibbles + a float32 absmax per 64
+                    total += rows * cols // 2 + rows * cols // 64 * 4
+                else:  # int8 codes + a float32 scale per row
+                    total += rows * cols + rows * 4
+            else:
+                total += p.numel() * p.element_size()
+        return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
+
+    def quantize(
+        self,
+        loaded: LoadedModel,
+        request: QuantRequest,
+        calibration: torch.Tensor | None,
+        output: Path,
+        metadata: dict[str, Any],
+        on_layer: LayerHook,
+    ) -> BackendOutput:
+        from transformers import AutoModelForCausalLM
+
+        from openpto.models import save_model
+
+        check_output(output)
+        tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with tempfile.TemporaryDirectory(prefix="openpto-bnb-") as scratch:
+                save_model(loaded.model, loaded.tokenizer, scratch)
+                started = time.perf_counter()
+                model = AutoModelForCausalLM.from_pretrained(
+                    scratch, quantization_config=self._config(request), device_map="cpu"
+                    if request.device == "cpu" else request.device, dtype=loaded.dtype,
+                )
+                seconds = time.perf_counter() - started
+            model.eval()
+            # lm_head stays float: transformers keeps the output projection out of bitsandbytes.
+            model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            info = {**metadata, "format": FORMAT_BNB}
+            (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            if output.exists():
+                shutil.rmtree(output)
+            tmp.rename(output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return BackendOutput(format=FORMAT_BNB, seconds=seconds, model=model,
+                             details={"size_bytes": folder_size(output)})

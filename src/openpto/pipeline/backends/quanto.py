@@ -1,0 +1,107 @@
+"""The ``quanto`` backend: optimum-quanto's data-free qint8 (per row) and qint4 (groups of 128,
+asymmetric) weights, saved with quanto's own serialisation next to the tokenizer.
+
+quanto JIT-compiles a small C++ extension the first time a quantized weight is unpacked on CPU
+(about a minute); later runs reuse the build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from openpto.errors import ConfigError
+from openpto.models.resolve import ARTIFACT_FILE
+from openpto.pipeline.artifacts import check_output, folder_size, small_files_size
+from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
+
+if TYPE_CHECKING:
+    from openpto.models import LoadedModel
+
+FORMAT_QUANTO = "quanto"
+#: bits -> (quanto weight type name, its group size: None means one scale per row)
+GRIDS = {4: ("qint4", 128), 8: ("qint8", None)}
+
+
+class QuantoBackend(QuantBackend):
+    name: ClassVar[str] = "quanto"
+    methods: ClassVar[tuple[str, ...]] = ("rtn",)
+    bits: ClassVar[tuple[int, ...]] = tuple(GRIDS)
+    format: ClassVar[str] = FORMAT_QUANTO
+
+    def availability(self) -> tuple[bool, str]:
+        try:
+            version = importlib.metadata.version("optimum-quanto")
+        except importlib.metadata.PackageNotFoundError:
+            return False, "optimum-quanto is not installed: pip install optimum-quanto"
+        try:
+            import optimum.quanto  # noqa: F401
+        except ImportError as exc:
+            return False, f"optimum-quanto {version} is installed but cannot load: {exc}"
+        return True, f"optimum-quanto {version}: qint8 per row, qint4 groups of 128"
+
+    def configure(self, request: QuantRequest) -> QuantRequest:
+        kind, group = GRIDS[request.bits]
+        if request.symmetric != (request.bits == 8):
+            sym = "symmetric" if request.bits == 8 else "asymmetric"
+            raise ConfigError(f"quanto's {kind} is {sym}; drop --sym/--asym")
+        # quanto fixes its own grid; the request records what it really is.
+        return dataclasses.replace(request, group_size=group)
+
+    def planned_size(self, loaded: LoadedModel, request: QuantRequest,
+                     metadata: dict[str, Any]) -> int:
+        from openpto.pipeline.backends.torch_backend import decoder_linears
+
+        quantized = {id(m.weight) for m in decoder_linears(loaded.model).values()}
+        total = 0
+        for p in {id(p): p for p in loaded.model.parameters()}.values():
+            if id(p) in quantized:
+                rows, cols = p.shape
+                if request.bits == 4:  # nibbles + a scale and a shift per 128 weights
+                    total += rows * cols // 2 + 2 * (rows * cols // 128) * p.element_size()
+                else:  # int8 codes + a scale per row
+                    total += rows * cols + rows * p.element_size()
+            else:
+                total += p.numel() * p.element_size()
+        return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
+
+    def quantize(
+        self,
+        loaded: LoadedModel,
+        request: QuantRequest,
+        calibration: torch.Tensor | None,
+        output: Path,
+        metadata: dict[str, Any],
+        on_layer: LayerHook,
+    ) -> BackendOutput:
+        import optimum.quanto as quanto
+
+        check_output(output)
+        weights = getattr(quanto, GRIDS[request.bits][0])
+        started = time.perf_counter()
+        qmodel = quanto.QuantizedModelForCausalLM.quantize(
+            loaded.model, weights=weights, exclude="lm_head"
+        )
+        seconds = time.perf_counter() - started
+        tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            qmodel.save_pretrained(str(tmp))
+            loaded.tokenizer.save_pretrained(tmp)
+            info = {**metadata, "format": FORMAT_QUANTO}
+            (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            if output.exists():
+                shutil.rmtree(output)
+            tmp.rename(output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return BackendOutput(format=FORMAT_QUANTO, seconds=seconds, model=qmodel._wrapped,
+                             details={"size_bytes": folder_size(output)})
