@@ -59,7 +59,7 @@ def unavailable(weight: torch.Tensor) -> str | None:
     return None
 
 
-def compress(weight: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
+def compress(weight: torch.Tensor) -> torch.Tensor:
     """The cuSPARSELt-compressed form of a 2:4 weight (a ``SparseSemiStructuredTensor``)."""
     reason = unavailable(weight)
     if reason is not None:
@@ -68,7 +68,8 @@ def compress(weight: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
 
     # cuSPARSELt is the only backend that runs on Hopper; CUTLASS's is limited to sm 8.x.
     SparseSemiStructuredTensor._FORCE_CUTLASS = False
-    return to_sparse_semi_structured(weight.detach().contiguous(), alg_id=alg_id)
+    # No alg_id: torch 2.11 does not take it, and the default algorithm is what was measured.
+    return to_sparse_semi_structured(weight.detach().contiguous())
 
 
 def sparse_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
