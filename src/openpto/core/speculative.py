@@ -26,7 +26,8 @@ verification step it is cropped to drop rejected proposals, and the draft rolls 
 Adaptive gamma picks, before each step, the gamma that maximises expected tokens per unit of
 time, ``(1 - a^(g+1)) / ((1 - a) (g c + 1))``, from the running acceptance rate ``a`` and the
 measured cost ``c`` of one draft token relative to one target verification (Leviathan et al.,
-section 3.4).
+section 3.4). Because it follows measured timings, a seeded sampling run is reproducible token
+for token only with ``adaptive=False``; the output law is exact either way.
 """
 
 from __future__ import annotations
