@@ -87,6 +87,9 @@ def bench_layers(args: argparse.Namespace, results: dict[str, Any], deadline: fl
         linear = nn.Linear(width, out, bias=False, device="cuda", dtype=torch.bfloat16)
         linear.weight.data = pruned_weight(out, width, gen)
         layer = sparse24.Sparse24Linear(linear, min_tokens=1)  # always the sparse path here
+        probe = torch.randn(64, width, device="cuda", dtype=torch.bfloat16)
+        results.setdefault("torch_linear_output_strides", {})[shape_name] = list(
+            F.linear(probe, layer.packed).stride())
         for tokens in TOKENS:
             if time.perf_counter() > deadline:
                 results.setdefault("skipped", []).append(f"layers {shape_name} {tokens}: budget")
@@ -237,6 +240,13 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any], deadline: f
         outcome = sparse24.swap_to_sparse24(model, args.min_tokens, decoder_linears)
         info["swap_seconds"] = time.perf_counter() - started
         info["swapped"] = sum(v == sparse24.KERNEL_NAME for v in outcome.values())
+        info["outcome_by_kind"] = {
+            kind: sorted({v for n, v in outcome.items() if n.endswith(kind)})
+            for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                         "down_proj")
+        }
+        print(f"swapped {info['swapped']} of {len(outcome)}: {info['outcome_by_kind']}",
+              flush=True)
         info["min_tokens"] = args.min_tokens
         info["memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
         for tokens in args.prefill_tokens:
