@@ -1,0 +1,152 @@
+"""Artifact folders: compressed-tensors layout read by the real consumer, packed loading, atomic
+writes, output checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from openpto.errors import UsageError
+
+
+def _quantize_all(model, bits: int, group: int | None, symmetric: bool):  # type: ignore[no-untyped-def]
+    """RTN every decoder Linear, scales rounded as stored; the model computes with the result."""
+    from openpto.core.quant.tensor import quantize_weight
+    from openpto.pipeline.artifacts import as_stored
+    from openpto.pipeline.backends.torch_backend import decoder_linears
+
+    out = {}
+    for name, linear in decoder_linears(model).items():
+        qw = as_stored(quantize_weight(linear.weight.data, bits, group, symmetric), torch.float16)
+        linear.weight.data = qw.dequantize()
+        out[name] = qw
+    return out
+
+
+@pytest.fixture
+def tiny():  # type: ignore[no-untyped-def]
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    return tiny_llama(hidden_size=96, intermediate_size=192, seed=3), tiny_tokenizer()
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric"),
+                         [(4, 32, True), (4, 32, False), (8, None, True), (4, 96, False)])
+def test_transformers_with_compressed_tensors_reads_our_weights_exactly(
+    tiny, tmp_path: Path, bits: int, group: int | None, symmetric: bool  # type: ignore[no-untyped-def]
+) -> None:
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from openpto.pipeline.artifacts import write_artifact
+
+    model, tok = tiny
+    quantized = _quantize_all(model, bits, group, symmetric)
+    info = write_artifact(model, tok, tmp_path / "art", quantized, {"note": "test"})
+    assert info.format == "pack-quantized"
+
+    qconfig = json.loads((tmp_path / "art/config.json").read_text())["quantization_config"]
+    schemes = list(qconfig["config_groups"].values())
+    assert qconfig["ignore"] == ["lm_head"] and qconfig["format"] == "pack-quantized"
+    if group == 96:
+        # One group spans the whole 96-wide rows (per-channel) but not the 192-wide down_proj:
+        # two schemes, each naming its modules.
+        assert sorted(s["weights"]["strategy"] for s in schemes) == ["channel", "group"]
+        assert all(t.startswith("re:") for s in schemes for t in s["targets"])
+    else:
+        (scheme,) = schemes
+        assert scheme["targets"] == ["Linear"]
+        assert scheme["weights"]["num_bits"] == bits
+        assert scheme["weights"]["symmetric"] == symmetric
+        assert scheme["weights"]["strategy"] == ("channel" if group is None else "group")
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "art", quantization_config=CompressedTensorsConfig(dequantize=True),
+        dtype=torch.float32,
+    )
+    state = loaded.state_dict()
+    for name, qw in quantized.items():
+        # compressed-tensors dequantizes in the scale dtype (float16): our weights at that
+        # precision must come back bit for bit.
+        assert torch.equal(state[f"{name}.weight"].to(torch.float16), qw.dequantize(torch.float16))
+    for name, tensor in model.state_dict().items():
+        if name.rpartition(".")[0] not in quantized:
+            assert torch.equal(state[name], tensor), name
+    meta = json.loads((tmp_path / "art/openpto.json").read_text())
+    assert meta["format"] == "pack-quantized" and meta["note"] == "test"
+
+
+def test_loading_an_artifact_swaps_in_packed_kernels(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from openpto.kernels import QuantLinear
+    from openpto.models import load_model
+    from openpto.pipeline.artifacts import write_artifact
+
+    model, tok = tiny
+    float_bytes = sum(p.numel() * 4 for p in model.parameters())
+    quantized = _quantize_all(model, 4, 32, False)
+    write_artifact(model, tok, tmp_path / "art", quantized, {})
+    loaded = load_model(str(tmp_path / "art"))
+    packed = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == len(quantized) == 14
+    assert {m.kernel_name for m in packed} == {"packed-int4-cpu"}
+    assert loaded.metadata["kernel"] == "packed-int4-cpu"
+    assert loaded.weight_bytes < 0.75 * float_bytes  # embeddings stay float32 in this tiny model
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = loaded.model(ids).logits
+    # The CPU int4 kernel computes in bfloat16: agreement at bfloat16 precision.
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_failure_mid_save_leaves_nothing_that_looks_complete(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from openpto.pipeline.artifacts import write_artifact
+
+    model, tok = tiny
+    quantized = _quantize_all(model, 4, 32, True)
+    with pytest.raises(OSError, match="simulated"):
+        write_artifact(model, tok, tmp_path / "art", quantized, {}, fail_after="weights")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rewriting_replaces_the_old_artifact_whole(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from openpto.pipeline.artifacts import write_artifact
+
+    model, tok = tiny
+    write_artifact(model, tok, tmp_path / "art", {}, {"round": 1})
+    assert json.loads((tmp_path / "art/openpto.json").read_text())["format"] == "dense"
+    write_artifact(model, tok, tmp_path / "art", _quantize_all(model, 8, None, True), {"round": 2})
+    meta = json.loads((tmp_path / "art/openpto.json").read_text())
+    assert (meta["round"], meta["format"]) == (2, "pack-quantized")
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_output_checks(tmp_path: Path) -> None:
+    from openpto.pipeline.artifacts import check_output
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        check_output(tmp_path / "file")
+    with pytest.raises(UsageError, match="not a writable folder"):
+        check_output(tmp_path / "file" / "below")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not an openpto artifact"):
+        check_output(tmp_path / "busy")
+    check_output(tmp_path / "new" / "nested")  # creatable: fine
+    assert not (tmp_path / "new" / "nested").exists()
+
+
+def test_planned_size_matches_the_written_folder(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from openpto.pipeline.artifacts import WeightPlan, planned_size, write_artifact
+
+    model, tok = tiny
+    quantized = _quantize_all(model, 4, 32, False)
+    plans = {n: WeightPlan.of(q) for n, q in quantized.items()}
+    planned = planned_size(model, tok, plans, torch.float16, {"a": 1})
+    info = write_artifact(model, tok, tmp_path / "art", quantized, {"a": 1})
+    assert abs(planned - info.size_bytes) / info.size_bytes < 0.01
