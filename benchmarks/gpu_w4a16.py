@@ -66,6 +66,11 @@ def candidates(n: int, k: int, m: int, sms: int) -> list[Launch]:
                     continue
                 for split in split_options(-(-n // bn), kb, sms, 3):
                     out.append(Launch("gemv", bn, min(m, 2), split, warps, 1, rows, prefetch))
+        # atomic split-K: the fix-up no longer grows with the split, so split down to 1-2 kblocks
+        for bn, warps in ((256, 2), (512, 4)):
+            for rows, prefetch in ((16, False), (8, True)):
+                for split in (kb, kb // 2, kb // 4):
+                    out.append(Launch("gemv", bn, min(m, 2), split, warps, 1, rows, prefetch, True))
     if 2 <= m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         for bn in (64, 128):
@@ -100,6 +105,7 @@ def precompile(jobs: list[tuple[int, int, int, Launch]], workers: int) -> None:
         key = (
             la.rows,
             la.prefetch,
+            la.atomic,
             la.path,
             la.block_m,
             la.block_n,

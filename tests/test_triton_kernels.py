@@ -45,6 +45,8 @@ LAUNCHES = [
     Launch("gemv", 512, 1, 2, 4, 1, 8, False),
     Launch("gemv", 512, 2, 8, 4, 1, 16, False),
     Launch("gemv", 256, 1, 8, 2, 1, 8, True),
+    Launch("gemv", 256, 2, 8, 2, 1, 16, False, True),
+    Launch("gemv", 512, 1, 16, 4, 1, 8, True, True),
     Launch("dot", 64, 16, 1, 4),
     Launch("dot", 128, 16, 4, 4, 2),
     Launch("dot", 128, 64, 1, 4, 2),
@@ -82,6 +84,12 @@ def test_w4a16_split_k_is_deterministic_and_leaves_counters_at_zero() -> None:
         )
     torch.cuda.synchronize()
     _, locks = common.WORKSPACE.get(x.device, 0, 0)
+    assert int(locks.abs().sum()) == 0
+    atomic = Launch("gemv", 256, 1, 32, 2, 1, 8, True, True)
+    y = w4a16.w4a16_matmul(x, packed["qweight"], packed["sz"], 128, atomic)
+    assert rel_error(y, first) < 1e-2  # same sums in another order
+    torch.cuda.synchronize()
+    assert float(common.WORKSPACE.accumulator(x.device, 0).abs().sum()) == 0.0
     assert int(locks.abs().sum()) == 0
 
 

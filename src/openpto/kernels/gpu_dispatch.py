@@ -268,6 +268,7 @@ class Launch:
     num_stages: int = 1
     rows: int = 16  # gemv: word rows per tile (16 = a whole kblock, 8 = half)
     prefetch: bool = False  # gemv: load the next tile before this tile's arithmetic
+    atomic: bool = False  # gemv split-K: add partials atomically (not bit-reproducible)
 
     def to_dict(self) -> dict[str, int | str | bool]:
         return {
@@ -279,6 +280,7 @@ class Launch:
             "num_stages": self.num_stages,
             "rows": self.rows,
             "prefetch": self.prefetch,
+            "atomic": self.atomic,
         }
 
 

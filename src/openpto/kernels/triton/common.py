@@ -66,15 +66,19 @@ def store_rows(
     pid_k,
     MP,
     SPLIT_P2: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """Write one token's partial sums ``y [BN]``: straight to the output without split-K, or to
-    this program's slice of the float32 workspace ``[split, MP, N]``."""
+    """Write one token's partial sums ``y [BN]``: straight to the output without split-K, to
+    this program's slice of the float32 workspace ``[split, MP, N]``, or (``ATOMIC``) added into
+    the zeroed float32 accumulator ``[MP, N]``."""
     if SPLIT_P2 == 1:
         tl.store(
             out_ptr + m * stride_om + offs_n,
             y.to(out_ptr.dtype.element_ty),
             mask=mask_n & (m < M),
         )
+    elif ATOMIC:
+        tl.atomic_add(ws_ptr + m * N + offs_n, y, mask=mask_n & (m < M), sem="relaxed")
     else:
         tl.store(ws_ptr + (pid_k * MP + m) * N + offs_n, y, mask=mask_n)
 
@@ -93,6 +97,7 @@ def finish_split(
     MP: tl.constexpr,
     SPLIT_K,
     SPLIT_P2: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     """The last of the ``SPLIT_K`` programs of an output strip to arrive sums the partials in a
     fixed order (so results are deterministic) and resets the strip's counter for the next launch.
@@ -100,7 +105,10 @@ def finish_split(
     The barrier before the counter makes every thread's partial stores happen before thread 0's
     release; the acquire on the counter orders the reads after them (the layer-norm backward
     tutorial's lock pattern). Each token's partials load as one ``[SPLIT_P2, BN]`` tile, so the
-    fix-up costs one memory round trip rather than one per split.
+    fix-up costs one memory round trip rather than one per split. With ``ATOMIC`` the partials
+    were already added into one accumulator (in no fixed order: the last bits may differ between
+    runs), and the last program swaps it back to zero while reading it, so its cost does not grow
+    with the split.
     """
     if SPLIT_P2 > 1:
         tl.debug_barrier()
@@ -108,7 +116,16 @@ def finish_split(
         if count == SPLIT_K - 1:
             offs_s = tl.arange(0, SPLIT_P2)
             for m in tl.static_range(MP):
-                if m < M:
+                if ATOMIC and m < M:
+                    bits = (ws_ptr + m * N + offs_n).to(tl.pointer_type(tl.int32))
+                    old = tl.atomic_xchg(bits, 0, mask=mask_n, sem="relaxed")
+                    total = old.to(tl.float32, bitcast=True)
+                    tl.store(
+                        out_ptr + m * stride_om + offs_n,
+                        total.to(out_ptr.dtype.element_ty),
+                        mask=mask_n,
+                    )
+                elif m < M:
                     part = tl.load(
                         ws_ptr + (offs_s[:, None] * MP + m) * N + offs_n[None, :],
                         mask=(offs_s[:, None] < SPLIT_K) & mask_n[None, :],
@@ -133,6 +150,7 @@ class Workspace:
     """
 
     def __init__(self) -> None:
+        self._acc: dict[int | str, torch.Tensor] = {}
         self._ws: dict[int | str, torch.Tensor] = {}
         self._locks: dict[int | str, torch.Tensor] = {}
         self._retired: list[torch.Tensor] = []
@@ -156,6 +174,19 @@ class Workspace:
             lk = torch.zeros(max(locks, 1 << 14), dtype=torch.int32, device=device)
             self._locks[idx] = lk
         return ws, lk
+
+    def accumulator(self, device: torch.device, floats: int) -> torch.Tensor:
+        """Zeroed float32 buffer for atomic split-K; every launch leaves it zeroed again."""
+        idx: int | str = device.index if device.index is not None else device.type
+        if device.type == "cuda" and device.index is None:
+            idx = torch.cuda.current_device()
+        acc = self._acc.get(idx)
+        if acc is None or acc.numel() < floats:
+            if acc is not None:
+                self._retired.append(acc)
+            acc = torch.zeros(max(floats, 1 << 20), dtype=torch.float32, device=device)
+            self._acc[idx] = acc
+        return acc
 
 
 WORKSPACE = Workspace()

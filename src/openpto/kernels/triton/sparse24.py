@@ -132,6 +132,7 @@ def _sp24_gemv_kernel(
             pid_k,
             MP,
             SPLIT_P2,
+            False,
         )
         if BM > 1:
             store_rows(
@@ -147,6 +148,7 @@ def _sp24_gemv_kernel(
                 pid_k,
                 MP,
                 SPLIT_P2,
+                False,
             )
         if BM > 2:
             store_rows(
@@ -162,6 +164,7 @@ def _sp24_gemv_kernel(
                 pid_k,
                 MP,
                 SPLIT_P2,
+                False,
             )
             store_rows(
                 tl.sum(acc3, axis=0),
@@ -176,9 +179,22 @@ def _sp24_gemv_kernel(
                 pid_k,
                 MP,
                 SPLIT_P2,
+                False,
             )
     finish_split(
-        offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, lock_ptr, pid_n, MP, SPLIT_K, SPLIT_P2
+        offs_n,
+        mask_n,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        ws_ptr,
+        lock_ptr,
+        pid_n,
+        MP,
+        SPLIT_K,
+        SPLIT_P2,
+        False,
     )
 
 

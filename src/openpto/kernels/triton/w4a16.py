@@ -59,6 +59,7 @@ def _w4a16_gemv_kernel(
     SPLIT_P2: tl.constexpr,
     ROWS: tl.constexpr,
     PREFETCH: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     """Split-K GEMV for ``BM`` (1 or 2) tokens per pass over ``ROWS x BN`` word tiles.
 
@@ -107,13 +108,39 @@ def _w4a16_gemv_kernel(
             acc0 += tl.sum(a[None, :] * t0 + b[None, :] * s0[:, None], axis=0)
             if BM > 1:
                 acc1 += tl.sum(a[None, :] * t1 + b[None, :] * s1[:, None], axis=0)
-        store_rows(acc0, m0, offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, pid_k, MP, SPLIT_P2)
+        store_rows(
+            acc0, m0, offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, pid_k, MP, SPLIT_P2, ATOMIC
+        )
         if BM > 1:
             store_rows(
-                acc1, m0 + 1, offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, pid_k, MP, SPLIT_P2
+                acc1,
+                m0 + 1,
+                offs_n,
+                mask_n,
+                M,
+                N,
+                out_ptr,
+                stride_om,
+                ws_ptr,
+                pid_k,
+                MP,
+                SPLIT_P2,
+                ATOMIC,
             )
     finish_split(
-        offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, lock_ptr, pid_n, MP, SPLIT_K, SPLIT_P2
+        offs_n,
+        mask_n,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        ws_ptr,
+        lock_ptr,
+        pid_n,
+        MP,
+        SPLIT_K,
+        SPLIT_P2,
+        ATOMIC,
     )
 
 
@@ -176,7 +203,19 @@ def _w4a16_dot_kernel(
             mask=mask_n[None, :],
         )
         finish_split(
-            offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, lock_ptr, pid_n, BM, SPLIT_K, SPLIT_P2
+            offs_n,
+            mask_n,
+            M,
+            N,
+            out_ptr,
+            stride_om,
+            ws_ptr,
+            lock_ptr,
+            pid_n,
+            BM,
+            SPLIT_K,
+            SPLIT_P2,
+            False,
         )
 
 
@@ -246,6 +285,8 @@ def w4a16_matmul(
             raise ValueError(f"gemv takes block_m 1 or 2 and rows 8 or 16, got {launch}")
         mp = _p2(max(m, launch.block_m))  # whole passes of block_m rows, padding included
         ws, locks = WORKSPACE.get(x.device, split * mp * n if split > 1 else 0, n_blocks)
+        if launch.atomic:
+            ws = WORKSPACE.accumulator(x.device, mp * n)
         _w4a16_gemv_kernel[(n_blocks, split)](
             x,
             qweight,
@@ -266,6 +307,7 @@ def w4a16_matmul(
             SPLIT_P2=_p2(split),
             ROWS=launch.rows,
             PREFETCH=launch.prefetch,
+            ATOMIC=launch.atomic,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
