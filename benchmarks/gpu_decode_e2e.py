@@ -237,7 +237,15 @@ def main() -> None:
     ap.add_argument("--json", default="gpu_decode_e2e.json")
     ap.add_argument("--compile", action="store_true", help="also run torch.compile'd steps")
     ap.add_argument("--variants", default="bf16,int4,sp24")
+    ap.add_argument("--w4a16-json", default=None, help="gpu_w4a16.py output: use its launches")
     args = ap.parse_args()
+    if args.w4a16_json:
+        from openpto.kernels.triton import tuned
+
+        with open(args.w4a16_json) as f:
+            for key, launch in json.load(f)["chosen"].items():
+                n, k, bucket = (int(v) for v in key.split(","))
+                tuned.W4A16[(n, k, bucket)] = gd.Launch(**launch)
     from openpto.kernels.triton.timing import copy_bandwidth, environment
 
     _register_ops()
