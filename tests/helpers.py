@@ -10,6 +10,7 @@ import torch
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

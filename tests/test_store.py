@@ -12,7 +12,9 @@ EXPECTED_SCHEMA = {
     "runs": ["id", "kind", "status", "model", "config", "started_at", "finished_at", "error"],
     "metrics": ["id", "run_id", "name", "value", "unit", "details"],
     "traces": ["id", "run_id", "name", "started_at", "duration_ms", "attributes"],
-    "models": ["id", "path", "source_model", "method", "config", "size_bytes", "created_at", "run_id"],
+    "models": [
+        "id", "path", "source_model", "method", "config", "size_bytes", "created_at", "run_id",
+    ],
     "datasets": ["id", "name", "source", "sha256", "tokens", "created_at"],
     "prompts": [
         "id", "conversation_id", "model", "prompt", "response", "tokens_in", "tokens_out",

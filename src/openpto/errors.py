@@ -36,7 +36,10 @@ class DataError(OptError):
 
 
 class ConfigError(OptError):
-    """A method configuration that cannot apply to this model (e.g. a group size that does not divide a width)."""
+    """A method configuration that cannot apply to this model.
+
+    For example a group size that does not divide a layer's width.
+    """
 
 
 class StoreError(OptError):

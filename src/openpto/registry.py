@@ -91,7 +91,7 @@ TRANSFORMS: TypeRegistry = TypeRegistry("transform")
 KERNELS: NameRegistry = NameRegistry("kernel")
 #: backend name (``torch``, ``bitsandbytes``, ``quanto``, ``mlx``, ...) -> quantization backend
 QUANT_BACKENDS: NameRegistry = NameRegistry("quantization backend")
-#: artifact format (``openpto.json`` "format") -> loader that turns a loaded folder into a runnable model
+#: artifact format (``openpto.json`` "format") -> loader that makes a loaded folder runnable
 ARTIFACT_LOADERS: NameRegistry = NameRegistry("artifact format")
 
 # Built-in artifact formats; each loader is imported only when an artifact of its format loads.

@@ -44,7 +44,9 @@ def tables_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) ->
 
 
 @db_app.command("query")
-def query_cmd(sql: str = typer.Argument(..., help="One SQL statement; the database is opened read-only.")) -> None:
+def query_cmd(
+    sql: str = typer.Argument(..., help="One SQL statement; the database is opened read-only."),
+) -> None:
     """Run a read-only SQL query and print the rows as a JSON array.
 
     Example: opt db query "select kind, status, model from runs order by started_at desc limit 5"
@@ -59,7 +61,9 @@ def query_cmd(sql: str = typer.Argument(..., help="One SQL statement; the databa
 def export_cmd(
     table: str = typer.Argument(..., help="Table name, e.g. runs or metrics."),
     fmt: str = typer.Option("json", "--format", help="json or csv."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write to this file instead of stdout."
+    ),
 ) -> None:
     """Export a table as JSON or CSV.
 

@@ -83,7 +83,9 @@ class Store:
         return dataset_id
 
     # -- reads ------------------------------------------------------------------------------
-    def rows(self, table: str, where: str | None = None, params: Any = None) -> list[dict[str, Any]]:
+    def rows(
+        self, table: str, where: str | None = None, params: Any = None
+    ) -> list[dict[str, Any]]:
         if table not in self.db.table_names():
             raise StoreError(f"no table {table!r} (tables: {', '.join(self.db.table_names())})")
         return list(self.db[table].rows_where(where, params or []))  # type: ignore[union-attr]
