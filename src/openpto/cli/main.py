@@ -21,6 +21,9 @@ COMMAND_MODULES = [
     "openpto.cli.export",
     "openpto.cli.sparsify",
     "openpto.cli.serve",
+    "openpto.cli.generate",
+    "openpto.cli.speculative",
+    "openpto.cli.profile",
 ]
 
 app = typer.Typer(
