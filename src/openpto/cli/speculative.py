@@ -1,0 +1,57 @@
+"""``opt speculative``: speculative decoding with a draft, against the target alone."""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.generate import MODEL_HELP, sampling_params
+
+DRAFT_HELP = (
+    "A MODEL sharing the tokenizer, self:int4, self:int8 (the target quantized by RTN on packed "
+    "kernels), self:layers=K (early exit after K layers) or lookup[:N] (prompt n-gram lookup)."
+)
+
+
+def register(app: typer.Typer) -> None:
+    paragraphs = inspect.cleandoc(speculative_cmd.__doc__ or "").split("\n\n")
+    app.command("speculative", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(
+        speculative_cmd
+    )
+
+
+def speculative_cmd(
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    draft: str = typer.Option(..., "--draft", help=DRAFT_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    gamma: int = typer.Option(4, help="Draft tokens per verification step (the start value)."),
+    adaptive: bool = typer.Option(True, "--adaptive/--fixed", help="Adapt gamma as it runs."),
+    max_new_tokens: int = typer.Option(128, help="At most this many new tokens."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; higher is more random."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass in (0, 1]; 1 is off."),
+    top_k: int = typer.Option(0, help="Keep the K most likely tokens; 0 is off."),
+    seed: int | None = typer.Option(None, help="Seed for reproducible sampling."),
+    chat: bool = typer.Option(True, "--chat/--raw", help="Use the tokenizer's chat template."),
+    baseline: bool = typer.Option(True, help="Also time the target alone and compare."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Generate with a draft proposing tokens and the target verifying them in one pass.
+
+    The output equals the target's own (greedy: the same tokens; sampling: the same
+    distribution). Reports vLLM's draft_acceptance_rate and mean_acceptance_length, the
+    acceptance per draft position, tokens/s against the target alone and whether the text is
+    identical; all recorded in the run database.
+
+    Example: opt speculative smollm2-135m --draft lookup --prompt "Repeat: the cat sat." --json
+    """
+    from openpto.pipeline.generate import speculative
+
+    params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, min_p=0.0, repetition_penalty=1.0, seed=seed, stop=None)
+    result = speculative(model, draft, prompt, params, gamma=gamma, adaptive=adaptive, chat=chat,
+                         baseline=baseline, device=device, dtype=dtype, progress=RichProgress())
+    emit(result, as_json, title="speculative")
