@@ -165,6 +165,8 @@ def test_split_fills_the_gpu_and_divides_the_kblocks() -> None:
     assert gd.default_split(16, 32) == 32
     assert gd.default_split(56, 32) == 16
     assert gd.default_split(2000, 32) == 1
+    # 4 strips of 1024 over 112 kblocks: capped at 28, the largest divisor of 112 up to 32
+    assert gd.default_split(4, 112) == 28
     assert [gd.token_bucket(m) for m in (1, 3, 5, 17, 100, 5000)] == [1, 4, 8, 32, 128, 4096]
     launch = gd.choose_24(3, 4096, 4096, "int4")
     assert (launch.path, launch.block_m) == ("gemv", 2)
