@@ -5,7 +5,7 @@ They read only the kept values and their 2-bit positions: per 4 input columns, t
 against 4 for dense int4). A program owns ``BN`` outputs and ``KBP`` kblocks; per kblock it loads
 the 4 metadata words and the values of each output, then for each of the 8 groups per word
 selects the activations at the kept positions with two compares and two selects per value.
-Tokens go through in passes of ``BM`` (at most 4) over the same tile.
+Tokens go through in passes of ``BM`` (at most 4; the dispatch uses 1 or 2) over the same tile.
 """
 
 from __future__ import annotations

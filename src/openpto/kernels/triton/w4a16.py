@@ -1,15 +1,16 @@
 """Triton W4A16 kernels: int4 weights (``gpu_dispatch.pack_w4a16`` layout), bf16/fp16 activations.
 
-Three paths, chosen per token count by ``gpu_dispatch.choose_w4a16``:
+Three paths, chosen per token count by ``gpu_dispatch.choose_w4a16`` (measured launches in
+``tuned.py``):
 
-- ``gemv``: 1-16 tokens on CUDA cores. A program owns a strip of ``BN`` outputs and ``KBP``
-  kblocks of the input; each thread loads 16-byte vectors of packed words, decodes nibbles with
-  ``nibble_f32`` and accumulates in float32 within the thread, reducing over rows once at the end.
-  Tokens go through in passes of ``BM`` over the same tile (later passes hit L2).
-- ``dot``: the same tile, dequantized to bf16 in registers and fed to ``tl.dot`` with K=16 per
-  nibble plane (tensor cores), for 8-64 tokens.
-- ``dequant``: expand to a bf16 ``[K, N]`` matrix, then cuBLAS; for prefill-sized inputs, where
-  the matmul is compute-bound and cuBLAS is faster than any fused kernel here.
+- ``gemv``: 1-2 tokens on CUDA cores. A program owns a strip of ``BN`` outputs and a share of the
+  kblocks (split-K); each thread loads 16-byte vectors of packed words, decodes nibbles with
+  ``nibble_f32`` and accumulates in float32 within the thread (factored form: the scale and
+  zero-point once per tile). Tokens go through in passes of ``BM`` (1 or 2) over the same words.
+- ``dot``: the same tiles, dequantized to bf16 in registers and fed to ``tl.dot`` with K=16 per
+  nibble plane (tensor cores), for 3-64 tokens.
+- ``dequant``: expand to a bf16 ``[K, N]`` matrix, then cuBLAS: for 128 tokens and more, where it
+  measured faster than the fused tiles (docs/benchmarks.md).
 
 Split-K programs finish in-kernel (``common.finish_split``), so every path is a single launch.
 """
