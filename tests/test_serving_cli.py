@@ -66,7 +66,7 @@ def test_opt_serve_process_serves_and_records_its_run(tmp_path: Path) -> None:
 
     store = Store(db)
     run = store.rows("runs", "id = ?", [started["run_id"]])[0]
-    assert run["kind"] == "serve" and run["status"] == "succeeded"
+    assert run["kind"] == "serve" and run["status"] == "succeeded", run["error"]
     assert "k" not in json.dumps(json.loads(run["config"]).get("api_key", ""))
     metrics = {m["name"]: m["value"] for m in store.rows("metrics", "run_id = ?", [run["id"]])}
     assert metrics["requests"] == 1 and metrics["generation_tokens"] == 3

@@ -92,7 +92,12 @@ def _run_uvicorn(app: FastAPI, settings: ServerSettings, engine: Engine,
     if on_started is not None:
         on_started({"url": f"http://{settings.host}:{settings.port}", "model": app.state.service
                     .model_id, "backend": engine.backend})
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # Ctrl-C is how a server is stopped: uvicorn has already shut down gracefully and
+        # re-raises the signal afterwards, which is not a failure of the run.
+        pass
 
 
 def serve_model(
