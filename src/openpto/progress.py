@@ -26,7 +26,11 @@ class ProgressReporter(Protocol):
 class NullProgress:
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield _ignore
 
     def log(self, message: str) -> None:
         return None
+
+
+def _ignore(n: int = 1) -> None:
+    """Advance that draws nothing."""

@@ -55,7 +55,7 @@ class RichProgress:
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
         if not self.enabled:
-            yield lambda n=1: None
+            yield _ignore
             return
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -77,3 +77,7 @@ class RichProgress:
     def log(self, message: str) -> None:
         if self.enabled:
             stderr.print(message)
+
+
+def _ignore(n: int = 1) -> None:
+    """Advance that draws nothing."""
