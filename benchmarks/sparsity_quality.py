@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="run only these type names (e.g. wanda)")
+    parser.add_argument("--pattern", choices=("unstructured", "2:4"),
+                        help="run only the 50%% unstructured or only the 2:4 settings")
     parser.add_argument("--out", type=Path, default=Path("sparsity_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,6 +85,8 @@ def main() -> None:
     print(f"{'method':10s} {'pattern':13s} {'sparsity':>9s} {'ppl':>9s} {'x float':>8s} {'s':>7s}")
     for config in SETTINGS:
         if args.only and config.type_name not in args.only:
+            continue
+        if args.pattern and config.label != args.pattern:
             continue
         model = copy.deepcopy(loaded.model)
         pruned = sparsify_(model, config, calib)
