@@ -2,12 +2,14 @@
 
 cuSPARSELt halves the multiply-adds of a 2:4-pruned weight, which pays when the matmul is
 compute-bound — prefill over many tokens. At small token counts (decode) it is slower than a
-dense bf16 matmul (on an H200: 0.27–0.5x at 1–128 tokens, 1.15–1.23x at 2048), so
-``Sparse24Linear`` keeps the dense weight too and dispatches on the token count: dense below
-``min_tokens``, sparse at or above. The price is memory: dense plus compressed is about 1.56x the
-dense weight. Eager calls cost host time (0.5–1 ms each for cuSPARSELt), so prefill should run
-inside a captured CUDA graph: ``CapturedCall`` records one call for fixed input shapes and replays
-it; the dispatch is a Python branch on the shape, so it is fixed at capture time as it should be.
+dense bf16 matmul (measured on an H200 at Llama-3-8B shapes: 0.26–0.48x at 1–128 tokens, 1.13–1.45x
+from 1024 tokens for the 4096-wide and MLP layers, never faster for 1024x4096 up to 4096 tokens;
+docs/benchmarks.md), so ``Sparse24Linear`` keeps the dense weight too and dispatches on the token
+count: dense below ``min_tokens``, sparse at or above. The price is memory: dense plus
+compressed is about 1.56x the dense weight. Eager calls cost host time (0.5–0.75 ms each for
+cuSPARSELt, measured), so prefill should run inside a captured CUDA graph: ``CapturedCall``
+records one call for fixed input shapes and replays it; the dispatch is a Python branch on the
+shape, so it is fixed at capture time as it should be.
 
 On CPU nothing here runs: torch has no CPU semi-structured kernel, and a 50% mask in a dense
 matmul costs exactly what the dense one does (``benchmarks/sparsity_cpu.py`` measures it).
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
     from openpto.kernels.quant_linear import QuantLinear
 
 KERNEL_NAME = "sparse24-cusparselt"
-#: token count from which the compressed weight is used (below it, dense is faster)
+#: token count from which the compressed weight is used: the smallest measured count at which
+#: every large Llama-3-8B layer shape ran faster sparse than dense on an H200 (1.20–1.45x)
 DEFAULT_MIN_TOKENS = 1024
 _HALF = (torch.float16, torch.bfloat16)
 # cuSPARSELt's shape rules for 16-bit weights: both dims multiples of 16; dense operand of 8.
