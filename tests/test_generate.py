@@ -215,3 +215,56 @@ def test_empty_inputs_are_usage_errors(model, tok) -> None:  # type: ignore[no-u
         generate_batch(model, tok, [])
     with pytest.raises(UsageError):
         generate_text(model, tok, "", SamplingParams(max_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("tiny-generate")
+    lively_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _opt(args: list[str]):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from openpto.cli.main import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_generate_json_and_stream(tiny_folder, model, tok, tmp_db) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    result = _opt(["generate", str(tiny_folder), "--prompt", PROMPTS[0], "--max-new-tokens",
+                   "10", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    expected = generate_text(model, tok, PROMPTS[0], SamplingParams(max_tokens=10))
+    assert data["text"] == expected.text
+    assert data["tokens"] == expected.tokens
+    assert data["tokens_per_second"] > 0 and data["run_id"]
+    streamed = _opt(["generate", str(tiny_folder), "--prompt", PROMPTS[0], "--max-new-tokens",
+                     "10"])
+    assert streamed.exit_code == 0
+    assert streamed.stdout == expected.text + "\n"
+    from openpto.store import Store
+
+    runs = [r for r in Store().rows("runs") if r["kind"] == "generate"]
+    assert len(runs) == 2 and all(r["status"] == "succeeded" for r in runs)
+
+
+def test_cli_generate_stop_and_bad_options(tiny_folder, tmp_db) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    base = json.loads(_opt(["generate", str(tiny_folder), "--prompt", PROMPTS[1],
+                            "--max-new-tokens", "30", "--json"]).stdout)["text"]
+    stop = base[10:13]
+    cut = json.loads(_opt(["generate", str(tiny_folder), "--prompt", PROMPTS[1],
+                           "--max-new-tokens", "30", "--stop", stop, "--json"]).stdout)["text"]
+    assert cut == base[: base.find(stop)]
+    for flag, value, fragment in [("--top-p", "1.5", "top_p"), ("--temperature", "-1",
+                                  "temperature"), ("--max-new-tokens", "0", "max_tokens")]:
+        result = _opt(["generate", str(tiny_folder), "--prompt", "x", flag, value])
+        assert isinstance(result.exception, UsageError), flag
+        assert fragment in str(result.exception)

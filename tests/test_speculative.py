@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -240,3 +243,106 @@ def test_seeded_speculative_sampling_is_reproducible(target, tok, seed: int) -> 
     ]
     assert runs[0] == runs[1]
 
+
+
+@pytest.mark.parametrize("spec", ["self:int4", "self:int8"])
+def test_self_quantized_drafts_keep_greedy_identity(tok, spec: str) -> None:  # type: ignore[no-untyped-def]
+    from openpto.models import LoadedModel
+    from openpto.pipeline.generate import resolve_draft
+
+    model = lively_llama(layers=2, seed=3)
+    loaded = LoadedModel(model, tok, "tiny", "hf-folder", Path("."))
+    draft, info = resolve_draft(spec, loaded)
+    assert info["kind"] == "self-quantized"
+    assert "dense-float32" not in info["kernels"]  # every Linear of the draft is packed
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the target is untouched
+    params = SamplingParams(max_tokens=24)
+    reference = generate_text(model, tok, PROMPT, params, ignore_eos=True)
+    got = speculative_generate(model, tok, draft, PROMPT, params, ignore_eos=True)
+    assert got.generation.token_ids == reference.token_ids
+    assert got.stats.draft_acceptance_rate > 0.3  # a quantized copy mostly agrees
+
+
+def test_resolve_draft_rejects_bad_specs(tok) -> None:  # type: ignore[no-untyped-def]
+    from openpto.models import LoadedModel
+    from openpto.pipeline.generate import resolve_draft
+
+    loaded = LoadedModel(tiny_llama(), tok, "tiny", "hf-folder", Path("."))
+    for spec, fragment in [("self:int3", "unknown self draft"), ("self:layers=x", "integer"),
+                           ("self:layers=2", "1 <= K < 2"), ("lookup:0", "1 <= min")]:
+        with pytest.raises(UsageError, match=fragment):
+            resolve_draft(spec, loaded)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-target")
+    lively_llama(layers=2, seed=0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _opt(args: list[str]):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from openpto.cli.main import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_speculative_json(tiny_folder: Path, tmp_db: Path) -> None:
+    result = _opt(["speculative", str(tiny_folder), "--draft", "self:layers=1", "--prompt",
+                   PROMPT, "--max-new-tokens", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("text", "draft_acceptance_rate", "mean_acceptance_length",
+                "acceptance_per_position", "tokens_per_second", "baseline_tokens_per_second",
+                "speedup", "identical_to_target", "run_id"):
+        assert key in data
+    assert data["identical_to_target"] is True
+    from openpto.store import Store
+
+    store = Store()
+    run = next(r for r in store.rows("runs") if r["id"] == data["run_id"])
+    assert run["status"] == "succeeded" and run["kind"] == "speculative"
+    names = {m["name"] for m in store.rows("metrics") if m["run_id"] == data["run_id"]}
+    assert {"draft_acceptance_rate", "mean_acceptance_length", "speedup"} <= names
+
+
+def test_cli_speculative_errors(tiny_folder: Path, tmp_db: Path, tmp_path: Path) -> None:
+    result = _opt(["speculative", str(tiny_folder), "--draft", "lookup", "--gamma", "0",
+                   "--prompt", "x", "--json"])
+    assert isinstance(result.exception, UsageError) and "gamma" in str(result.exception)
+    other = tmp_path / "other"
+    tiny_llama().save_pretrained(other)
+    odd = tiny_tokenizer()
+    odd.add_tokens(["<extra>"])
+    odd.save_pretrained(other)
+    result = _opt(["speculative", str(tiny_folder), "--draft", str(other), "--prompt", "x",
+                   "--json"])
+    assert isinstance(result.exception, UsageError)
+    assert "vocabulary" in str(result.exception)
+
+
+DEFAULT_DRAFTS = ["lookup", "self:int4", "self:int8", "self:layers=10"]
+
+
+@pytest.mark.integration
+def test_default_model_128_tokens_identical_for_every_draft() -> None:
+    from openpto.core.generate import encode_prompt
+    from openpto.models import load_model
+    from openpto.pipeline.generate import resolve_draft
+
+    target = load_model(None, dtype="float32", device="cpu")
+    text = ("Repeat this sentence twice, exactly: the quick brown fox jumps over the lazy dog "
+            "while the cat sleeps on the warm windowsill.")
+    ids = encode_prompt(target.tokenizer, text, chat=True)
+    params = SamplingParams(max_tokens=128)
+    reference = generate_text(target.model, target.tokenizer, ids, params, ignore_eos=True)
+    assert len(reference.token_ids) == 128
+    for spec in DEFAULT_DRAFTS:
+        draft, _ = resolve_draft(spec, target)
+        got = speculative_generate(target.model, target.tokenizer, draft, ids, params,
+                                   ignore_eos=True)
+        assert got.generation.token_ids == reference.token_ids, spec
+        assert got.generation.text == reference.text, spec
