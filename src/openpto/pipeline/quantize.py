@@ -246,7 +246,9 @@ def _resolve_request(wf: Workflow, loaded: LoadedModel, engine: Any, method: str
     sym = engine.default_symmetric(bits) if symmetric is None else symmetric
     request = QuantRequest(method, bits, group, sym, device)
     engine.check(request)
-    return engine.configure(request)  # type: ignore[no-any-return]
+    request = engine.configure(request)
+    engine.check_model(loaded, request)
+    return request
 
 
 def _metadata(loaded: LoadedModel, request: QuantRequest, backend: str, calib: Any,

@@ -101,6 +101,10 @@ class QuantBackend(abc.ABC):
         """Check the resolved grid (group size, symmetry) and attach what the backend needs."""
         return request
 
+    def check_model(self, loaded: LoadedModel, request: QuantRequest) -> None:
+        """Refuse, before any work, a model whose shapes this backend cannot handle."""
+        return None
+
     @abc.abstractmethod
     def planned_size(self, loaded: LoadedModel, request: QuantRequest,
                      metadata: dict[str, Any]) -> int:

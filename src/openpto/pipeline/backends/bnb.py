@@ -66,6 +66,18 @@ class BitsAndBytesBackend(QuantBackend):
         # The grid is the format's own: NF4 blocks of 64, LLM.int8 one scale per row.
         return dataclasses.replace(request, group_size=METHODS[request.method][1])
 
+    def check_model(self, loaded: LoadedModel, request: QuantRequest) -> None:
+        from openpto.pipeline.backends.torch_backend import decoder_linears
+
+        if request.method != "nf4" or torch.cuda.is_available():
+            return
+        widths = sorted({m.in_features for m in decoder_linears(loaded.model).values()
+                         if m.in_features % 64})
+        if widths:
+            # bitsandbytes' CPU NF4 matmul reshapes the absmax per row: whole blocks per row only.
+            raise ConfigError(f"bitsandbytes NF4 on CPU needs input widths divisible by 64; "
+                              f"this model has {', '.join(map(str, widths))}")
+
     def _config(self, request: QuantRequest) -> Any:
         from transformers import BitsAndBytesConfig
 

@@ -1,0 +1,270 @@
+"""The quantize workflow on tiny models: round trips per method and backend, dry-run size, the
+run record, and bad configurations that must fail early and leave nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from openpto.errors import ConfigError, OptError, UnsupportedModel, UsageError
+from openpto.store import Store
+
+SPEC_KEYS = {"output", "method", "bits", "group_size", "size_bytes_before", "size_bytes_after",
+             "seconds", "run_id"}
+FAST = {"samples": 4, "calib_seq_len": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hidden width 96: 64 does not divide it (as 128 does not divide the default model's 576)."""
+    from openpto.models import save_model
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    model = tiny_llama(hidden_size=96, intermediate_size=192, seed=7)
+    return save_model(model, tiny_tokenizer(), tmp_path_factory.mktemp("tiny96"))
+
+
+@pytest.fixture
+def eval_file(tmp_path: Path) -> Path:
+    from openpto.data import load_text
+
+    path = tmp_path / "held-out.txt"
+    path.write_text(load_text("stdlib-docstrings").text[:3000], encoding="utf-8")
+    return path
+
+
+def _run(store: Store, run_id: str) -> dict:
+    (run,) = store.rows("runs", "id = ?", [run_id])
+    return run
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_round_trip_quantize_save_load_eval(method: str, tiny_folder: Path, eval_file: Path,
+                                            tmp_path: Path) -> None:
+    from openpto.core.metrics import perplexity
+    from openpto.data import tokenize_text
+    from openpto.kernels import QuantLinear
+    from openpto.models import load_model
+    from openpto.pipeline.quantize import quantize_model
+
+    store = Store(tmp_path / "opt.db")
+    out = tmp_path / "art"
+    result = quantize_model(str(tiny_folder), method=method, bits=4, group_size=32, **FAST,
+                            output=out, eval_text=str(eval_file), eval_seq_len=64, store=store)
+    assert set(result) >= SPEC_KEYS | {"perplexity_before", "perplexity_after"}
+    assert (result["method"], result["bits"], result["group_size"]) == (method, 4, 32)
+    assert result["size_bytes_after"] < 0.6 * result["size_bytes_before"]
+    # A random model is near-uniform over 512 tokens; 4-bit g32 barely moves it.
+    assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.05)
+
+    loaded = load_model(str(out))
+    assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == 14
+    ids = tokenize_text(loaded.tokenizer, eval_file.read_text())
+    packed_ppl = perplexity(loaded.model, ids, 64).perplexity
+    # Same weights; the packed CPU kernel computes in bfloat16.
+    assert packed_ppl == pytest.approx(result["perplexity_after"], rel=0.01)
+
+    run = _run(store, result["run_id"])
+    assert (run["kind"], run["status"]) == ("quantize", "succeeded")
+    traces = {t["name"]: json.loads(t["attributes"]) for t in store.rows("traces")}
+    assert {"load", "plan", "quantize", "layer 0", "layer 1", "eval before", "eval after"} <= set(
+        traces)
+    layer0 = traces["layer 0"]
+    assert set(layer0["errors"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                     "mlp.down_proj"}
+    assert 0 <= layer0["mean_error"] <= layer0["max_error"] < 0.1 and layer0["peak_rss_bytes"] > 0
+    metrics = {m["name"]: m["value"] for m in store.rows("metrics")}
+    assert metrics["size_bytes_after"] == result["size_bytes_after"]
+    assert metrics["perplexity_after"] == pytest.approx(result["perplexity_after"])
+    (row,) = store.rows("models")
+    assert row["path"] == str(out.resolve()) and row["method"] == method
+    assert row["run_id"] == result["run_id"] and row["size_bytes"] == result["size_bytes_after"]
+    roles = json.loads(run["config"])
+    assert "eval_data" in roles and (method == "rtn") != ("calibration_data" in roles)
+    meta = json.loads((out / "openpto.json").read_text())
+    assert meta["method_config"]["type"] == method and meta["source_sha256"]
+
+
+def test_dry_run_size_is_within_one_percent_and_writes_nothing(tiny_folder: Path,
+                                                                 tmp_path: Path) -> None:
+    from openpto.pipeline.quantize import quantize_model
+
+    store = Store(tmp_path / "opt.db")
+    for bits, group, sym in ((4, 32, False), (8, None, True)):
+        out = tmp_path / f"art{bits}"
+        dry = quantize_model(str(tiny_folder), method="rtn", bits=bits, group_size=group,
+                             symmetric=sym, output=out, dry_run=True, store=store)
+        assert dry["dry_run"] and not out.exists()
+        real = quantize_model(str(tiny_folder), method="rtn", bits=bits, group_size=group,
+                              symmetric=sym, output=out, store=store)
+        assert abs(dry["size_bytes_after"] - real["size_bytes_after"]) / real[
+            "size_bytes_after"] < 0.01
+
+
+def test_automatic_group_size_says_why(tiny_folder: Path, tmp_path: Path) -> None:
+    from openpto.pipeline.quantize import quantize_model
+
+    messages: list[str] = []
+
+    class Log:
+        def task(self, description, total=None):  # type: ignore[no-untyped-def]
+            from openpto.progress import NullProgress
+
+            return NullProgress().task(description, total)
+
+        def log(self, message: str) -> None:
+            messages.append(message)
+
+    result = quantize_model(str(tiny_folder), method="rtn", bits=4, dry_run=True,
+                            output=tmp_path / "a", progress=Log(), store=Store(tmp_path / "d.db"))
+    assert result["group_size"] == 32
+    assert any("group size 32" in m and "128, 64 does not divide" in m for m in messages)
+    eight = quantize_model(str(tiny_folder), method="rtn", bits=8, dry_run=True,
+                           output=tmp_path / "b", store=Store(tmp_path / "d.db"))
+    assert eight["group_size"] is None and eight["symmetric"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"group_size": 64}, ConfigError, "group sizes that divide every width: 32"),
+        ({"bits": 3, "backend": "bitsandbytes", "method": "nf4"}, ConfigError,
+         "cannot quantize to 3 bits"),
+        ({"bits": 3, "backend": "quanto", "method": "rtn"}, ConfigError, "cannot quantize to 3"),
+        ({"backend": "torch", "method": "sparsegpt"}, ConfigError, "has no method 'sparsegpt'"),
+        ({"backend": "nope"}, UsageError, "unknown quantization backend 'nope'"),
+        ({"samples": 0}, UsageError, "--samples must be at least 1"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(kwargs: dict, error: type, message: str,
+                                          tiny_folder: Path, tmp_path: Path) -> None:
+    from openpto.pipeline.quantize import quantize_model
+
+    store = Store(tmp_path / "opt.db")
+    args = {"method": "gptq", "bits": 4, **FAST, **kwargs}
+    with pytest.raises(error, match=message):
+        quantize_model(str(tiny_folder), output=tmp_path / "art", store=store, **args)
+    assert not (tmp_path / "art").exists()
+    (run,) = store.rows("runs")
+    assert run["status"] == "failed" and message.split("'")[0] in run["error"]
+    names = {t["name"] for t in store.rows("traces")}
+    assert not names & {"quantize", "calibration data"}
+
+
+def test_unwritable_output_fails_before_loading(tiny_folder: Path, tmp_path: Path) -> None:
+    from openpto.pipeline.quantize import quantize_model
+
+    (tmp_path / "a-file").write_text("x")
+    store = Store(tmp_path / "opt.db")
+    with pytest.raises(UsageError, match="not a writable folder"):
+        quantize_model(str(tiny_folder), method="gptq", output=tmp_path / "a-file" / "art",
+                       store=store, **FAST)
+    assert [t["name"] for t in store.rows("traces")] == []
+    assert store.rows("runs")[0]["status"] == "failed"
+
+
+def test_failure_while_saving_marks_the_run_failed_and_leaves_no_folder(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openpto.pipeline import artifacts
+    from openpto.pipeline.backends import torch_backend
+    from openpto.pipeline.quantize import quantize_model
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return artifacts.write_artifact(*args, **kwargs, fail_after="weights")
+
+    monkeypatch.setattr(torch_backend, "write_artifact", failing)
+    store = Store(tmp_path / "opt.db")
+    with pytest.raises(OSError, match="simulated failure"):
+        quantize_model(str(tiny_folder), method="rtn", bits=4, group_size=32,
+                       output=tmp_path / "out" / "art", store=store)
+    assert list((tmp_path / "out").iterdir()) == []
+    assert store.rows("runs")[0]["status"] == "failed" and store.rows("models") == []
+
+
+def test_a_model_without_linear_layers_is_refused() -> None:
+    from torch import nn
+
+    from openpto.pipeline.backends.torch_backend import decoder_linears
+
+    class NoLinears(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Module()
+            self.model.layers = nn.ModuleList([nn.LayerNorm(8), nn.LayerNorm(8)])
+
+    with pytest.raises(UnsupportedModel, match="no Linear layers"):
+        decoder_linears(NoLinears())
+    with pytest.raises(UnsupportedModel, match="cannot find the decoder layers"):
+        decoder_linears(nn.Sequential(nn.ReLU()))
+
+
+def test_backend_availability_reports_every_backend() -> None:
+    from openpto.pipeline.backends import backend_availability
+
+    report = backend_availability()
+    assert set(report) == {"torch", "bitsandbytes", "quanto", "mlx"}
+    assert report["torch"]["available"] is True
+    for entry in report.values():
+        assert isinstance(entry["available"], bool) and entry["reason"]
+
+
+def test_mlx_backend_writes_a_folder_mlx_lm_runs(tiny_folder: Path, eval_file: Path,
+                                                 tmp_path: Path) -> None:
+    pytest.importorskip("mlx_lm")
+    from mlx_lm import generate, load
+
+    from openpto.pipeline.quantize import quantize_model
+
+    out = tmp_path / "mlx"
+    result = quantize_model(str(tiny_folder), method="rtn", bits=4, backend="mlx", output=out,
+                            eval_text=str(eval_file), eval_seq_len=64,
+                            store=Store(tmp_path / "d.db"))
+    assert (result["format"], result["group_size"], result["symmetric"]) == ("mlx", 32, False)
+    assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.05)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["quantization"]["group_size"], config["quantization"]["bits"]) == (32, 4)
+    model, tok = load(str(out))
+    text = generate(model, tok, prompt="def main():", max_tokens=8)
+    assert isinstance(text, str) and len(tok.encode(text)) >= 1
+
+
+def test_bitsandbytes_nf4_round_trip(tiny_folder: Path, eval_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from openpto.models import save_model
+    from openpto.pipeline.quantize import quantize_model
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    with pytest.raises(ConfigError, match="divisible by 64; this model has 96"):
+        quantize_model(str(tiny_folder), method="nf4", bits=4, backend="bitsandbytes",
+                       output=tmp_path / "no", store=Store(tmp_path / "d.db"))
+    folder = save_model(tiny_llama(seed=2), tiny_tokenizer(), tmp_path / "tiny64")
+    out = tmp_path / "bnb"
+    result = quantize_model(str(folder), method="nf4", bits=4, backend="bitsandbytes",
+                            output=out, eval_text=str(eval_file), eval_seq_len=64,
+                            store=Store(tmp_path / "d.db"))
+    assert (result["format"], result["group_size"]) == ("bitsandbytes", 64)
+    assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.05)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(reloaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    ids = torch.arange(20).reshape(1, 20)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(ids).logits).all()
+
+
+def test_other_backends_refuse_what_they_lack(tiny_folder: Path, tmp_path: Path) -> None:
+    from openpto.pipeline.quantize import quantize_model
+
+    store = Store(tmp_path / "d.db")
+    with pytest.raises(OptError, match="drop --sym"):
+        quantize_model(str(tiny_folder), method="rtn", bits=4, symmetric=True, backend="mlx",
+                       output=tmp_path / "m", dry_run=True, store=store)
+    with pytest.raises(ConfigError, match="pass --bits 8"):
+        quantize_model(str(tiny_folder), method="int8", bits=4, backend="bitsandbytes",
+                       output=tmp_path / "b", dry_run=True, store=store)
