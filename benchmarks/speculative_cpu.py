@@ -41,7 +41,11 @@ PARAGRAPH = (
     "fishing boats could find their way home through the fog. In winter the wind was so strong "
     "that the whole tower seemed to shake, but the light never went out. When the old keeper "
     "finally retired, the village held a party in his honour and the children painted his "
-    "portrait on the wall of the harbour."
+    "portrait on the wall of the harbour. Years later, a young woman from the city took over "
+    "the lighthouse. She repaired the old clockwork that turned the lens, planted a small garden "
+    "behind the tower and kept a diary of every ship that passed. On stormy nights she stayed "
+    "awake until dawn, watching the beam sweep across the dark water, and in the morning she "
+    "walked down to the harbour to buy bread and hear the news from the fishermen."
 )
 PROMPTS = {
     "edit": "Repeat the following paragraph, changing only 'lighthouse' to 'beacon' and "
@@ -59,10 +63,11 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def hf_generate(model: Any, ids: list[int], new: int, **kwargs: Any) -> list[int]:
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None  # 128 tokens every time, as with ignore_eos in our engine
+    # Exactly ``new`` tokens, as with ignore_eos in our engine. The prompts are long enough that
+    # greedy decoding meets no end-of-sequence before that, so both produce the same tokens.
     config.do_sample = False
     config.max_new_tokens = new
-    config.min_new_tokens = None
+    config.min_new_tokens = new
     inputs = torch.tensor([ids])
     out = model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
                          **kwargs)
@@ -118,7 +123,8 @@ def main() -> None:
                 row["identical"] = row["identical"] and tokens == reference
                 if hasattr(value, "stats"):
                     row["stats"].append(value.stats.to_dict())
-                print(f"{prompt_name:5s} {name:36s} {len(tokens) / seconds:7.2f} tok/s "
+                print(f"{prompt_name:5s} {name:36s} {len(tokens):4d} tokens "
+                      f"{len(tokens) / seconds:7.2f} tok/s "
                       f"x{row['speedup'][-1]:.2f} identical={tokens == reference}", flush=True)
     results = []
     for (prompt_name, name), row in rows.items():
