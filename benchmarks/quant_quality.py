@@ -30,20 +30,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+# The targets first (the machine is shared: partial results are saved after every row).
 CONFIGS = [
     ("RTN int8 per-channel sym", "rtn", dict(bits=8, group_size=None, symmetric=True)),
     ("RTN int4 g64 asym", "rtn", dict(bits=4, group_size=64, symmetric=False)),
-    ("RTN int4 g64 sym", "rtn", dict(bits=4, group_size=64, symmetric=True)),
     ("GPTQ int4 g64 asym", "gptq", dict(bits=4, group_size=64, symmetric=False)),
-    ("GPTQ int4 g64 sym", "gptq", dict(bits=4, group_size=64, symmetric=True)),
     ("AWQ int4 g64 asym", "awq", dict(bits=4, group_size=64, symmetric=False)),
-    ("RTN int4 g32 asym (on-grid, reference)", "rtn", dict(bits=4, group_size=32, symmetric=False)),
-    (
-        "GPTQ int4 g32 asym (on-grid, reference)",
-        "gptq",
-        dict(bits=4, group_size=32, symmetric=False),
-    ),
+    ("RTN int4 g64 sym", "rtn", dict(bits=4, group_size=64, symmetric=True)),
+    ("GPTQ int4 g64 sym", "gptq", dict(bits=4, group_size=64, symmetric=True)),
+    ("RTN int4 g32 asym (on-grid)", "rtn", dict(bits=4, group_size=32, symmetric=False)),
+    ("GPTQ int4 g32 asym (on-grid)", "gptq", dict(bits=4, group_size=32, symmetric=False)),
 ]
+#: rows run only with --reference: the default model's own Q4_1 g32 grid flatters every method
+REFERENCE = "on-grid"
+#: the row whose quantized weights are saved as an artifact for the memory and decode measurement
+ARTIFACT_ROW = "GPTQ int4 g64 asym"
 
 DECODE_SCRIPT = r"""
 import json, resource, sys, time, torch
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--only", nargs="*", help="labels (substrings) to run")
     parser.add_argument("--reference", action="store_true", help="also run the g32 rows")
+    parser.add_argument("--float-ppl", type=float,
+                        help="reuse a float perplexity measured on the same tokens")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/quant_quality.json"))
@@ -114,29 +117,24 @@ def main() -> None:
         tokenize_text,
     )
     from openpto.models import load_model
+    from openpto.pipeline.artifacts import as_stored, folder_size, scale_dtype_for, write_artifact
 
     threads = torch.get_num_threads()
     loaded = load_model(None)
     tok = loaded.tokenizer
-    calib = calibration_batches(
-        tok, load_text(None, default=CALIBRATION_DEFAULT), args.samples, args.calib_seq_len, seed=0
-    )
+    calib = calibration_batches(tok, load_text(None, default=CALIBRATION_DEFAULT), args.samples,
+                                args.calib_seq_len, seed=0)
     eval_ids = tokenize_text(tok, load_text(None, default=EVALUATION_DEFAULT))
-    rows = []
+    rows: list[dict] = []
+    artifact = Path(os.environ.get("OPT_HOME", Path.home() / ".openpto")) / "bench-gptq-w4g64"
 
     def ppl(model: torch.nn.Module) -> float:
         return perplexity(model, eval_ids, 512, max_tokens=args.eval_tokens).perplexity
 
     start = time.perf_counter()
-    base = ppl(loaded.model)
-    rows.append(
-        {
-            "setting": "float32 (no quantization)",
-            "perplexity": base,
-            "seconds": 0.0,
-            "eval_seconds": time.perf_counter() - start,
-        }
-    )
+    base = args.float_ppl if args.float_ppl else ppl(loaded.model)
+    rows.append({"setting": "float32 (no quantization)", "perplexity": base, "seconds": 0.0,
+                 "eval_seconds": time.perf_counter() - start, "reused": bool(args.float_ppl)})
     print(f"{'float32':45s} ppl {base:8.3f}", flush=True)
     import openpto.core.quant  # noqa: F401  (registers the method configs)
 
@@ -149,74 +147,53 @@ def main() -> None:
         model = copy.deepcopy(loaded.model)
         config = types[method](**kwargs)
         t0 = time.perf_counter()
-        quantize_(model, config, None if method == "rtn" else calib, device="cpu")
+        result = quantize_(model, config, None if method == "rtn" else calib, device="cpu")
         seconds = time.perf_counter() - t0
         value = ppl(model)
-        rows.append(
-            {
-                "setting": label,
-                "method": method,
-                **kwargs,
-                "perplexity": value,
-                "delta_percent": 100 * (value / base - 1),
-                "seconds": seconds,
-            }
-        )
-        print(
-            f"{label:45s} ppl {value:8.3f} ({100 * (value / base - 1):+6.2f}%) "
-            f"calibration+quantization {seconds:7.1f} s",
-            flush=True,
-        )
-        del model
+        rows.append({"setting": label, "method": method, **kwargs, "perplexity": value,
+                     "delta_percent": 100 * (value / base - 1), "seconds": seconds,
+                     "load_average": os.getloadavg()})
+        print(f"{label:45s} ppl {value:8.3f} ({100 * (value / base - 1):+6.2f}%) "
+              f"calibration+quantization {seconds:7.1f} s", flush=True)
+        if label == ARTIFACT_ROW and not args.skip_decode:
+            scale_dtype = scale_dtype_for(loaded.dtype)
+            stored = {n: as_stored(q, scale_dtype) for n, q in result.quantized_weights().items()}
+            write_artifact(model, tok, artifact, stored, {"source_model": loaded.name,
+                                                          "method_config": config.to_dict()})
+        del model, result
+        save(args, rows, {}, threads)
 
-    decode = {}
-    if not args.skip_decode:
-        from openpto.pipeline.quantize import quantize_model
-
-        out = Path(os.environ.get("OPT_HOME", Path.home() / ".openpto")) / "bench-gptq-w4g64"
-        made = quantize_model(
-            None,
-            method="gptq",
-            bits=4,
-            group_size=64,
-            output=out,
-            samples=args.samples,
-            calib_seq_len=args.calib_seq_len,
-        )
-        decode["artifact"] = {
-            k: made[k]
-            for k in ("output", "size_bytes_before", "size_bytes_after", "seconds", "run_id")
-        }
+    decode: dict = {}
+    if not args.skip_decode and artifact.is_dir():
+        decode["artifact"] = {"path": str(artifact), "size_bytes": folder_size(artifact)}
         decode["float"] = decode_in_subprocess("smollm2-135m", threads, args.new_tokens, 3)
-        decode["int4"] = decode_in_subprocess(str(out), threads, args.new_tokens, 3)
+        decode["int4"] = decode_in_subprocess(str(artifact), threads, args.new_tokens, 3)
         for key in ("float", "int4"):
             d = decode[key]
-            print(
-                f"decode {key:6s} {d['decode_tokens_per_second']:6.1f} tok/s  RSS "
-                f"{d['rss_bytes'] / 2**20:7.1f} MiB  weights {d['weight_bytes'] / 2**20:7.1f} MiB"
-                f"  kernel {d['kernel']}",
-                flush=True,
-            )
+            print(f"decode {key:6s} {d['decode_tokens_per_second']:6.1f} tok/s  RSS "
+                  f"{d['rss_bytes'] / 2**20:7.1f} MiB  weights {d['weight_bytes'] / 2**20:7.1f} MiB"
+                  f"  kernel {d['kernel']}", flush=True)
+    save(args, rows, decode, threads)
+    print(f"saved {args.json}")
+
+
+def save(args: argparse.Namespace, rows: list[dict], decode: dict, threads: int) -> None:
+    from openpto.data import CALIBRATION_DEFAULT, EVALUATION_DEFAULT
 
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-        f"{threads} threads",
+                   f"{threads} threads",
         "load_average": os.getloadavg(),
         "command": " ".join(sys.argv),
-        "calibration": {
-            "text": CALIBRATION_DEFAULT,
-            "samples": args.samples,
-            "seq_len": args.calib_seq_len,
-            "seed": 0,
-        },
+        "calibration": {"text": CALIBRATION_DEFAULT, "samples": args.samples,
+                        "seq_len": args.calib_seq_len, "seed": 0},
         "evaluation": {"text": EVALUATION_DEFAULT, "seq_len": 512, "tokens": args.eval_tokens},
         "rows": rows,
         "decode": decode,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"saved {args.json}")
 
 
 if __name__ == "__main__":
