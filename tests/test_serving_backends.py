@@ -95,3 +95,24 @@ def test_llamacpp_backend_serves_the_same_api() -> None:
         vectors = client.embeddings.create(model="smollm2-135m", input=["one", "two"]).data
         assert len(vectors[0].embedding) == 576
         assert abs(sum(x * x for x in vectors[0].embedding) - 1.0) < 1e-4
+
+
+@pytest.mark.integration
+def test_mlx_backend_on_the_default_model() -> None:
+    """mlx-lm reading the cached float conversion of the default GGUF (its RoPE base comes from
+    transformers 5's ``rope_parameters``): the same greedy text as torch."""
+    pytest.importorskip("mlx_lm")
+    from openpto.models import load_model
+
+    engine = make_engine("mlx", None, EngineOptions())
+    app = create_app(ServerSettings(), engine, access_sink=None)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+        reply = client.chat.completions.create(model="smollm2-135m", messages=messages,
+                                               max_tokens=16, temperature=0)
+        ids = engine.tokenize(engine.chat_prompt(messages))
+    loaded = load_model(None)
+    expected = generate_text(loaded.model, loaded.tokenizer, ids, SamplingParams(max_tokens=16))
+    assert "Paris" in expected.text
+    assert reply.choices[0].message.content == expected.text

@@ -92,12 +92,10 @@ def _run_uvicorn(app: FastAPI, settings: ServerSettings, engine: Engine,
     if on_started is not None:
         on_started({"url": f"http://{settings.host}:{settings.port}", "model": app.state.service
                     .model_id, "backend": engine.backend})
-    try:
+    # Ctrl-C is how a server is stopped: uvicorn has already shut down gracefully when it
+    # re-raises the signal, which is not a failure of the run.
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:
-        # Ctrl-C is how a server is stopped: uvicorn has already shut down gracefully and
-        # re-raises the signal afterwards, which is not a failure of the run.
-        pass
 
 
 def serve_model(

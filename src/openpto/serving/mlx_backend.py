@@ -39,6 +39,24 @@ def mlx_folder(spec: str | None) -> tuple[Path, str]:
     return source.path, served_name(source.name)
 
 
+def _rope_overrides(folder: Path) -> dict[str, Any]:
+    """transformers 5 writes RoPE settings under ``rope_parameters``; mlx-lm reads the older
+    top-level ``rope_theta``/``rope_scaling`` and would silently fall back to theta 10000."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    rope = config.get("rope_parameters")
+    if "rope_theta" in config or not isinstance(rope, dict) or "rope_theta" not in rope:
+        return {}
+    overrides: dict[str, Any] = {"rope_theta": float(rope["rope_theta"])}
+    if rope.get("rope_type", "default") != "default":
+        overrides["rope_scaling"] = rope
+    return overrides
+
+
 class MLXEngine(SerialEngine):
     backend = "mlx"
 
@@ -73,7 +91,7 @@ class MLXEngine(SerialEngine):
         from mlx.utils import tree_flatten
         from mlx_lm import load
 
-        loaded: Any = load(str(folder))
+        loaded: Any = load(str(folder), model_config=_rope_overrides(folder))
         model, wrapper = loaded[0], loaded[1]
         self._hf_tokenizer = getattr(wrapper, "_tokenizer", wrapper)
         params: list[Any] = list(tree_flatten(model.parameters()))
