@@ -245,6 +245,8 @@ def test_ollama_model_routes(served: Served) -> None:
                    "tools": [{"type": "function", "function": {"name": "f"}}]},
           "headers": AUTH}, 400),
         ("GET", "/v1/nothing-here", {"headers": AUTH}, 404),
+        ("GET", "/openapi.json", {"headers": {}}, 404),
+        ("GET", "/docs", {"headers": {}}, 404),
     ],
 )
 def test_openai_errors_then_keeps_serving(served: Served, method: str, path: str,

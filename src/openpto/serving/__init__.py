@@ -3,6 +3,15 @@
     from openpto.serving import ServerSettings, create_app, make_engine, EngineOptions
     app = create_app(ServerSettings(), make_engine("torch", "smollm2-135m", EngineOptions()))
 
+Clients point at it as they would at OpenAI or Ollama (``opt serve --api-key KEY`` first):
+
+    openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    ollama.Client(host="http://127.0.0.1:8000", headers={"Authorization": "Bearer KEY"})
+    # llm: an entry in extra-openai-models.yaml
+    - model_id: smollm2
+      model_name: smollm2-135m
+      api_base: http://127.0.0.1:8000/v1
+
 Importing this package needs the ``serve`` extra (fastapi, uvicorn, prometheus-client).
 """
 

@@ -45,8 +45,12 @@ def create_app(settings: ServerSettings, engine: Engine,
 
     model_id = settings.model_id or engine.info.id
     metrics = ServerMetrics(model_id, engine.stats, lambda: engine.ready)
+    # With an API key, every route but /health needs it: the generated docs are left out rather
+    # than served unauthenticated.
+    docs = {} if settings.api_key is None else {"docs_url": None, "redoc_url": None,
+                                                "openapi_url": None}
     app = FastAPI(title="openpto", version=__version__, lifespan=lifespan,
-                  exception_handlers=HANDLERS)  # type: ignore[arg-type]
+                  exception_handlers=HANDLERS, **docs)  # type: ignore[arg-type]
     app.state.service = Service(settings, engine, metrics)
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
