@@ -78,7 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OPT_DB", str(db))
         model, tok = varied_tiny_model(), chat_tokenizer()
-        engine = TorchEngine.from_model(model, tok, MODEL, EngineOptions(max_batch=4))
+        engine = TorchEngine.from_model(model, tok, MODEL, EngineOptions(max_batch=4, threads=1))
         settings = ServerSettings(api_key=KEY, max_request_bytes=32_768, max_tokens_limit=1000,
                                   log_prompts=True, stream_buffer=4)
         access: list[dict[str, object]] = []

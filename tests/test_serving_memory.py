@@ -21,7 +21,9 @@ MODEL = "tiny-llama"
 
 def test_rss_is_flat_over_500_requests() -> None:
     engine = TorchEngine.from_model(varied_tiny_model(), chat_tokenizer(), MODEL,
-                                    EngineOptions(max_batch=4))
+                                    # One thread: a two-thread OpenMP team is many times slower
+                                    # on a busy machine (docs/benchmarks.md, Serving).
+                                    EngineOptions(max_batch=4, threads=1))
     records: list[dict[str, object]] = []
     app = create_app(ServerSettings(), engine, access_sink=records.append)
     process = psutil.Process()

@@ -32,7 +32,8 @@ def _counter(text: str, name: str) -> float:
 def test_speculative_lone_and_joined_requests_keep_greedy_text(draft: str) -> None:
     # The unscaled random model repeats itself, which prompt lookup can predict.
     model, tok = tiny_llama(), chat_tokenizer()
-    engine = TorchEngine.from_model(model, tok, MODEL, EngineOptions(max_batch=4, draft=draft))
+    options = EngineOptions(max_batch=4, draft=draft, threads=1)
+    engine = TorchEngine.from_model(model, tok, MODEL, options)
     app = create_app(ServerSettings(), engine, access_sink=None)
 
     def greedy(prompt: str, n: int) -> str:

@@ -153,7 +153,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                     prompt_tokens=len(ids), include_usage=include,
                     log=(prompt, request_id)),
             media_type="text/event-stream", headers=_SSE_HEADERS)
-    results = await asyncio.gather(*(service.collect(s, request) for s in streams))
+    results = await _collect_all(service, streams, request)
     await service.log_prompt(prompt, results[0], request_id)
     return {
         **envelope,
@@ -192,7 +192,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
             _stream(service, streams, first=first, choice=choice, envelope=envelope,
                     prompt_tokens=prompt_tokens, include_usage=include, log=log),
             media_type="text/event-stream", headers=_SSE_HEADERS)
-    results = await asyncio.gather(*(service.collect(s, request) for s in streams))
+    results = await _collect_all(service, streams, request)
     if isinstance(prompts[0], str):
         await service.log_prompt(prompts[0], results[0], request_id)
     return {
@@ -201,6 +201,17 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
                      "finish_reason": r.finish_reason} for i, r in enumerate(results)],
         "usage": _usage(prompt_tokens, sum(r.completion_tokens for r in results)),
     }
+
+
+async def _collect_all(service: Service, streams: list[RequestStream],
+                       request: Request) -> list[Completion]:
+    """All choices; if one fails, the others stop generating too."""
+    try:
+        return await asyncio.gather(*(service.collect(s, request) for s in streams))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:
