@@ -457,3 +457,21 @@ def test_cors_only_for_given_origins() -> None:
     closed = TestClient(create_app(ServerSettings(), engine, access_sink=None))
     response = closed.get("/health", headers={"Origin": "http://ok.example"})
     assert "access-control-allow-origin" not in response.headers
+
+
+def test_repetition_penalty_rows_in_one_batch(served: Served) -> None:
+    """Rows of different lengths with a penalty: the penalised history is left-padded and masked."""
+    prompts = ["The list", "def f(x): return x"]
+    expected = [generate_text(served.model, served.tok, served.engine.tokenize(p),
+                              SamplingParams(max_tokens=20, repetition_penalty=1.5)).text
+                for p in prompts]
+
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0)
+        replies = await asyncio.gather(*(client.completions.create(
+            model=MODEL, prompt=p, max_tokens=20, temperature=0,
+            extra_body={"repetition_penalty": 1.5}) for p in prompts))
+        return [r.choices[0].text for r in replies]
+
+    assert asyncio.run(run()) == expected
+    assert expected[0] != served.greedy("The list", 20, chat=False)  # the penalty did act
