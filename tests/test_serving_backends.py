@@ -116,3 +116,33 @@ def test_mlx_backend_on_the_default_model() -> None:
     expected = generate_text(loaded.model, loaded.tokenizer, ids, SamplingParams(max_tokens=16))
     assert "Paris" in expected.text
     assert reply.choices[0].message.content == expected.text
+
+
+def test_torch_backend_serves_a_quantized_artifact_on_packed_kernels(
+        tiny_folder: tuple[Path, object, object], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from openpto.cli.main import app as cli
+    from openpto.models import load_model
+
+    monkeypatch.setenv("OPT_DB", str(tmp_path / "opt.db"))
+    artifact = tmp_path / "tiny-rtn"
+    done = CliRunner().invoke(cli, ["quantize", str(tiny_folder[0]), "--method", "rtn", "--bits",
+                                    "4", "--group-size", "32", "--output", str(artifact)])
+    assert done.exit_code == 0, done.output
+    engine = make_engine("torch", str(artifact), EngineOptions(threads=1))
+    server_app = create_app(ServerSettings(), engine, access_sink=None)
+    with BackgroundServer(server_app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+        reply = client.completions.create(model="tiny-rtn", prompt="The list", max_tokens=12,
+                                          temperature=0)
+        layers = engine._model.model.layers  # type: ignore[union-attr]
+        layer_modules = {type(m).__name__ for m in layers.modules()}
+        assert engine.info.quantization == "rtn-w4-g32"
+    loaded = load_model(str(artifact))
+    expected = generate_text(loaded.model, loaded.tokenizer, loaded.tokenizer("The list")
+                             ["input_ids"], SamplingParams(max_tokens=12))
+    assert reply.choices[0].text == expected.text
+    # Every decoder Linear runs packed (the tied lm_head stays a float Linear).
+    assert "QuantLinear" in layer_modules and "Linear" not in layer_modules

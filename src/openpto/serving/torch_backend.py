@@ -79,8 +79,9 @@ class TorchEngine(Engine):
         params = sum(p.numel() for p in model.parameters())
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         dtype = next(model.parameters()).dtype
-        methods = (metadata or {}).get("methods") or (metadata or {}).get("method")
-        quant = str(methods) if methods else str(dtype).removeprefix("torch.").upper()
+        q = (metadata or {}).get("quantization") or {}
+        quant = (f"{q['method']}-w{q.get('bits')}-g{q.get('group_size')}" if q.get("method")
+                 else str(dtype).removeprefix("torch.").upper())
         context = self.options.context_length or int(
             getattr(config, "max_position_embeddings", 2048) or 2048)
         self._info = ModelInfo(
