@@ -146,3 +146,14 @@ def test_torch_backend_serves_a_quantized_artifact_on_packed_kernels(
     assert reply.choices[0].text == expected.text
     # Every decoder Linear runs packed (the tied lm_head stays a float Linear).
     assert "QuantLinear" in layer_modules and "Linear" not in layer_modules
+
+
+def test_missing_backend_package_names_its_extra() -> None:
+    import importlib.util
+
+    from openpto.errors import MissingDependency
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed")
+    with pytest.raises(MissingDependency, match=r"openpto\[llamacpp\]"):
+        make_engine("llamacpp", None, EngineOptions())

@@ -70,3 +70,19 @@ def test_opt_serve_process_serves_and_records_its_run(tmp_path: Path) -> None:
     assert "k" not in json.dumps(json.loads(run["config"]).get("api_key", ""))
     metrics = {m["name"]: m["value"] for m in store.rows("metrics", "run_id = ?", [run["id"]])}
     assert metrics["requests"] == 1 and metrics["generation_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "nope"], "unknown serving backend 'nope'"),
+        (["/no/such/model"], "no such file or folder"),
+    ],
+)
+def test_opt_serve_fails_fast_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    env = {**os.environ, "OPT_DB": str(tmp_path / "opt.db")}
+    done = subprocess.run([sys.executable, "-m", "openpto", "serve", *args, "--port",
+                           str(free_port())], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr

@@ -119,6 +119,9 @@ def serve_model(
     config = {"backend": backend, **settings.model_dump(exclude={"api_key"}),
               "auth": settings.api_key is not None, **dataclasses.asdict(options)}
     with RunRecorder(Store(), "serve", model, config) as run:
+        from openpto.models import resolve_model
+
+        resolve_model(model)  # a wrong MODEL fails here, not later in /health
         engine = make_engine(backend, model, options)
         app = create_app(settings, engine)
         service: Service = app.state.service

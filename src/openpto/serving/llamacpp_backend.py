@@ -91,6 +91,7 @@ class LlamaCppEngine(SerialEngine):
     backend = "llamacpp"
 
     def __init__(self, model: str | None = None, options: EngineOptions | None = None) -> None:
+        require("llama_cpp", "llamacpp", "the llama.cpp backend")  # fail before serving starts
         super().__init__()
         self.spec = model
         self.options = options or EngineOptions()

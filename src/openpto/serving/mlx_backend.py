@@ -61,6 +61,7 @@ class MLXEngine(SerialEngine):
     backend = "mlx"
 
     def __init__(self, model: str | None = None, options: EngineOptions | None = None) -> None:
+        require("mlx_lm", "mlx", "the MLX backend")  # fail before serving starts
         super().__init__()
         self.spec = model
         self.options = options or EngineOptions()
