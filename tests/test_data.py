@@ -215,3 +215,40 @@ def test_datasets_are_recorded(tmp_db: Path, tiny_tok) -> None:  # type: ignore[
     run = store.rows("runs")[0]
     assert json.loads(run["config"])["calib_data"]["sha256"] == source.sha256
     assert {t["name"] for t in store.rows("traces")} == {"data", "tokenize"}
+
+
+class _FakeRows:
+    column_names = ("text", "label")
+    _fingerprint = "abc123"
+
+    def __getitem__(self, column: str) -> list[object]:
+        return {"text": ["first row", None, "second row"], "label": [0, 1, 2]}[column]
+
+
+def test_cached_datasets_are_read_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``datasets`` branch, through a stand-in module with ``load_dataset``'s signature."""
+    import os
+    import sys
+    import types
+
+    calls: list[tuple[object, ...]] = []
+
+    def load_dataset(name: str, config: str | None, split: str) -> _FakeRows:
+        calls.append((name, config, split, os.environ.get("HF_DATASETS_OFFLINE")))
+        if name == "not/cached":
+            raise FileNotFoundError("Couldn't find a dataset script at not/cached\nmore detail")
+        return _FakeRows()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    source = load_text("wikitext:wikitext-2-raw-v1:validation")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation", "1")]
+    assert source.text == "first row\n\nsecond row"  # non-string rows are skipped
+    assert source.source == "datasets:wikitext:wikitext-2-raw-v1:validation@abc123"
+    load_text("owner/name")
+    assert calls[-1][:3] == ("owner/name", None, "test")
+    with pytest.raises(DataError, match="has no column 'body'"):
+        load_text("owner/name", text_field="body")
+    with pytest.raises(DataError, match=r"local cache: FileNotFoundError: Couldn't find") as info:
+        load_text("not/cached")
+    assert "\n" not in str(info.value)
