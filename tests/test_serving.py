@@ -245,6 +245,8 @@ def test_ollama_model_routes(served: Served) -> None:
                    "tools": [{"type": "function", "function": {"name": "f"}}]},
           "headers": AUTH}, 400),
         ("GET", "/v1/nothing-here", {"headers": AUTH}, 404),
+        ("POST", "/v1/completions",
+         {"json": {"model": MODEL, "prompt": [5, 99999]}, "headers": AUTH}, 400),
         ("GET", "/openapi.json", {"headers": {}}, 404),
         ("GET", "/docs", {"headers": {}}, 404),
     ],
@@ -475,3 +477,11 @@ def test_repetition_penalty_rows_in_one_batch(served: Served) -> None:
 
     assert asyncio.run(run()) == expected
     assert expected[0] != served.greedy("The list", 20, chat=False)  # the penalty did act
+
+
+def test_completion_from_token_ids(served: Served) -> None:
+    ids = served.engine.tokenize("def f(x):")
+    reply = served.openai().completions.create(model=MODEL, prompt=ids, max_tokens=8,
+                                               temperature=0)
+    assert reply.choices[0].text == served.greedy("def f(x):", 8, chat=False)
+    assert reply.usage.prompt_tokens == len(ids)

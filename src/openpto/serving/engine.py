@@ -47,6 +47,7 @@ class ModelInfo:
     quantization: str = "F32"
     context_length: int = 2048
     embedding_length: int = 0
+    vocab_size: int = 0  # 0: unknown
     size_bytes: int = 0
     digest: str = ""
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))

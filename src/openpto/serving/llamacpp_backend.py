@@ -123,6 +123,7 @@ class LlamaCppEngine(SerialEngine):
             parameter_count=int(llm.n_params()) if hasattr(llm, "n_params") else 0,
             quantization=str(meta.get("general.file_type", "gguf")),
             context_length=int(llm.n_ctx()), embedding_length=int(llm.n_embd()),
+            vocab_size=int(llm.n_vocab()),
             size_bytes=self._path.stat().st_size,
             digest=f"{self._path.stat().st_size:x}-{int(self._path.stat().st_mtime):x}",
             chat_template=str(meta.get("tokenizer.chat_template", "")),

@@ -106,6 +106,7 @@ class MLXEngine(SerialEngine):
             context_length=self.options.context_length
             or int(getattr(args, "max_position_embeddings", 2048) or 2048),
             embedding_length=int(getattr(args, "hidden_size", 0) or 0), size_bytes=size,
+            vocab_size=int(getattr(args, "vocab_size", 0) or 0),
             digest=hashlib.sha256(str(folder.resolve()).encode()).hexdigest(),
             chat_template=str(getattr(self._hf_tokenizer, "chat_template", "") or ""),
         )

@@ -122,7 +122,8 @@ async def generate(body: OllamaGenerateRequest, request: Request, service: Servi
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         prompt = service.engine.chat_prompt([*messages, {"role": "user", "content": body.prompt}])
-    ids = list(body.context or []) + (service.prompt_ids(prompt) if body.prompt else [])
+    context = service.check_token_ids(body.context, "context") if body.context else []
+    ids = context + (service.prompt_ids(prompt) if body.prompt else [])
     stream = service.start(ids, _params(service, body.options, len(ids)))
     return await _respond(service, request, stream, streaming=body.stream, prompt=prompt,
                           prompt_tokens=len(ids), piece=lambda text: {"response": text})

@@ -172,7 +172,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     prompts = _prompts(body.prompt)
     if body.echo and not all(isinstance(p, str) for p in prompts):
         raise APIError(400, "echo needs text prompts, not token ids", None, "echo")
-    prompt_ids = [service.prompt_ids(p) if isinstance(p, str) else p for p in prompts]
+    prompt_ids = [service.prompt_ids(p) if isinstance(p, str)
+                  else service.check_token_ids(p, "prompt") for p in prompts]
     streams: list[RequestStream] = []
     for ids in prompt_ids:
         streams += service.start_n(ids, _params(service, body, body.max_tokens, len(ids)), body.n)

@@ -108,6 +108,18 @@ class Service:
             raise APIError(400, "the prompt is empty", "empty_prompt", "prompt")
         return ids
 
+    def check_token_ids(self, ids: Sequence[int], param: str) -> list[int]:
+        """Token ids sent by a client: an id outside the vocabulary would fail the whole batch
+        it joins, so it is refused here."""
+        vocab = self.engine.info.vocab_size
+        bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                           "invalid_token_id", param)
+        if not ids:
+            raise APIError(400, "the prompt is empty", "empty_prompt", param)
+        return list(ids)
+
     # -- running -----------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         self.check_ready()

@@ -94,6 +94,7 @@ class TorchEngine(Engine):
             quantization=quant[:40],
             context_length=context,
             embedding_length=int(getattr(config, "hidden_size", 0) or 0),
+            vocab_size=int(getattr(config, "vocab_size", 0) or 0),
             size_bytes=size,
             digest=digest or hashlib.sha256(f"{name}:{path}:{params}".encode()).hexdigest(),
             chat_template=str(getattr(tokenizer, "chat_template", "") or ""),
