@@ -287,9 +287,13 @@ def write_mlx(folder: Path, output: Path, qtype: str | None,
     if not packed:
         raise ConfigError(f"{folder} holds no packed weights; quantize it first or use "
                           "opt quantize --backend mlx")
+    if any(qw.group_size not in (32, 64, 128) for qw in packed.values()):
+        raise ConfigError("MLX quantizes with group sizes 32/64/128; this artifact has other "
+                          "(or per-channel) scales: use opt quantize --backend mlx")
     grids = {(qw.bits, qw.group_size) for qw in packed.values()}
     if len(grids) != 1:
-        raise ConfigError(f"MLX export needs one grid for every Linear, found {sorted(grids)}")
+        raise ConfigError(f"MLX export needs one grid (bits, group size) for every Linear, found "
+                          f"{sorted(grids)}: per-channel scales give one group per input width")
     bits, group = grids.pop()
     if group not in (32, 64, 128) or bits not in (2, 3, 4, 5, 6, 8):
         raise ConfigError(f"MLX quantizes with group sizes 32/64/128 and 2-6 or 8 bits; this "
