@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.errors import UsageError
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 GROUP_HELP = (
@@ -29,7 +30,7 @@ def _group(value: str | None) -> int | str | None:
     try:
         return int(value)
     except ValueError as exc:
-        raise typer.BadParameter(f"{value!r} is not a number or 'channel'") from exc
+        raise UsageError(f"--group-size {value!r} is not a number or 'channel'") from exc
 
 
 def quantize_cmd(
