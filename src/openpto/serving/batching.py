@@ -194,10 +194,15 @@ class BatchScheduler:
         now = time.perf_counter()
         for seq in new:
             seq.timings.started = seq.timings.started or now
-        ids, mask, positions = left_pad([s.context for s in new], self.pad_id, self.device)
-        cache = new_cache(self.model)
-        logits = forward_logits(self.model, ids, cache, attention_mask=mask,
-                                position_ids=positions)[:, -1]
+        try:
+            ids, mask, positions = left_pad([s.context for s in new], self.pad_id, self.device)
+            cache = new_cache(self.model)
+            logits = forward_logits(self.model, ids, cache, attention_mask=mask,
+                                    position_ids=positions)[:, -1]
+        except Exception as exc:  # only the newcomers fail; the running batch is untouched
+            for seq in new:
+                self._finish(seq, "error", _describe(exc))
+            return
         for seq in new:
             seq.position = len(seq.context)
         self._splice(cache, mask)
@@ -267,9 +272,8 @@ class BatchScheduler:
                                     prompt_tokens=len(seq.prompt_ids), timings=seq.timings))
 
     def _fail_all(self, exc: Exception) -> None:
-        message = str(exc) if isinstance(exc, OptError) else f"{type(exc).__name__}: {exc}"
         for seq in self._active:
-            self._finish(seq, "error", message)
+            self._finish(seq, "error", _describe(exc))
         self._active, self._cache, self._mask = [], None, None
 
     # -- the shared cache ----------------------------------------------------------------------
@@ -318,20 +322,28 @@ class BatchScheduler:
         records, stats = self.speculative(seq.context, remaining, seq.generator)
         drafted, accepted = stats.drafted, stats.accepted
         try:
-            for record in records:
-                self._accept(seq, record.token_id)
-                if seq.done:
-                    break
-                if not self._inbox.empty() or seq.stream.cancelled:
-                    # Someone else arrived: continue this sequence inside the batch.
-                    self._waiting.appendleft(seq)
-                    break
+            self._speculate_records(seq, records)
+        except Exception as exc:  # the lone request fails, the server does not
+            self._finish(seq, "error", _describe(exc))
         finally:
             close = getattr(records, "close", None)
             if close is not None:
                 close()
             self._draft_tokens += stats.drafted - drafted
             self._accepted_tokens += stats.accepted - accepted
+
+    def _speculate_records(self, seq: _Sequence, records: Iterator[StepRecord]) -> None:
+        for record in records:
+            self._accept(seq, record.token_id)
+            if seq.done:
+                return
+            if not self._inbox.empty() or seq.stream.cancelled:
+                # Someone else arrived: continue this sequence inside the batch.
+                self._waiting.appendleft(seq)
+                return
+        # The speculative generator applies the same stop rules, so it ends only when the
+        # sequence is done; finish it anyway rather than leave a client waiting.
+        self._finish(seq, "length")
 
     # -- embeddings ----------------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> Embeddings:
@@ -354,6 +366,10 @@ class BatchScheduler:
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
             vectors.extend(F.normalize(pooled, dim=-1).cpu().tolist())
         return Embeddings(vectors, total)
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, OptError) else f"{type(exc).__name__}: {exc}"
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
