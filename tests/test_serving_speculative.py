@@ -28,7 +28,7 @@ def _counter(text: str, name: str) -> float:
     raise AssertionError(f"{name} missing from /metrics")
 
 
-@pytest.mark.parametrize("draft", ["lookup", "self:layers=1"])
+@pytest.mark.parametrize("draft", ["lookup", "self:layers=1", "self:int8"])
 def test_speculative_lone_and_joined_requests_keep_greedy_text(draft: str) -> None:
     # The unscaled random model repeats itself, which prompt lookup can predict.
     model, tok = tiny_llama(), chat_tokenizer()

@@ -9,7 +9,8 @@ import typer
 from openpto.cli.common import JSON_HELP, emit, stderr
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
-DRAFT_HELP = "Speculative draft for lone requests: a MODEL, self:layers=K or lookup."
+DRAFT_HELP = ("Speculative draft for lone requests: a MODEL, self:int4, self:int8, "
+              "self:layers=K or lookup[:N].")
 
 
 def register(app: typer.Typer) -> None:

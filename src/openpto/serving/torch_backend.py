@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from openpto.core.generate import StepRecord, build_chat_prompt, eos_ids
 from openpto.core.sampling import SamplingParams
-from openpto.errors import BackendUnavailable, UsageError
+from openpto.errors import BackendUnavailable
 from openpto.serving.batching import BatchScheduler
 from openpto.serving.engine import (
     Embeddings,
@@ -60,7 +60,8 @@ class TorchEngine(Engine):
                         kind=loaded.kind, digest=loaded.source_sha256 or "",
                         metadata=loaded.metadata)
         assert self._model is not None
-        speculative = _speculative_factory(self.options.draft, self._model, self._tokenizer)
+        speculative = _speculative_factory(self.options.draft, self._model, self._tokenizer,
+                                           self.info.id, self.info.path)
         self._scheduler = BatchScheduler(
             self._model,
             self._tokenizer,
@@ -142,47 +143,21 @@ class TorchEngine(Engine):
 # -- drafts for --draft ----------------------------------------------------------------------------
 
 
-def _lookup_draft(spec: str, target: torch.nn.Module, tokenizer: Any) -> Any:
-    from openpto.core.drafts import LookupDraft
-
-    return LookupDraft()
-
-
-def _layers_draft(spec: str, target: torch.nn.Module, tokenizer: Any) -> Any:
-    from openpto.core.drafts import ModelDraft, early_exit_model
-
-    layers = spec.partition("=")[2]
-    if not layers.isdigit():
-        raise UsageError(f"--draft self:layers=K needs a whole number K, got {spec!r}")
-    return ModelDraft(early_exit_model(target, int(layers)), name=spec)
-
-
-def _model_draft(spec: str, target: torch.nn.Module, tokenizer: Any) -> Any:
-    from openpto.core.drafts import ModelDraft, check_same_tokenizer
-    from openpto.models import load_model
-
-    device = next(target.parameters()).device
-    dtype = next(target.parameters()).dtype
-    loaded = load_model(spec, dtype=dtype, device=device)
-    check_same_tokenizer(tokenizer, loaded.tokenizer)
-    return ModelDraft(loaded.model, name=loaded.name)
-
-
-# Draft kinds by prefix; anything else is a MODEL argument. Quantized copies of the target
-# (self:int4, self:int8) are made by `opt quantize` first and passed here as artifacts.
-_DRAFT_KINDS: dict[str, Callable[[str, torch.nn.Module, Any], Any]] = {
-    "lookup": _lookup_draft,
-    "self:layers": _layers_draft,
-}
-
-
-def _speculative_factory(spec: str | None, target: torch.nn.Module, tokenizer: Any) -> Any:
+def _speculative_factory(spec: str | None, target: torch.nn.Module, tokenizer: Any,
+                         name: str, path: str) -> Any:
+    """Starts ``core.speculative`` runs with the draft ``spec`` names: lookup[:N],
+    self:layers=K, self:int4, self:int8 or a MODEL (``pipeline.generate.resolve_draft``)."""
     if not spec:
         return None
-    from openpto.core.speculative import SpeculativeStats, speculative_stream
+    from pathlib import Path
 
-    build = _DRAFT_KINDS.get(spec.partition("=")[0], _model_draft)
-    draft = build(spec, target, tokenizer)
+    from openpto.core.speculative import SpeculativeStats, speculative_stream
+    from openpto.models import LoadedModel
+    from openpto.pipeline.generate import resolve_draft
+
+    loaded = LoadedModel(target, tokenizer, name, "in-memory", Path(path))  # type: ignore[arg-type]
+    dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
+    draft, _ = resolve_draft(spec, loaded, dtype=dtype)
 
     def start(context: list[int], params: SamplingParams,
               generator: torch.Generator | None) -> tuple[Iterator[StepRecord], Any]:
