@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import typer
@@ -55,25 +56,50 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a running run is recorded as failed."""
+
+
+_terminated: list[int] = []
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    _terminated.append(signum)
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def _interrupted_exit() -> None:
+    if _terminated:
+        sys.stderr.write("error: terminated\n")
+        sys.exit(143)
+    sys.stderr.write("error: interrupted\n")
+    sys.exit(130)
+
+
 def run() -> None:
     """Entry point: every ``OptError`` becomes one line on stderr and a non-zero exit."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except OptError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        sys.exit(130)
+        _interrupted_exit()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        sys.stderr.write("error: aborted\n")
-        sys.exit(1)
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        _interrupted_exit()
+    except typer.TyperException as exc:
+        # Usage errors (bad option values, unknown commands) arrive here in non-standalone
+        # mode; they know how to print themselves with the usage line.
+        show = getattr(exc, "show", None)
+        if show is None:
+            raise
+        show()
+        sys.exit(getattr(exc, "exit_code", 2))
+    # Typer returns 130 instead of raising when a command was interrupted.
+    if code == 130:
+        _interrupted_exit()
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
