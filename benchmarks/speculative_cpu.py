@@ -82,14 +82,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is far steadier on a shared CPU)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--drafts", nargs="+", default=DRAFTS, help="draft kinds to run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speculative_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     target = load_model(None, dtype="float32", device="cpu")
     model, tok = target.model, target.tokenizer
-    drafts = {spec: resolve_draft(spec, target)[0] for spec in DRAFTS}
-    int4_model = drafts["self:int4"].model  # type: ignore[attr-defined]
+    drafts = {spec: resolve_draft(spec, target)[0] for spec in args.drafts}
     params = SamplingParams(max_tokens=args.new_tokens)
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for prompt_name, text in PROMPTS.items():
@@ -105,8 +105,11 @@ def main() -> None:
             methods["transformers plain"] = lambda ids=ids, new=new: hf_generate(model, ids, new)
             methods["transformers prompt lookup"] = lambda ids=ids, new=new: hf_generate(
                 model, ids, new, prompt_lookup_num_tokens=10)
-            methods["transformers assisted (int4 draft)"] = lambda ids=ids, new=new: hf_generate(
-                model, ids, new, assistant_model=int4_model)
+            if "self:int4" in drafts:
+                int4_model = drafts["self:int4"].model  # type: ignore[attr-defined]
+                methods["transformers assisted (int4 draft)"] = (
+                    lambda ids=ids, new=new, m=int4_model: hf_generate(
+                        model, ids, new, assistant_model=m))
         for _round in range(args.rounds):
             reference: list[int] | None = None
             base_seconds = 0.0

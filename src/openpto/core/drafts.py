@@ -50,6 +50,11 @@ class Draft(abc.ABC):
     def reset(self) -> None:
         """Forget every request state (a new prompt follows)."""
 
+    def prefill(self, tokens: list[int]) -> None:
+        """Optionally read the prompt ahead of the first proposal (a model draft fills its KV
+        cache), so that per-proposal costs measured later are decode costs only."""
+        return None
+
 
 class ModelDraft(Draft):
     """A causal LM proposing by sampling (or argmax) from its own next-token distribution."""
@@ -62,6 +67,13 @@ class ModelDraft(Draft):
 
     def reset(self) -> None:
         self.cache = None
+
+    def prefill(self, tokens: list[int]) -> None:
+        self.cache = new_cache(self.model)
+        if len(tokens) > 1:
+            with torch.inference_mode():
+                ids = torch.tensor([tokens[:-1]], dtype=torch.long, device=self.device)
+                forward_logits(self.model, ids, self.cache)
 
     def propose(
         self,

@@ -74,6 +74,7 @@ class SpeculativeStats:
     accepted_at: list[int] = dataclasses.field(default_factory=list)
     gammas: list[int] = dataclasses.field(default_factory=list)
     draft_seconds: float = 0.0
+    draft_prefill_seconds: float = 0.0
     target_seconds: float = 0.0
     # (tokens verified, seconds) of each target pass, for the verification cost model.
     verify_times: list[tuple[int, float]] = dataclasses.field(default_factory=list)
@@ -131,6 +132,7 @@ class SpeculativeStats:
             "accepted_tokens": self.accepted,
             "verification_steps": self.steps,
             "draft_seconds": self.draft_seconds,
+            "draft_prefill_seconds": self.draft_prefill_seconds,
             "target_seconds": self.target_seconds,
         }
 
@@ -255,6 +257,10 @@ def speculative_stream(
     tokens.append(first)
     text, finish = finisher.push(first)
     yield clock.record(first, text, 0, finish)
+    if finish is None:
+        started = time.perf_counter()
+        draft.prefill(tokens)
+        stats.draft_prefill_seconds += time.perf_counter() - started
     index = 1
     current = gamma
     while finish is None:
