@@ -102,3 +102,35 @@ def load_pack_quantized(loaded: LoadedModel, kernel: str = "auto") -> LoadedMode
     metadata["kernels"] = summary
     loaded.metadata = metadata
     return loaded
+
+
+def load_bitsandbytes(loaded: LoadedModel) -> LoadedModel:
+    """A folder saved by the ``bitsandbytes`` backend: transformers reads its own
+    ``quantization_config`` and builds ``Linear4bit``/``Linear8bitLt`` modules."""
+    from transformers import AutoModelForCausalLM
+
+    from openpto.errors import require
+
+    require("bitsandbytes", "quant", "bitsandbytes artifacts")
+    loaded.model = AutoModelForCausalLM.from_pretrained(loaded.path, device_map="cpu").eval()
+    loaded.metadata = {**loaded.metadata, "kernel": "bitsandbytes"}
+    return loaded
+
+
+def load_quanto(loaded: LoadedModel) -> LoadedModel:
+    """A folder saved by the ``quanto`` backend (optimum-quanto's own serialisation)."""
+    from openpto.errors import require
+
+    quanto: Any = require("optimum.quanto", "quant", "quanto artifacts")
+    wrapper = quanto.QuantizedModelForCausalLM.from_pretrained(str(loaded.path))
+    loaded.model = wrapper._wrapped.eval()
+    loaded.metadata = {**loaded.metadata, "kernel": "quanto"}
+    return loaded
+
+
+def load_mlx(loaded: LoadedModel) -> LoadedModel:
+    """MLX folders hold MLX arrays: torch cannot run them."""
+    raise UnsupportedModel(
+        f"{loaded.path} is an MLX folder: run it with mlx_lm (mlx_lm.generate --model PATH) "
+        "or opt serve --backend mlx"
+    )

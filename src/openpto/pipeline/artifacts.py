@@ -329,6 +329,10 @@ def write_artifact(
             tokenizer.save_pretrained(tmp)
         tensors = artifact_tensors(model, quantized, scale_dtype)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # safetensors creates the file owner-only; give it the mode the other files get.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~umask)
         if fail_after == "weights":
             raise OSError("simulated failure after writing the weights")
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
