@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,db,serve,quant,tui
+EXTRAS ?= dev,db,serve,quant,mlx
 
 .PHONY: install demo test lint clean
 
