@@ -230,14 +230,17 @@ def _bounds(summary: SparsitySummary, config: SparsityConfig) -> dict[str, float
     the memory bound, where weights dominate; the compute bound holds for any token count)."""
     from openpto.core.sparsity import speedup_bounds
 
-    compute = dense_t = sparse_t = 0.0
+    dense = sparse_flops = sparse_bytes = 0.0
     for layer in summary.layers:
         b = speedup_bounds(layer.out_features, layer.in_features, 1, layout=_layout(config),
                            sparsity=layer.sparsity)
-        compute = b.compute_bound  # the same for every layer of one layout
-        dense_t += layer.params
-        sparse_t += layer.params / b.memory_bound
-    return {"compute": compute, "memory": dense_t / sparse_t if sparse_t else 1.0}
+        # Weighted by each layer's size: the model-wide ratio of FLOPs and of bytes.
+        dense += layer.params
+        sparse_flops += layer.params / b.compute_bound
+        sparse_bytes += layer.params / b.memory_bound
+    if not dense:
+        return {"compute": 1.0, "memory": 1.0}
+    return {"compute": dense / sparse_flops, "memory": dense / sparse_bytes}
 
 
 def _summary_fields(config: SparsityConfig, summary: SparsitySummary) -> dict[str, Any]:
