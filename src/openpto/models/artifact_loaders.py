@@ -81,6 +81,27 @@ def read_packed_weights(folder: Path, model: nn.Module | None) -> dict[str, Any]
     return out
 
 
+def _release_freed_memory() -> None:
+    """Hand the float placeholders' freed memory back to the OS.
+
+    glibc keeps freed heap memory mapped (its mmap threshold grows after large frees), so without
+    ``malloc_trim`` the loaded int4 model kept the float model's footprint: 1.16 GB resident
+    against 0.46 GB after trimming, for the default model. Elsewhere this is a no-op.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+    import sys
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def load_pack_quantized(loaded: LoadedModel, kernel: str = "auto") -> LoadedModel:
     """Swap every packed Linear of the artifact for a ``QuantLinear`` on its kernel."""
     from openpto.kernels import model_kernel_summary, swap_to_packed
@@ -94,6 +115,7 @@ def load_pack_quantized(loaded: LoadedModel, kernel: str = "auto") -> LoadedMode
         # One at a time, so at most one Linear's unpacked codes exist besides the packed model.
         swap_to_packed(model, {name: qw}, kernel)
     del quantized
+    _release_freed_memory()
     summary = model_kernel_summary(model)
     packed = {k: v for k, v in summary.items() if k != "dense"}
     metadata = dict(loaded.metadata)
