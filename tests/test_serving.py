@@ -27,10 +27,10 @@ ollama = pytest.importorskip("ollama")
 
 from openpto.core.generate import generate_text  # noqa: E402
 from openpto.core.sampling import SamplingParams  # noqa: E402
+from openpto.engines.engine import EngineOptions  # noqa: E402
+from openpto.engines.torch_backend import TorchEngine  # noqa: E402
 from openpto.serving import ServerSettings, create_app  # noqa: E402
 from openpto.serving.background import BackgroundServer  # noqa: E402
-from openpto.serving.engine import EngineOptions  # noqa: E402
-from openpto.serving.torch_backend import TorchEngine  # noqa: E402
 from tests.helpers import tiny_llama, tiny_tokenizer  # noqa: E402
 
 KEY = "test-key"
@@ -319,7 +319,7 @@ def test_slow_client_does_not_stall_others(served: Served) -> None:
 
 
 def test_stream_buffer_coalesces_instead_of_blocking() -> None:
-    from openpto.serving.streams import RequestStream, StreamEvent
+    from openpto.engines.streams import RequestStream, StreamEvent
 
     async def run() -> list[StreamEvent]:
         stream = RequestStream(asyncio.get_running_loop(), max_pending=4)

@@ -75,7 +75,7 @@ def test_opt_serve_process_serves_and_records_its_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--backend", "nope"], "unknown serving backend 'nope'"),
+        (["--backend", "nope"], "unknown generation backend 'nope'"),
         (["/no/such/model"], "no such file or folder"),
     ],
 )

@@ -13,9 +13,9 @@ ollama = pytest.importorskip("ollama")
 
 from openpto.core.generate import generate_text  # noqa: E402
 from openpto.core.sampling import SamplingParams  # noqa: E402
+from openpto.engines.torch_backend import TorchEngine  # noqa: E402
 from openpto.serving import EngineOptions, ServerSettings, create_app  # noqa: E402
 from openpto.serving.background import BackgroundServer  # noqa: E402
-from openpto.serving.torch_backend import TorchEngine  # noqa: E402
 
 MODEL = "smollm2-135m"
 

@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from openpto.engines.torch_backend import TorchEngine
 from openpto.serving import EngineOptions, ServerSettings, create_app
 from openpto.serving.background import BackgroundServer
-from openpto.serving.torch_backend import TorchEngine
 from tests.test_serving import chat_tokenizer, varied_tiny_model
 
 MODEL = "tiny-llama"

@@ -12,9 +12,10 @@ openai = pytest.importorskip("openai")
 
 from openpto.core.generate import generate_text  # noqa: E402
 from openpto.core.sampling import SamplingParams  # noqa: E402
+from openpto.engines.torch_backend import TorchEngine  # noqa: E402
+from openpto.pipeline.generate import resolve_draft  # noqa: E402
 from openpto.serving import EngineOptions, ServerSettings, create_app  # noqa: E402
 from openpto.serving.background import BackgroundServer  # noqa: E402
-from openpto.serving.torch_backend import TorchEngine  # noqa: E402
 from tests.helpers import tiny_llama  # noqa: E402
 from tests.test_serving import chat_tokenizer  # noqa: E402
 
@@ -32,7 +33,7 @@ def _counter(text: str, name: str) -> float:
 def test_speculative_lone_and_joined_requests_keep_greedy_text(draft: str) -> None:
     # The unscaled random model repeats itself, which prompt lookup can predict.
     model, tok = tiny_llama(), chat_tokenizer()
-    options = EngineOptions(max_batch=4, draft=draft, threads=1)
+    options = EngineOptions(max_batch=4, draft=draft, threads=1, resolve_draft=resolve_draft)
     engine = TorchEngine.from_model(model, tok, MODEL, options)
     app = create_app(ServerSettings(), engine, access_sink=None)
 

@@ -48,12 +48,15 @@ def generate_cmd(
     chat: bool = typer.Option(True, "--chat/--raw", help="Use the tokenizer's chat template."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    backend: str = typer.Option("torch", help="Generation engine: torch, llamacpp or mlx."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Generate text from a prompt and stream it to the terminal.
 
     Greedy by default (--temperature 0); the run, tokens/s (generated tokens over wall time,
     prefill included) and time to first token are recorded in the run database.
+
+    --backend llamacpp or mlx streams from that engine instead of torch (same sampling options).
 
     Example: opt generate smollm2-135m --prompt "Write a haiku about tea." --max-new-tokens 48
     """
@@ -64,7 +67,8 @@ def generate_cmd(
                              seed=seed, stop=stop)
     live = stream and not as_json
     result = generate(model, prompt, params, chat=chat, device=device, dtype=dtype,
-                      on_text=write_text if live else None, progress=RichProgress())
+                      backend=backend, on_text=write_text if live else None,
+                      progress=RichProgress())
     if live:
         write_text("\n")
         RichProgress().log(f"{result['tokens']} tokens, {result['tokens_per_second']:.1f} "

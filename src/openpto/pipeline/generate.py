@@ -80,18 +80,27 @@ def generate(
     chat: bool = True,
     device: str = "cpu",
     dtype: str = "float32",
+    backend: str = "torch",
     on_text: OnText | None = None,
     progress: ProgressReporter | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Generate from one prompt, calling ``on_text`` with each text delta; recorded as a run.
 
+    ``backend`` is ``torch`` (this process's model, the default) or any name in
+    ``engines.BACKENDS`` (``llamacpp``, ``mlx``), which streams from that engine instead.
     Returns ``text``, ``tokens``, ``prompt_tokens``, ``finish_reason``, ``ttft_ms``,
     ``tokens_per_second`` (generated tokens / wall time including the prefill),
     ``decode_tokens_per_second`` and ``run_id``.
     """
     config = {"prompt": prompt, "chat": chat, "device": device, "dtype": dtype,
               "sampling": params.to_dict()}
+    if backend != "torch":
+        config["backend"] = backend
+        with open_run("generate", _default_model(model_spec), config, store=store,
+                      progress=progress) as wf:
+            return _generate_on_engine(wf, backend, model_spec, prompt, params, chat=chat,
+                                       device=device, dtype=dtype, on_text=on_text)
     with open_run("generate", _default_model(model_spec), config, store=store,
                   progress=progress) as wf:
         loaded = wf.load_model(model_spec, dtype=dtype, device=device)
@@ -116,6 +125,61 @@ def generate(
             "decode_tokens_per_second": result.decode_tokens_per_second,
             "run_id": wf.run_id,
         }
+
+
+def _generate_on_engine(wf: Workflow, backend: str, model_spec: str | None, prompt: str,
+                        params: SamplingParams, *, chat: bool, device: str, dtype: str,
+                        on_text: OnText | None) -> dict[str, Any]:
+    """``generate`` through a generation engine (llama.cpp, MLX): the engine samples, tokenizes
+    and applies the chat template itself; the same result keys and metrics as the torch path."""
+    from openpto.engines import EngineOptions, StreamEvent, make_engine, run_to_completion
+
+    engine = make_engine(backend, model_spec, EngineOptions(dtype=dtype, device=device))
+    try:
+        with wf.run.trace("load", backend=backend):
+            engine.load()
+        use_chat = chat and bool(engine.info.chat_template)
+        text = (engine.chat_prompt([{"role": "user", "content": prompt}]) if use_chat
+                else prompt)
+        ids = engine.tokenize(text)
+        if not ids:
+            raise UsageError("the prompt is empty")
+
+        def forward(event: StreamEvent) -> None:
+            if on_text is not None and event.text:
+                on_text(event.text)
+
+        with wf.run.trace("generate", prompt_tokens=len(ids)) as attrs:
+            result = run_to_completion(engine, ids, params, forward)
+            attrs.update(tokens=result.tokens, finish_reason=result.finish_reason)
+    finally:
+        engine.close()
+    timings = result.timings
+    started = timings.started if timings and timings.started is not None else 0.0
+    elapsed = (timings.finished or started) - started if timings else 0.0
+    ttft = (timings.first_token or started) - started if timings else 0.0
+    decode = sum(timings.token_gaps) if timings else 0.0
+    tokens_per_second = result.tokens / elapsed if elapsed > 0 else 0.0
+    out = {
+        "text": result.text,
+        "tokens": result.tokens,
+        "prompt_tokens": len(ids),
+        "finish_reason": result.finish_reason,
+        "ttft_ms": ttft * 1e3,
+        "tokens_per_second": tokens_per_second,
+        "decode_tokens_per_second": (len(timings.token_gaps) / decode
+                                     if timings and decode > 0 else 0.0),
+        "backend": backend,
+        "run_id": wf.run_id,
+    }
+    details = {"backend": backend, "model": engine.info.id, "format": engine.info.format,
+               "quantization": engine.info.quantization, "prompt_tokens": len(ids),
+               "tokens": result.tokens,
+               "clock": "wall time from start to last token, prefill included"}
+    wf.run.metric("tokens_per_second", tokens_per_second, "tokens/s", details)
+    wf.run.metric("ttft_ms", ttft * 1e3, "ms", details)
+    wf.run.metric("tokens", result.tokens, "tokens", details)
+    return out
 
 
 def _use_chat(loaded: LoadedModel, chat: bool) -> bool:

@@ -1,4 +1,4 @@
-"""The HTTP server: OpenAI- and Ollama-compatible APIs over a pluggable engine.
+"""The HTTP server: OpenAI- and Ollama-compatible APIs over an engine of ``openpto.engines``.
 
     from openpto.serving import ServerSettings, create_app, make_engine, EngineOptions
     app = create_app(ServerSettings(), make_engine("torch", "smollm2-135m", EngineOptions()))
@@ -21,14 +21,14 @@ require("fastapi", "serve", "the HTTP server")
 require("prometheus_client", "serve", "the server's /metrics")
 require("uvicorn", "serve", "the HTTP server")
 
-from openpto.serving.app import create_app, serve, serve_model  # noqa: E402
-from openpto.serving.engine import (  # noqa: E402
+from openpto.engines.engine import (  # noqa: E402
     BACKENDS,
     Engine,
     EngineOptions,
     ModelInfo,
     make_engine,
 )
+from openpto.serving.app import create_app, serve, serve_model  # noqa: E402
 from openpto.serving.settings import ServerSettings  # noqa: E402
 
 __all__ = ["BACKENDS", "Engine", "EngineOptions", "ModelInfo", "ServerSettings", "create_app",

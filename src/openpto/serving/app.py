@@ -17,9 +17,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from openpto import __version__
+from openpto.engines.engine import Engine, EngineOptions, make_engine
 from openpto.errors import OptError
 from openpto.serving import ollama_routes, openai_routes, ops_routes
-from openpto.serving.engine import Engine, EngineOptions, make_engine
 from openpto.serving.errors import HANDLERS
 from openpto.serving.metrics import ServerMetrics
 from openpto.serving.middleware import AccessLog, BodyLimit, LogSink, stderr_json
@@ -114,10 +114,14 @@ def serve_model(
     The run (kind ``serve``) holds the settings (the API key left out) and, at shutdown, how
     many requests finished and how many tokens they generated.
     """
+    from openpto.pipeline.generate import resolve_draft
     from openpto.store import RunRecorder, Store
 
+    engine_config = {k: v for k, v in dataclasses.asdict(options).items() if k != "resolve_draft"}
     config = {"backend": backend, **settings.model_dump(exclude={"api_key"}),
-              "auth": settings.api_key is not None, **dataclasses.asdict(options)}
+              "auth": settings.api_key is not None, **engine_config}
+    if options.draft and options.resolve_draft is None:
+        options = dataclasses.replace(options, resolve_draft=resolve_draft)
     with RunRecorder(Store(), "serve", model, config) as run:
         from openpto.models import resolve_model
 

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from openpto.serving.engine import EngineStats
-from openpto.serving.streams import StreamEvent
+from openpto.engines.engine import EngineStats
+from openpto.engines.streams import StreamEvent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

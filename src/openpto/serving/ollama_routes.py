@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from openpto import __version__
 from openpto.core.sampling import SamplingParams
+from openpto.engines.streams import RequestStream, Timings
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
 from openpto.serving.schemas import (
@@ -29,7 +30,6 @@ from openpto.serving.schemas import (
     OllamaShowRequest,
 )
 from openpto.serving.service import Completion, Service
-from openpto.serving.streams import RequestStream, Timings
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)], tags=["ollama"])
 

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from openpto.core.sampling import SamplingParams
+from openpto.engines.streams import RequestStream, Timings
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
 from openpto.serving.schemas import (
@@ -28,7 +29,6 @@ from openpto.serving.schemas import (
     EmbeddingRequest,
 )
 from openpto.serving.service import Completion, Service
-from openpto.serving.streams import RequestStream, Timings
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
 

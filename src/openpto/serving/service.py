@@ -17,12 +17,12 @@ from typing import Any
 from starlette.requests import Request
 
 from openpto.core.sampling import SamplingParams
+from openpto.engines.engine import Embeddings, Engine
+from openpto.engines.streams import RequestStream, StreamEvent, Timings
 from openpto.errors import OptError
-from openpto.serving.engine import Embeddings, Engine
 from openpto.serving.errors import APIError
 from openpto.serving.metrics import ServerMetrics
 from openpto.serving.settings import ServerSettings
-from openpto.serving.streams import RequestStream, StreamEvent, Timings
 
 
 @dataclasses.dataclass

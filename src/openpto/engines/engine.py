@@ -1,8 +1,8 @@
-"""The backend interface the HTTP layer talks to, and the registry of backends.
+"""The generation interface every front end talks to, and the registry of backends.
 
-Every backend (torch with continuous batching, llama.cpp, MLX) implements ``Engine``; the routes
-never ask which one they have. Backends are registered by name, lazily, so that choosing
-``--backend mlx`` imports mlx and nothing else.
+Every backend (torch with continuous batching, llama.cpp, MLX) implements ``Engine``; the HTTP
+routes and ``opt generate`` never ask which one they have. Backends are registered by name,
+lazily, so that choosing ``--backend mlx`` imports mlx and nothing else.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from openpto.core.sampling import SamplingParams
-from openpto.errors import OptError
+from openpto.engines.streams import RequestStream, StreamEvent, Timings
+from openpto.errors import BackendUnavailable, OptError
 from openpto.registry import NameRegistry
-from openpto.serving.streams import RequestStream, StreamEvent, Timings
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
-    """What ``opt serve`` passes to a backend besides the model."""
+    """What a front end passes to a backend besides the model."""
 
     dtype: str = "float32"
     device: str = "cpu"
@@ -32,6 +32,11 @@ class EngineOptions:
     draft: str | None = None
     threads: int | None = None
     context_length: int | None = None  # None: the model's own
+    # Turns ``draft`` into a ``core.drafts.Draft`` for the torch backend:
+    # ``(spec, target LoadedModel, dtype=...) -> (Draft, description)``. The front end passes
+    # ``pipeline.generate.resolve_draft``; it lives above this layer because its self-quantized
+    # drafts go through ``api.quantize_``.
+    resolve_draft: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass
@@ -111,10 +116,10 @@ class Engine(abc.ABC):
 
 
 #: backend name -> Engine class taking ``(model_spec, options)``
-BACKENDS: NameRegistry = NameRegistry("serving backend")
-BACKENDS.register("torch", "openpto.serving.torch_backend:TorchEngine")
-BACKENDS.register("llamacpp", "openpto.serving.llamacpp_backend:LlamaCppEngine")
-BACKENDS.register("mlx", "openpto.serving.mlx_backend:MLXEngine")
+BACKENDS: NameRegistry = NameRegistry("generation backend")
+BACKENDS.register("torch", "openpto.engines.torch_backend:TorchEngine")
+BACKENDS.register("llamacpp", "openpto.engines.llamacpp_backend:LlamaCppEngine")
+BACKENDS.register("mlx", "openpto.engines.mlx_backend:MLXEngine")
 
 
 def served_name(spec: str | None) -> str:
@@ -132,6 +137,36 @@ def served_name(spec: str | None) -> str:
 def make_engine(backend: str, model: str | None, options: EngineOptions) -> Engine:
     factory: Callable[[str | None, EngineOptions], Engine] = BACKENDS.get(backend)
     return factory(model, options)
+
+
+def run_to_completion(engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                      on_event: Callable[[StreamEvent], None] | None = None) -> StreamEvent:
+    """Generate one request synchronously: ``on_event`` sees each event as the engine pushes it
+    (text deltas, then the last event with ``finish_reason``); returns all of them merged.
+
+    Engines push to a ``RequestStream`` bound to an event loop (the HTTP layer's); a caller
+    without one gets a private loop for the duration of the request. A backend failure raises
+    ``BackendUnavailable`` with the engine's message.
+    """
+    import asyncio
+
+    async def consume() -> StreamEvent:
+        stream = RequestStream(asyncio.get_running_loop())
+        engine.submit(prompt_ids, params, stream)
+        total = StreamEvent()
+        try:
+            async for event in stream.events():
+                if on_event is not None:
+                    on_event(event)
+                total = total.merge(event)
+        finally:
+            stream.cancel()  # a no-op once finished; stops the engine if on_event raised
+        return total
+
+    result = asyncio.run(consume())
+    if result.finish_reason == "error":
+        raise BackendUnavailable(f"{engine.backend} backend: {result.error}")
+    return result
 
 
 # -- a one-sequence-at-a-time engine for backends that own their own decode loop -----------------

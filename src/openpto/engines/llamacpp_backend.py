@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from openpto.core.sampling import SamplingParams
-from openpto.errors import BackendUnavailable, UsageError, require
-from openpto.serving.engine import (
+from openpto.engines.engine import (
     Embeddings,
     EngineOptions,
     ModelInfo,
     SerialEngine,
     served_name,
 )
+from openpto.errors import BackendUnavailable, UsageError, require
 
 _PATCH_LOCK = threading.Lock()
 

@@ -15,9 +15,8 @@ import torch
 
 from openpto.core.generate import StepRecord, build_chat_prompt, eos_ids
 from openpto.core.sampling import SamplingParams
-from openpto.errors import BackendUnavailable
-from openpto.serving.batching import BatchScheduler
-from openpto.serving.engine import (
+from openpto.engines.batching import BatchScheduler
+from openpto.engines.engine import (
     Embeddings,
     Engine,
     EngineOptions,
@@ -25,7 +24,8 @@ from openpto.serving.engine import (
     ModelInfo,
     served_name,
 )
-from openpto.serving.streams import RequestStream
+from openpto.engines.streams import RequestStream
+from openpto.errors import BackendUnavailable, UsageError
 
 
 class TorchEngine(Engine):
@@ -60,7 +60,7 @@ class TorchEngine(Engine):
                         kind=loaded.kind, digest=loaded.source_sha256 or "",
                         metadata=loaded.metadata)
         assert self._model is not None
-        speculative = _speculative_factory(self.options.draft, self._model, self._tokenizer,
+        speculative = _speculative_factory(self.options, self._model, self._tokenizer,
                                            self.info.id, self.info.path)
         self._scheduler = BatchScheduler(
             self._model,
@@ -143,21 +143,24 @@ class TorchEngine(Engine):
 # -- drafts for --draft ----------------------------------------------------------------------------
 
 
-def _speculative_factory(spec: str | None, target: torch.nn.Module, tokenizer: Any,
+def _speculative_factory(options: EngineOptions, target: torch.nn.Module, tokenizer: Any,
                          name: str, path: str) -> Any:
-    """Starts ``core.speculative`` runs with the draft ``spec`` names: lookup[:N],
-    self:layers=K, self:int4, self:int8 or a MODEL (``pipeline.generate.resolve_draft``)."""
+    """Starts ``core.speculative`` runs with the draft ``options.draft`` names: lookup[:N],
+    self:layers=K, self:int4, self:int8 or a MODEL, resolved by ``options.resolve_draft``."""
+    spec = options.draft
     if not spec:
         return None
+    if options.resolve_draft is None:
+        raise UsageError(f"draft {spec!r} given without EngineOptions.resolve_draft "
+                         "(pass openpto.pipeline.generate.resolve_draft)")
     from pathlib import Path
 
     from openpto.core.speculative import SpeculativeStats, speculative_stream
     from openpto.models import LoadedModel
-    from openpto.pipeline.generate import resolve_draft
 
     loaded = LoadedModel(target, tokenizer, name, "in-memory", Path(path))  # type: ignore[arg-type]
     dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
-    draft, _ = resolve_draft(spec, loaded, dtype=dtype)
+    draft, _ = options.resolve_draft(spec, loaded, dtype=dtype)
 
     def start(context: list[int], params: SamplingParams,
               generator: torch.Generator | None) -> tuple[Iterator[StepRecord], Any]:

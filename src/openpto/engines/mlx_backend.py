@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from openpto.core.sampling import SamplingParams
-from openpto.errors import BackendUnavailable, require
-from openpto.serving.engine import (
+from openpto.engines.engine import (
     Embeddings,
     EngineOptions,
     ModelInfo,
     SerialEngine,
     served_name,
 )
+from openpto.errors import BackendUnavailable, require
 
 
 def mlx_folder(spec: str | None) -> tuple[Path, str]:

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from openpto.core.generate import Finisher, StepRecord, left_pad
 from openpto.core.kvcache import forward_logits, new_cache
 from openpto.core.sampling import SamplingParams, make_generator, sample_next
+from openpto.engines.engine import Embeddings, EngineStats
+from openpto.engines.streams import RequestStream, StreamEvent, Timings
 from openpto.errors import OptError
-from openpto.serving.engine import Embeddings, EngineStats
-from openpto.serving.streams import RequestStream, StreamEvent, Timings
 
 #: Starts speculative decoding of one sequence: (context ids, params, generator) -> (records,
 #: statistics with ``drafted`` and ``accepted`` counts filled as the records are consumed).
