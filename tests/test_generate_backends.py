@@ -72,3 +72,18 @@ def test_unknown_backend_is_a_usage_error(tmp_db: Path) -> None:
     done = CliRunner().invoke(cli, ["generate", "--backend", "vllm", "-p", "hi"])
     assert done.exit_code != 0
     assert "vllm" in str(done.exception)
+
+
+@pytest.mark.integration
+def test_mlx_backend_on_the_default_model(tmp_db: Path) -> None:
+    """The default GGUF through mlx-lm (its cached float conversion): torch's greedy answer.
+    ``tokens`` is not compared: the torch path counts the end-of-sequence token, engines do not."""
+    pytest.importorskip("mlx_lm")
+    runs = []
+    for backend in ("torch", "mlx"):
+        done = CliRunner().invoke(cli, ["generate", "--backend", backend, "-p",
+                                        "What is the capital of France?", "--max-new-tokens",
+                                        "16", "--json"])
+        assert done.exit_code == 0, done.output
+        runs.append(json.loads(done.stdout))
+    assert "Paris" in runs[0]["text"] and runs[1]["text"] == runs[0]["text"]
