@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/opt db query "select runs.kind, runs.status, metrics.name, metrics.value from runs join metrics on metrics.run_id = runs.id order by runs.started_at desc limit 5"
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 lint:
 	$(BIN)/ruff check src tests benchmarks
