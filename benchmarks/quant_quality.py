@@ -109,9 +109,19 @@ def main() -> None:
     parser.add_argument("--float-ppl", type=float,
                         help="reuse a float perplexity measured on the same tokens")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--decode-only", metavar="ARTIFACT",
+                        help="only measure memory and decode: the float model against ARTIFACT")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/quant_quality.json"))
     args = parser.parse_args()
+    if args.decode_only:
+        threads = torch.get_num_threads()
+        decode = {"artifact": {"path": args.decode_only}}
+        for key, spec in (("float", "smollm2-135m"), ("int4", args.decode_only)):
+            decode[key] = decode_in_subprocess(spec, threads, args.new_tokens, 3)
+            print(key, json.dumps(decode[key]), flush=True)
+        save(args, [], decode, threads)
+        return
 
     from openpto.api import quantize_
     from openpto.config import registered_config_types
