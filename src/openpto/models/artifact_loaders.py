@@ -133,7 +133,7 @@ def load_bitsandbytes(loaded: LoadedModel) -> LoadedModel:
 
     from openpto.errors import require
 
-    require("bitsandbytes", "quant", "bitsandbytes artifacts")
+    require("bitsandbytes", "backends", "bitsandbytes artifacts")
     loaded.model = AutoModelForCausalLM.from_pretrained(loaded.path, device_map="cpu").eval()
     loaded.metadata = {**loaded.metadata, "kernel": "bitsandbytes"}
     return loaded
@@ -143,7 +143,7 @@ def load_quanto(loaded: LoadedModel) -> LoadedModel:
     """A folder saved by the ``quanto`` backend (optimum-quanto's own serialisation)."""
     from openpto.errors import require
 
-    quanto: Any = require("optimum.quanto", "quant", "quanto artifacts")
+    quanto: Any = require("optimum.quanto", "backends", "quanto artifacts")
     wrapper = quanto.QuantizedModelForCausalLM.from_pretrained(str(loaded.path))
     loaded.model = wrapper._wrapped.eval()
     loaded.metadata = {**loaded.metadata, "kernel": "quanto"}

@@ -43,7 +43,7 @@ class BitsAndBytesBackend(QuantBackend):
         try:
             version = importlib.metadata.version("bitsandbytes")
         except importlib.metadata.PackageNotFoundError:
-            return False, "bitsandbytes is not installed: pip install bitsandbytes"
+            return False, "bitsandbytes is not installed: pip install 'openpto[backends]'"
         try:
             import bitsandbytes  # noqa: F401
         except (ImportError, RuntimeError) as exc:

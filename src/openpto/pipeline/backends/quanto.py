@@ -41,7 +41,7 @@ class QuantoBackend(QuantBackend):
         try:
             version = importlib.metadata.version("optimum-quanto")
         except importlib.metadata.PackageNotFoundError:
-            return False, "optimum-quanto is not installed: pip install optimum-quanto"
+            return False, "optimum-quanto is not installed: pip install 'openpto[backends]'"
         try:
             import optimum.quanto  # noqa: F401
         except ImportError as exc:
