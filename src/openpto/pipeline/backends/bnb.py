@@ -55,10 +55,15 @@ class BitsAndBytesBackend(QuantBackend):
         return True  # both formats scale by the absolute maximum
 
     def check(self, request: QuantRequest) -> None:
+        # Configuration mistakes first: they are worth reporting whether or not the backend
+        # is installed here.
+        if request.method in METHODS:
+            bits, _ = METHODS[request.method]
+            if request.bits != bits:
+                raise ConfigError(
+                    f"bitsandbytes {request.method} is {bits}-bit; pass --bits {bits}"
+                )
         super().check(request)
-        bits, _ = METHODS[request.method]
-        if request.bits != bits:
-            raise ConfigError(f"bitsandbytes {request.method} is {bits}-bit; pass --bits {bits}")
 
     def configure(self, request: QuantRequest) -> QuantRequest:
         if not request.symmetric:
