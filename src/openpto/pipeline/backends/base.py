@@ -82,7 +82,14 @@ class QuantBackend(abc.ABC):
 
     def check(self, request: QuantRequest) -> None:
         """Refuse, before the model loads, a method or bit width this backend lacks, or a
-        backend that cannot run here."""
+        backend that cannot run here (configuration mistakes first: they hold everywhere)."""
+        self.check_config(request)
+        ok, reason = self.availability()
+        if not ok:
+            raise BackendUnavailable(f"the {self.name} backend cannot run here: {reason}")
+
+    def check_config(self, request: QuantRequest) -> None:
+        """Refuse a method or bit width this backend lacks."""
         if request.method not in self.methods:
             raise ConfigError(
                 f"the {self.name} backend has no method {request.method!r} "
@@ -93,9 +100,6 @@ class QuantBackend(abc.ABC):
                 f"the {self.name} backend cannot quantize to {request.bits} bits "
                 f"(it does: {', '.join(str(b) for b in self.bits)})"
             )
-        ok, reason = self.availability()
-        if not ok:
-            raise BackendUnavailable(f"the {self.name} backend cannot run here: {reason}")
 
     def configure(self, request: QuantRequest) -> QuantRequest:
         """Check the resolved grid (group size, symmetry) and attach what the backend needs."""

@@ -54,16 +54,11 @@ class BitsAndBytesBackend(QuantBackend):
     def default_symmetric(self, bits: int) -> bool:
         return True  # both formats scale by the absolute maximum
 
-    def check(self, request: QuantRequest) -> None:
-        # Configuration mistakes first: they are worth reporting whether or not the backend
-        # is installed here.
-        if request.method in METHODS:
-            bits, _ = METHODS[request.method]
-            if request.bits != bits:
-                raise ConfigError(
-                    f"bitsandbytes {request.method} is {bits}-bit; pass --bits {bits}"
-                )
-        super().check(request)
+    def check_config(self, request: QuantRequest) -> None:
+        super().check_config(request)
+        bits, _ = METHODS[request.method]
+        if request.bits != bits:
+            raise ConfigError(f"bitsandbytes {request.method} is {bits}-bit; pass --bits {bits}")
 
     def configure(self, request: QuantRequest) -> QuantRequest:
         if not request.symmetric:
