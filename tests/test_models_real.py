@@ -35,7 +35,7 @@ def test_default_model_converts_once_then_loads_from_cache(
     from openpto.models import hf_folder, load_model
     from openpto.models.cache import file_sha256, models_cache_dir
 
-    first = load_model()  # converts unless an earlier test in this session already did
+    first = load_model()  # converts unless an earlier test in this pytest run already did
     sha = file_sha256(gguf_path)
     assert first.source_sha256 == sha
     assert (first.kind, first.name, first.path) == ("alias", "smollm2-135m", gguf_path)
