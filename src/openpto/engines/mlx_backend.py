@@ -27,16 +27,15 @@ from openpto.errors import BackendUnavailable, require
 
 def mlx_folder(spec: str | None) -> tuple[Path, str]:
     """The folder mlx-lm should read for MODEL, and the model's name."""
-    from openpto.models import resolve_model
+    from openpto.models import hf_folder, resolve_model
 
     source = resolve_model(spec)
-    if source.kind in ("alias", "gguf"):
-        from openpto.models.gguf import cached_conversion
-
-        name = source.name if source.kind == "alias" else source.path.stem
-        folder, _ = cached_conversion(source.path, name)
-        return folder, name
-    return source.path, served_name(source.name)
+    folder = hf_folder(source)  # a GGUF source's cached float conversion, made if needed
+    if source.kind == "alias":
+        return folder, source.name
+    if source.kind == "gguf":
+        return folder, source.path.stem
+    return folder, served_name(source.name)
 
 
 def _rope_overrides(folder: Path) -> dict[str, Any]:
