@@ -199,5 +199,6 @@ def _sample_rows(
         logits = apply_repetition_penalty(logits, previous, penalty, previous_mask)
     if params.greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    # The same distribution the speculative verifier compares against, by construction.
+    probs = probabilities(logits, params)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
