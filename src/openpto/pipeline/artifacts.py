@@ -18,7 +18,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -348,6 +349,22 @@ def write_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ArtifactInfo(output, fmt, folder_size(output), tensor_bytes)
+
+
+@contextmanager
+def staged_folder(output: Path, metadata: dict[str, Any], fmt: str) -> Iterator[Path]:
+    """Yield a hidden sibling path for a backend to write its folder into; on success write
+    ``openpto.json`` last (its presence marks a complete artifact) and move the folder into place,
+    on failure remove it."""
+    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        info = {**metadata, "format": fmt}
+        (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        _replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace(tmp: Path, output: Path) -> None:

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
-import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from openpto.errors import ConfigError
-from openpto.models.resolve import ARTIFACT_FILE
-from openpto.pipeline.artifacts import check_output, folder_size, small_files_size
+from openpto.pipeline.artifacts import (
+    check_output,
+    folder_size,
+    small_files_size,
+    staged_folder,
+)
 from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
 
 if TYPE_CHECKING:
@@ -117,8 +118,7 @@ class BitsAndBytesBackend(QuantBackend):
         from openpto.models import save_model
 
         check_output(output)
-        tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with staged_folder(output, metadata, FORMAT_BNB) as tmp:
             with tempfile.TemporaryDirectory(prefix="openpto-bnb-") as scratch:
                 save_model(loaded.model, loaded.tokenizer, scratch)
                 started = time.perf_counter()
@@ -131,13 +131,5 @@ class BitsAndBytesBackend(QuantBackend):
             # lm_head stays float: transformers keeps the output projection out of bitsandbytes.
             model.save_pretrained(tmp)
             loaded.tokenizer.save_pretrained(tmp)
-            info = {**metadata, "format": FORMAT_BNB}
-            (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-            if output.exists():
-                shutil.rmtree(output)
-            tmp.rename(output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return BackendOutput(format=FORMAT_BNB, seconds=seconds, model=model,
                              details={"size_bytes": folder_size(output)})

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
-import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from openpto.errors import ConfigError, MissingDependency
-from openpto.models.resolve import ARTIFACT_FILE
-from openpto.pipeline.artifacts import check_output, folder_size, small_files_size
+from openpto.pipeline.artifacts import (
+    check_output,
+    folder_size,
+    small_files_size,
+    staged_folder,
+)
 from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
 
 if TYPE_CHECKING:
@@ -109,25 +110,16 @@ class MLXBackend(QuantBackend):
         from openpto.models import save_model
 
         check_output(output)
-        tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with tempfile.TemporaryDirectory(prefix="openpto-mlx-") as scratch:
-                float_folder = Path(scratch) / "float"
-                save_model(loaded.model, loaded.tokenizer, float_folder)
-                started = time.perf_counter()
-                # mlx_lm prints progress on stdout, which belongs to --json output.
-                with contextlib.redirect_stdout(sys.stderr):
-                    convert(str(float_folder), str(tmp), quantize=True,
-                            q_group_size=request.group_size, q_bits=request.bits)
-                seconds = time.perf_counter() - started
-            info = {**metadata, "format": FORMAT_MLX}
-            (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-            if output.exists():
-                shutil.rmtree(output)
-            tmp.rename(output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with (staged_folder(output, metadata, FORMAT_MLX) as tmp,
+              tempfile.TemporaryDirectory(prefix="openpto-mlx-") as scratch):
+            float_folder = Path(scratch) / "float"
+            save_model(loaded.model, loaded.tokenizer, float_folder)
+            started = time.perf_counter()
+            # mlx_lm prints progress on stdout, which belongs to --json output.
+            with contextlib.redirect_stdout(sys.stderr):
+                convert(str(float_folder), str(tmp), quantize=True,
+                        q_group_size=request.group_size, q_bits=request.bits)
+            seconds = time.perf_counter() - started
         return BackendOutput(format=FORMAT_MLX, seconds=seconds, model=None,
                              score=lambda ids, seq_len: mlx_perplexity(output, ids, seq_len),
                              details={"size_bytes": folder_size(output)})

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from openpto.errors import ConfigError
-from openpto.models.resolve import ARTIFACT_FILE
-from openpto.pipeline.artifacts import check_output, folder_size, small_files_size
+from openpto.pipeline.artifacts import (
+    check_output,
+    folder_size,
+    small_files_size,
+    staged_folder,
+)
 from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
 
 if TYPE_CHECKING:
@@ -91,17 +92,8 @@ class QuantoBackend(QuantBackend):
             loaded.model, weights=weights, exclude="lm_head"
         )
         seconds = time.perf_counter() - started
-        tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with staged_folder(output, metadata, FORMAT_QUANTO) as tmp:
             qmodel.save_pretrained(str(tmp))
             loaded.tokenizer.save_pretrained(tmp)
-            info = {**metadata, "format": FORMAT_QUANTO}
-            (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-            if output.exists():
-                shutil.rmtree(output)
-            tmp.rename(output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return BackendOutput(format=FORMAT_QUANTO, seconds=seconds, model=qmodel._wrapped,
                              details={"size_bytes": folder_size(output)})
