@@ -31,6 +31,7 @@ from openpto.core.calibrate import (
     run_layer_sequential,
 )
 from openpto.core.hessian import HessianAccumulator
+from openpto.core.quant.common import InputCollector
 from openpto.core.sparsity.configs import (
     MagnitudeConfig,
     SparseGPTConfig,
@@ -79,37 +80,17 @@ def collect_inputs(
     A Linear called with the same tensor object as the Linear called just before it shares that
     one's accumulator (decided on the first call, when the layer's call order is seen).
     """
-    owner: dict[str, str] = {}
-    accumulators: dict[str, Any] = {}
-    last: list[Any] = [None, None]  # name and input of the previous Linear call
-
-    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            if name not in owner:
-                prev_name, prev_x = last
-                shared = prev_x is x and prev_name is not None
-                owner[name] = owner[prev_name] if shared else name
-                if owner[name] == name:
-                    linear = linears[name]
-                    accumulators[name] = make(linear.in_features, linear.weight.device)
-            if owner[name] == name:
-                accumulators[name].add_batch(x.detach())
-            last[0], last[1] = name, x
-
-        return pre_hook
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    collector = InputCollector(
+        linears, lambda linear: make(linear.in_features, linear.weight.device)
+    )
     try:
         run_layer()
     finally:
-        for handle in handles:
-            handle.remove()
-        last[1] = None
-    missing = sorted(set(linears) - set(owner))
+        collector.remove()
+    missing = sorted(set(linears) - set(collector.sinks) - set(collector.shared_with))
     if missing:
         raise DataError(f"the calibration pass never reached {', '.join(missing)}")
-    return {name: accumulators[owner[name]] for name in linears}
+    return {name: collector.sink(name) for name in linears}
 
 
 class _Pruner:
