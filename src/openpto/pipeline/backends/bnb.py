@@ -89,19 +89,15 @@ class BitsAndBytesBackend(QuantBackend):
 
     def planned_size(self, loaded: LoadedModel, request: QuantRequest,
                      metadata: dict[str, Any]) -> int:
-        from openpto.pipeline.backends.torch_backend import decoder_linears
+        from openpto.pipeline.backends.torch_backend import parameter_bytes
 
-        quantized = {id(m.weight) for m in decoder_linears(loaded.model).values()}
-        total = 0
-        for _, p in {id(p): p for p in loaded.model.parameters()}.items():
-            if id(p) in quantized:
-                rows, cols = p.shape
-                if request.method == "nf4":  # packed nibbles + a float32 absmax per 64
-                    total += rows * cols // 2 + rows * cols // 64 * 4
-                else:  # int8 codes + a float32 scale per row
-                    total += rows * cols + rows * 4
-            else:
-                total += p.numel() * p.element_size()
+        def stored(w: torch.Tensor) -> int:
+            rows, cols = w.shape
+            if request.method == "nf4":  # packed nibbles + a float32 absmax per 64
+                return rows * cols // 2 + rows * cols // 64 * 4
+            return rows * cols + rows * 4  # int8 codes + a float32 scale per row
+
+        total = parameter_bytes(loaded.model, stored)
         return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
 
     def quantize(

@@ -59,19 +59,15 @@ class QuantoBackend(QuantBackend):
 
     def planned_size(self, loaded: LoadedModel, request: QuantRequest,
                      metadata: dict[str, Any]) -> int:
-        from openpto.pipeline.backends.torch_backend import decoder_linears
+        from openpto.pipeline.backends.torch_backend import parameter_bytes
 
-        quantized = {id(m.weight) for m in decoder_linears(loaded.model).values()}
-        total = 0
-        for p in {id(p): p for p in loaded.model.parameters()}.values():
-            if id(p) in quantized:
-                rows, cols = p.shape
-                if request.bits == 4:  # nibbles + a scale and a shift per 128 weights
-                    total += rows * cols // 2 + 2 * (rows * cols // 128) * p.element_size()
-                else:  # int8 codes + a scale per row
-                    total += rows * cols + rows * p.element_size()
-            else:
-                total += p.numel() * p.element_size()
+        def stored(w: torch.Tensor) -> int:
+            rows, cols = w.shape
+            if request.bits == 4:  # nibbles + a scale and a shift per 128 weights
+                return rows * cols // 2 + 2 * (rows * cols // 128) * w.element_size()
+            return rows * cols + rows * w.element_size()  # int8 codes + a scale per row
+
+        total = parameter_bytes(loaded.model, stored)
         return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
 
     def quantize(

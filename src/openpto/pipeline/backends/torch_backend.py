@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,6 +41,17 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
             "nothing to quantize"
         )
     return found
+
+
+def parameter_bytes(model: torch.nn.Module,
+                    stored_bytes: Callable[[torch.Tensor], int]) -> int:
+    """Bytes of ``model``'s parameters (tied ones once): each decoder Linear weight as
+    ``stored_bytes`` says a backend stores it, everything else at its own dtype."""
+    quantized = {id(m.weight) for m in decoder_linears(model).values()}
+    total = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        total += stored_bytes(p) if id(p) in quantized else p.numel() * p.element_size()
+    return total
 
 
 def weight_plans(model: torch.nn.Module, request: QuantRequest) -> dict[str, WeightPlan]:
