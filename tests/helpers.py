@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import functools
+import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import pytest
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,3 +74,19 @@ def tiny_llama(
     model = LlamaForCausalLM(config).to(dtype)
     model.eval()
     return model
+
+
+def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """The real ``opt`` entry point in this process: exit code, stdout, stderr."""
+    from openpto.cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["opt", *args])
+    capsys.readouterr()
+    try:
+        run()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

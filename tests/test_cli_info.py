@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from openpto.store import Store
-
-
-def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],
-            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    from openpto.cli.main import run
-
-    monkeypatch.setattr(sys, "argv", ["opt", *args])
-    capsys.readouterr()
-    try:
-        run()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import run_opt
 
 
 def test_info_json(tmp_db: Path, capsys: pytest.CaptureFixture[str],

@@ -11,24 +11,9 @@ import pytest
 import torch
 
 from openpto.store import Store
+from tests.helpers import run_opt
 
 SPEC_KEYS = {"perplexity", "tokens", "seq_len", "seconds", "run_id"}
-
-
-def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],
-            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """The real ``opt`` entry point in this process: exit code, stdout, stderr."""
-    from openpto.cli.main import run
-
-    monkeypatch.setattr(sys, "argv", ["opt", *args])
-    capsys.readouterr()
-    try:
-        run()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

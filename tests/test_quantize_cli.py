@@ -4,30 +4,15 @@ SPEC keys, progress on stderr, one-line errors, failed runs recorded."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from openpto.store import Store
+from tests.helpers import run_opt
 
 QUANTIZE_KEYS = {"output", "method", "bits", "group_size", "size_bytes_before",
                  "size_bytes_after", "seconds", "run_id"}
-
-
-def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],
-            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    from openpto.cli.main import run
-
-    monkeypatch.setattr(sys, "argv", ["opt", *args])
-    capsys.readouterr()
-    try:
-        run()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
