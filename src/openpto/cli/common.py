@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections.abc import Iterator
@@ -24,6 +25,14 @@ from openpto.progress import Advance
 stderr = Console(stderr=True)
 
 JSON_HELP = "Print one JSON object on stdout and nothing else there."
+
+
+def command_help(fn: object) -> str:
+    """A command's docstring as Typer help text.
+
+    Typer keeps single line breaks inside help paragraphs; joining them lets Rich reflow."""
+    paragraphs = inspect.cleandoc(getattr(fn, "__doc__", "") or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
 def emit(result: dict[str, Any], as_json: bool, title: str = "") -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 TEXT_HELP = (
@@ -17,9 +15,7 @@ MAX_TOKENS_HELP = "Score at most this many tokens from the start of the text (de
 
 
 def register(app: typer.Typer) -> None:
-    # This Typer keeps single line breaks in help paragraphs; join them so Rich can reflow.
-    paragraphs = inspect.cleandoc(eval_cmd.__doc__ or "").split("\n\n")
-    app.command("eval", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(eval_cmd)
+    app.command("eval", help=command_help(eval_cmd))(eval_cmd)
 
 
 def eval_cmd(

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 
 
 def register(app: typer.Typer) -> None:
-    paragraphs = inspect.cleandoc(generate_cmd.__doc__ or "").split("\n\n")
-    app.command("generate", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(
-        generate_cmd
-    )
+    app.command("generate", help=command_help(generate_cmd))(generate_cmd)
 
 
 def sampling_params(**options: Any) -> Any:

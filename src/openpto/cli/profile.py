@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
 from openpto.cli.generate import MODEL_HELP
 
 
-def _help(fn: object) -> str:
-    paragraphs = inspect.cleandoc(getattr(fn, "__doc__", "") or "").split("\n\n")
-    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
-
-
 def register(app: typer.Typer) -> None:
-    app.command("profile", help=_help(profile_cmd))(profile_cmd)
-    app.command("bench", help=_help(bench_cmd))(bench_cmd)
+    app.command("profile", help=command_help(profile_cmd))(profile_cmd)
+    app.command("bench", help=command_help(bench_cmd))(bench_cmd)
 
 
 def profile_cmd(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 CALIB_HELP = (
@@ -16,8 +14,7 @@ EVAL_HELP = "Also measure perplexity on this text before and after pruning."
 
 
 def register(app: typer.Typer) -> None:
-    paragraphs = inspect.cleandoc(sparsify_cmd.__doc__ or "").split("\n\n")
-    app.command("sparsify", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(sparsify_cmd)
+    app.command("sparsify", help=command_help(sparsify_cmd))(sparsify_cmd)
 
 
 def sparsify_cmd(

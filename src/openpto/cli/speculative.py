@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
 from openpto.cli.generate import MODEL_HELP, sampling_params
 
 DRAFT_HELP = (
@@ -16,10 +14,7 @@ DRAFT_HELP = (
 
 
 def register(app: typer.Typer) -> None:
-    paragraphs = inspect.cleandoc(speculative_cmd.__doc__ or "").split("\n\n")
-    app.command("speculative", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(
-        speculative_cmd
-    )
+    app.command("speculative", help=command_help(speculative_cmd))(speculative_cmd)
 
 
 def speculative_cmd(
