@@ -126,6 +126,34 @@ def load_pack_quantized(loaded: LoadedModel, kernel: str = "auto") -> LoadedMode
     return loaded
 
 
+def wants_sparse24(metadata: dict[str, Any], device: torch.device) -> bool:
+    """Whether a loaded artifact should try cuSPARSELt: its ``openpto.json`` says the weights
+    were pruned 2:4 and the model is on CUDA. Nowhere else is there a semi-structured kernel."""
+    sparsity = metadata.get("sparsity") or {}
+    return device.type == "cuda" and sparsity.get("pattern") == "2:4"
+
+
+def use_sparse24(loaded: LoadedModel) -> LoadedModel:
+    """Put a ``dense`` 2:4 artifact's pruned Linears on the semi-structured path when on CUDA.
+
+    ``swap_artifact`` times each weight shape dense against cuSPARSELt and swaps only the shapes
+    where it measured sparse faster (float32 weights, which cuSPARSELt does not take, stay
+    dense with that reason). ``metadata["kernels"]`` counts the outcome and ``sparse24`` keeps
+    each Linear's verdict, so every measurement says which path ran. Elsewhere a no-op.
+    """
+    if not wants_sparse24(loaded.metadata, loaded.device):
+        return loaded
+    from openpto.kernels.sparse24 import KERNEL_NAME, swap_artifact
+
+    outcome = swap_artifact(loaded.model, loaded.metadata)
+    swapped = sum(1 for verdict in outcome.values() if verdict == KERNEL_NAME)
+    linears = sum(1 for m in loaded.model.modules() if isinstance(m, nn.Linear))
+    kernels = {"dense": linears, KERNEL_NAME: swapped} if swapped else {"dense": linears}
+    loaded.metadata = {**loaded.metadata, "kernel": KERNEL_NAME if swapped else "dense",
+                       "kernels": kernels, "sparse24": outcome}
+    return loaded
+
+
 def load_bitsandbytes(loaded: LoadedModel) -> LoadedModel:
     """A folder saved by the ``bitsandbytes`` backend: transformers reads its own
     ``quantization_config`` and builds ``Linear4bit``/``Linear8bitLt`` modules."""

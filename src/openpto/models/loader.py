@@ -239,6 +239,10 @@ def load_model(
         # After the move: packed modules are built on the device of the Linears they replace,
         # so each artifact loader picks the kernel of the target device.
         loaded = _apply_artifact_loader(loaded, fmt)
+    elif source.kind == "artifact":
+        from openpto.models.artifact_loaders import use_sparse24
+
+        loaded = use_sparse24(loaded)  # 2:4 on CUDA only; elsewhere nothing changes
     return loaded
 
 
