@@ -53,3 +53,29 @@ def test_info_help_has_an_example(capsys: pytest.CaptureFixture[str],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, _ = run_opt(["info", "--help"], capsys, monkeypatch)
     assert code == 0 and "Example: opt info --json" in out
+
+
+def test_info_lists_every_quantization_backend(tmp_db: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from openpto.pipeline.backends.quanto import QuantoBackend
+
+    # One backend unavailable, with a pip hint, whatever this machine has installed.
+    reason = "optimum-quanto is not installed: pip install 'openpto[backends]'"
+    monkeypatch.setattr(QuantoBackend, "availability", lambda self: (False, reason))
+    code, out, _ = run_opt(["info", "--json"], capsys, monkeypatch)
+    assert code == 0
+    quant = json.loads(out)["quantization_backends"]
+    assert set(quant) == {"torch", "bitsandbytes", "quanto", "mlx"}
+    assert quant["quanto"] == {"available": False, "reason": reason}
+    assert quant["torch"]["available"] is True and "torch" in quant["torch"]["reason"]
+    [trace] = Store().query_readonly("select attributes from traces")
+    assert json.loads(trace["attributes"])["quantization_backends"] == quant
+
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_opt(["info"], capsys, monkeypatch)
+    assert code == 0
+    table = out[out.index("quantization backends"):]
+    for name in quant:
+        assert name in table
+    assert reason in table  # the hint survives Rich markup
+    assert quant["torch"]["reason"] in table

@@ -1,4 +1,9 @@
-"""``opt info``: Python, torch, CPU features, devices, and which backends can run here."""
+"""``opt info``: Python, torch, CPU features, devices, and which backends can run here.
+
+Two backend lists: ``backends`` (packages and device features, probed by ``openpto.hardware``)
+and ``quantization_backends`` (each ``opt quantize --backend`` choice, asked through
+``openpto.pipeline.backends``, which knows what each one needs beyond its package being there).
+"""
 
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ def info_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> N
     Example: opt info --json
     """
     from openpto.hardware import hardware_info
+    from openpto.pipeline.backends import backend_availability
     from openpto.store import RunRecorder, Store
 
     with RunRecorder(Store(), "info", None) as run, run.trace("hardware") as attributes:
         info = hardware_info()
+        info["quantization_backends"] = backend_availability()
         attributes.update(info)  # which machine later runs were measured on
     info["run_id"] = run.id
     if as_json:
@@ -57,11 +64,18 @@ def _print_tables(info: dict[str, Any]) -> None:
 
     backends = Table("backend", "available", "version", "reason", title="backends")
     for name, backend in info["backends"].items():
-        mark = "[green]yes[/green]" if backend["available"] else "[red]no[/red]"
         # escape: reasons hold pip hints like openpto[tui], which Rich would read as markup
-        backends.add_row(name, mark, backend["version"] or "", escape(backend["reason"]))
+        backends.add_row(name, _mark(backend), backend["version"] or "", escape(backend["reason"]))
+
+    quant = Table("backend", "available", "reason", title="quantization backends (--backend)")
+    for name, backend in info["quantization_backends"].items():
+        quant.add_row(name, _mark(backend), escape(backend["reason"]))
 
     console = Console()
-    for table in (machine, devices, backends):
+    for table in (machine, devices, backends, quant):
         console.print(table)
     console.print(f"run {info['run_id']}", style="dim")
+
+
+def _mark(backend: dict[str, Any]) -> str:
+    return "[green]yes[/green]" if backend["available"] else "[red]no[/red]"
