@@ -57,7 +57,14 @@ class LoadedModel:
         seen: set[tuple[int, int]] = set()
         total = 0
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        for tensor in tensors:
+        while tensors:
+            tensor = tensors.pop()
+            if hasattr(tensor, "__tensor_flatten__"):
+                # A wrapper subclass (quanto's QTensor) has no storage of its own: count the
+                # plain tensors it holds (codes, scales, shifts).
+                names, _ = tensor.__tensor_flatten__()
+                tensors.extend(getattr(tensor, name) for name in names)
+                continue
             if tensor.device.type == "meta":
                 continue
             key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
