@@ -39,6 +39,15 @@ def eval_cmd(
     which shares no text with the calibration default "pydoc-topics". The run, its metrics and
     the text's sha256 are recorded in the run database.
 
+    Sparsity is measured on every model, pruned or not, from the weights of the Linears inside
+    the decoder layers (the ones opt sparsify prunes; packed weights are read back from the
+    artifact): "sparsity" (fraction of exact zeros), "nm_compliant" ({"2:4": ..., "4:8": ...}:
+    at most N non-zeros in every M consecutive weights of every such Linear), "linear_params"
+    and "nonzero_linear_params". The store keeps the per-layer values.
+
+    --json keys: perplexity, tokens, scored_tokens, windows, dropped_tokens, seq_len, seconds,
+    text, sparsity, nm_compliant, linear_params, nonzero_linear_params, run_id.
+
     Example: opt eval smollm2-135m --seq-len 512 --max-tokens 4096 --json
     """
     from openpto.pipeline.evaluate import evaluate

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openpto.core.metrics import perplexity, plan_windows
 from openpto.data import EVALUATION_DEFAULT, TextSource
-from openpto.errors import UsageError
-from openpto.pipeline.common import open_run
+from openpto.errors import UnsupportedModel, UsageError
+from openpto.pipeline.common import Workflow, open_run
 from openpto.progress import ProgressReporter
 
 if TYPE_CHECKING:
+    from openpto.models import LoadedModel
     from openpto.store import Store
 
 DEFAULT_SEQ_LEN = 512
+SPARSITY_KEYS = ("sparsity", "nm_compliant", "linear_params", "nonzero_linear_params")
 
 
 def evaluate(
@@ -34,8 +37,10 @@ def evaluate(
     """Perplexity of ``model_spec`` on ``text_source`` (default ``stdlib-docstrings``).
 
     Returns ``perplexity``, ``tokens`` (fed to the model), ``scored_tokens``, ``windows``,
-    ``dropped_tokens``, ``seq_len``, ``seconds`` (tokenize + score, not the model load), ``text``
-    and ``run_id``; the run, its traces, metrics and the data set are in the store.
+    ``dropped_tokens``, ``seq_len``, ``seconds`` (tokenize + score, not the model load), ``text``,
+    the measured sparsity of the decoder Linears (``measure_sparsity``: ``sparsity``,
+    ``nm_compliant``, ``linear_params``, ``nonzero_linear_params``) and ``run_id``; the run, its
+    traces, metrics and the data set are in the store.
     """
     config = {
         "text": None if text_source is None else str(getattr(text_source, "name", text_source)),
@@ -77,6 +82,7 @@ def evaluate(
         wf.run.metric("tokens", result.tokens, "tokens", {"scored_tokens": result.scored_tokens})
         timing = {"stages": "tokenize+eval", "device": details["device"]}
         wf.run.metric("seconds", seconds, "s", timing)
+        sparsity = measure_sparsity(wf, loaded)
         if plan.dropped_tokens:
             wf.progress.log(
                 f"scored {result.scored_tokens} tokens in {plan.windows} windows; "
@@ -91,8 +97,49 @@ def evaluate(
             "seq_len": seq_len,
             "seconds": seconds,
             "text": text.name,
+            **sparsity,
             "run_id": wf.run_id,
         }
+
+
+def measure_sparsity(wf: Workflow, loaded: LoadedModel) -> dict[str, Any]:
+    """Sparsity of the decoder Linears counted from the weights the model holds, recorded as
+    the ``sparsity`` and ``nonzero_linear_params`` metrics (per-layer values in the details).
+
+    Measured for every model, pruned or not: counting zeros costs far less than the evaluation,
+    and a dense model's near-zero value is itself the answer (the default model's Q4_1 grid
+    holds a few exact zeros). Packed Linears are read back from the artifact's files. Returns
+    ``sparsity``, ``nm_compliant`` (``{"2:4": bool, "4:8": bool}``), ``linear_params`` and
+    ``nonzero_linear_params``, all ``None`` for a model whose decoder layers are not found.
+    """
+    from openpto.core.sparsity.metrics import model_sparsity
+
+    metadata = loaded.metadata or {}
+    packed = None
+    if metadata.get("format") == "pack-quantized":
+        from openpto.models.artifact_loaders import read_packed_weights
+
+        packed = read_packed_weights(Path(loaded.path), None)
+    try:
+        summary = model_sparsity(loaded.model, packed)
+    except UnsupportedModel as exc:
+        wf.progress.log(f"sparsity not measured: {exc}")
+        return dict.fromkeys(SPARSITY_KEYS)
+    del packed
+    compliant = {"2:4": summary.fits_2_4, "4:8": bool(summary.nm_compliant)}
+    nonzero = summary.params - summary.zeros
+    declared = metadata.get("sparsity") or {}
+    how = {"scope": "Linears of the decoder layers", "measured": "zeros in the weights",
+           "linears": len(summary.layers)}
+    wf.run.metric("sparsity", summary.sparsity, "fraction", {
+        **how, "params": summary.params, "zeros": summary.zeros, "nm_compliant": compliant,
+        # what the artifact says it was pruned to, next to what the weights show
+        "artifact_pattern": declared.get("pattern"), "artifact_target": declared.get("target"),
+        "layers": {layer.name: round(layer.sparsity, 6) for layer in summary.layers},
+    })
+    wf.run.metric("nonzero_linear_params", nonzero, "params", {**how, "params": summary.params})
+    return {"sparsity": summary.sparsity, "nm_compliant": compliant,
+            "linear_params": summary.params, "nonzero_linear_params": nonzero}
 
 
 def _check_options(seq_len: int, max_tokens: int | None, batch_size: int) -> None:

@@ -10,12 +10,14 @@ kernel: compute-bound (fewer multiply-adds) and memory-bound (fewer bytes of wei
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
+from openpto.core.calibrate import decoder_layers
 from openpto.core.sparsity.masks import nm_compliant
 
 
@@ -44,6 +46,11 @@ class SparsitySummary:
     dense_bytes: int
     semi_structured_bytes: int | None  # only when every layer is 2:4 compliant
     bitmask_bytes: int
+
+    @property
+    def fits_2_4(self) -> bool:
+        """Every layer holds at most 2 non-zeros in each group of 4 (whatever was asked for)."""
+        return bool(self.layers) and all(layer.fits_2_4 for layer in self.layers)
 
     def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "layers"}
@@ -107,6 +114,43 @@ def summarize(
             for layer in layers
         ),
     )
+
+
+def decoder_weights(
+    model: nn.Module, packed: Mapping[str, Any] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, float weight)`` of every Linear inside the decoder layers: the Linears
+    ``opt sparsify`` prunes, so a measurement of a loaded artifact matches the one made when it
+    was written.
+
+    A module counts as a Linear when it has ``in_features`` and ``out_features``: plain
+    ``nn.Linear`` and kernel wrappers that keep a dense ``weight`` (the 2:4 one) give that weight;
+    packed Linears, whose weight exists only in a kernel's layout, give ``packed[name]``
+    dequantized (a ``QuantizedWeight``, as the artifact stores it) and are skipped without it.
+    """
+    prefix, layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        for sub, module in layer.named_modules():
+            out_f = getattr(module, "out_features", None)
+            in_f = getattr(module, "in_features", None)
+            if not isinstance(out_f, int) or not isinstance(in_f, int):
+                continue
+            name = f"{prefix}.{index}.{sub}"
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (out_f, in_f):
+                yield name, weight.detach()
+            elif packed is not None and name in packed:
+                yield name, packed[name].dequantize()
+
+
+def model_sparsity(
+    model: nn.Module, packed: Mapping[str, Any] | None = None, element_bytes: int = 2
+) -> SparsitySummary:
+    """Sparsity of a whole model's decoder Linears, counted from the weights (``decoder_weights``).
+
+    ``nm_compliant`` is checked for 4:8; each layer's ``fits_2_4`` answers 2:4 (a 2:4 weight is
+    also 4:8 compliant, not the other way round)."""
+    return summarize(decoder_weights(model, packed), (4, 8), element_bytes)
 
 
 @dataclass(frozen=True)
