@@ -1,7 +1,8 @@
-"""Launch shapes measured on an H200 (2026-11-28, torch 2.11.0+cu130, triton 3.6.0) by
-``benchmarks/gpu_w4a16.py --tune`` and ``benchmarks/gpu_sparse24.py --tune``: the fastest of each
-shape's candidates. Shapes not listed use ``gpu_dispatch``'s rules. Launch fields: path, block_n,
-block_m, split_k, num_warps, num_stages, rows, prefetch.
+"""Launch shapes measured on an H200 (W4A16 at 1-16 tokens on 2026-11-29, the rest on
+2026-11-28; torch 2.11.0+cu130, triton 3.6.0) by ``benchmarks/gpu_w4a16.py --tune`` and
+``benchmarks/gpu_sparse24.py --tune``: the fastest of each shape's candidates. Shapes not listed
+use ``gpu_dispatch``'s rules. Launch fields: path, block_n, block_m, split_k, num_warps,
+num_stages, rows, prefetch, atomic.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from openpto.kernels.gpu_dispatch import Launch
 
 #: (out_features, in_features, token bucket) -> launch
 W4A16: dict[tuple[int, int, int], Launch] = {
-    (4096, 4096, 1): Launch("gemv", 512, 1, 32, 4, 1, 16, False),
-    (4096, 4096, 2): Launch("gemv", 256, 2, 32, 2, 1, 8, False),
-    (4096, 4096, 4): Launch("dot", 128, 16, 16, 4, 2, 16, False),
+    (4096, 4096, 1): Launch("gemv", 256, 1, 32, 2, 1, 16, False, True),
+    (4096, 4096, 2): Launch("gemv", 256, 2, 32, 2, 1, 16, False, True),
+    (4096, 4096, 4): Launch("dot", 64, 16, 8, 4, 2, 16, False),
     (4096, 4096, 8): Launch("dot", 64, 16, 8, 4, 2, 16, False),
     (4096, 4096, 16): Launch("dot", 64, 16, 8, 4, 2, 16, False),
     (4096, 4096, 32): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
     (4096, 4096, 64): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
     (4096, 4096, 128): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
     (4096, 4096, 2048): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
-    (4096, 14336, 1): Launch("gemv", 1024, 1, 28, 8, 1, 16, False),
+    (4096, 14336, 1): Launch("gemv", 512, 1, 112, 4, 1, 8, True, True),
     (4096, 14336, 2): Launch("dot", 128, 16, 16, 4, 2, 16, False),
     (4096, 14336, 4): Launch("dot", 128, 16, 16, 4, 2, 16, False),
     (4096, 14336, 8): Launch("dot", 128, 16, 16, 4, 2, 16, False),
@@ -28,7 +29,7 @@ W4A16: dict[tuple[int, int, int], Launch] = {
     (4096, 14336, 64): Launch("dot", 128, 64, 16, 4, 2, 16, False),
     (4096, 14336, 128): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
     (4096, 14336, 2048): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
-    (6144, 4096, 1): Launch("gemv", 512, 1, 32, 4, 1, 16, False),
+    (6144, 4096, 1): Launch("gemv", 256, 1, 32, 2, 1, 8, True, True),
     (6144, 4096, 2): Launch("gemv", 512, 2, 32, 4, 1, 8, False),
     (6144, 4096, 4): Launch("dot", 128, 16, 8, 4, 2, 16, False),
     (6144, 4096, 8): Launch("dot", 64, 16, 4, 4, 2, 16, False),
@@ -37,8 +38,8 @@ W4A16: dict[tuple[int, int, int], Launch] = {
     (6144, 4096, 64): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
     (6144, 4096, 128): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
     (6144, 4096, 2048): Launch("dequant", 256, 1, 1, 4, 1, 16, False),
-    (14336, 4096, 1): Launch("gemv", 256, 1, 8, 2, 1, 8, True),
-    (14336, 4096, 2): Launch("dot", 64, 16, 4, 4, 2, 16, False),
+    (14336, 4096, 1): Launch("gemv", 256, 1, 32, 2, 1, 8, True, True),
+    (14336, 4096, 2): Launch("gemv", 256, 2, 8, 2, 1, 16, False, True),
     (14336, 4096, 4): Launch("dot", 64, 16, 4, 4, 2, 16, False),
     (14336, 4096, 8): Launch("dot", 64, 16, 4, 4, 2, 16, False),
     (14336, 4096, 16): Launch("dot", 64, 16, 4, 4, 2, 16, False),

@@ -64,8 +64,8 @@ def _w4a16_gemv_kernel(
 ):
     """Split-K GEMV for ``BM`` (1 or 2) tokens per pass over ``ROWS x BN`` word tiles.
 
-    Factored form: per tile, ``t = sum_j f_j x_j`` and ``s = sum_j x_j`` per row, then
-    ``acc += sum_rows(a t + b s)`` once per tile, so each weight costs a shift, a ``lop3`` and
+    Factored form: per tile, ``t = sum f x`` per output and ``s = sum x`` over the tile's rows and
+    nibbles, then ``acc += a t + b s`` once per tile, so each weight costs a shift, a ``lop3`` and
     one FMA. With ``PREFETCH`` the next tile's loads are issued before this tile's arithmetic.
     """
     pid_n = tl.program_id(0)
@@ -93,22 +93,25 @@ def _w4a16_gemv_kernel(
             sz = tl.load(sz_ptr + (kb // GROUP_KB) * N + offs_n, mask=mask_n, other=0)
             a, b = scale_zero_ab(sz)
             xb = x_ptr + m0 * stride_xm + kb * 128 + (step % (16 // ROWS)) * ROWS + offs_r
-            t0 = tl.zeros([ROWS, BN], tl.float32)
-            t1 = tl.zeros([ROWS, BN], tl.float32)
+            # a and b are constant over the tile's rows, so the rows are summed right away:
+            # with BN = 128 outputs per warp a thread holds whole columns, the sum stays in the
+            # thread, and only [BN] partials (not [ROWS, BN]) stay live across the nibbles
+            t0 = tl.zeros([BN], tl.float32)
+            t1 = tl.zeros([BN], tl.float32)
             s0 = tl.zeros([ROWS], tl.float32)
             s1 = tl.zeros([ROWS], tl.float32)
             for j in tl.static_range(8):
                 f = nibble_f32(w, j)
                 x0 = tl.load(xb + 16 * j).to(tl.float32)
-                t0 += f * x0[:, None]
+                t0 += tl.sum(f * x0[:, None], axis=0)
                 s0 += x0
                 if BM > 1:
                     x1 = tl.load(xb + stride_xm + 16 * j, mask=m0 + 1 < M, other=0.0)
-                    t1 += f * x1.to(tl.float32)[:, None]
+                    t1 += tl.sum(f * x1.to(tl.float32)[:, None], axis=0)
                     s1 += x1.to(tl.float32)
-            acc0 += tl.sum(a[None, :] * t0 + b[None, :] * s0[:, None], axis=0)
+            acc0 += a * t0 + b * tl.sum(s0, axis=0)
             if BM > 1:
-                acc1 += tl.sum(a[None, :] * t1 + b[None, :] * s1[:, None], axis=0)
+                acc1 += a * t1 + b * tl.sum(s1, axis=0)
         store_rows(
             acc0, m0, offs_n, mask_n, M, N, out_ptr, stride_om, ws_ptr, pid_k, MP, SPLIT_P2, ATOMIC
         )
