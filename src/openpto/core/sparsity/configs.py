@@ -143,7 +143,8 @@ class SparseGPTConfig(SparsityConfig):
                 )
         nm = self.nm
         if nm is not None and self.block_size % nm[1]:
+            # The mask is chosen block by block, so a group of M must not straddle two blocks.
             raise ConfigError(
-                f"block_size {self.block_size} must be a multiple of M={nm[1]} "
-                f"of pattern {self.pattern}"
+                f"pattern {self.pattern}: SparseGPT prunes blocks of {self.block_size} columns "
+                f"(block_size), which M={nm[1]} does not divide; use an M that divides it"
             )
