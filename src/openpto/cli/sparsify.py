@@ -41,6 +41,12 @@ def sparsify_cmd(
     --bits, SparseGPT prunes and quantizes in one pass. The sparsity reported is measured from
     the weights over the pruned Linears.
 
+    --json keys: output, method, pattern, sparsity, target_sparsity, nm_compliant (for the
+    requested N:M; null when unstructured), params_pruned, dense_bytes and sparse_bytes (bf16
+    values; sparse_layout names the layout), speedup_bounds (theoretical compute- and
+    memory-bound limits), seconds, size_bytes_after, run_id, and with --eval
+    perplexity_before and perplexity_after. Per-layer sparsity is in the run's store metrics.
+
     Example: opt sparsify smollm2-135m --method sparsegpt --pattern 2:4 --eval stdlib-docstrings
     """
     from openpto.pipeline.sparsify import make_config, sparsify_model
