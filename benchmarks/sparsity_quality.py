@@ -4,7 +4,8 @@ Default model (SmolLM2-135M-Instruct, float32, CPU); calibration 128 x 512 token
 calibration default text (``pydoc-topics``, seed 0); perplexity on the evaluation default text
 (``stdlib-docstrings``, which shares no text with the calibration one), windows of 512, the first
 ``--eval-tokens`` tokens. Every decoder Linear is pruned; embeddings and the head are not. The
-sparsity column is measured from the weights over the pruned Linears.
+sparsity column is measured from the weights over the pruned Linears; ``seconds`` is the wall time
+of calibration and pruning, ``cpu_seconds`` the process CPU time over the same span.
 
 Usage: python benchmarks/sparsity_quality.py [--eval-tokens 16384] [--out sparsity_quality.json]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -70,6 +72,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {args.threads} threads",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "load_average_start": os.getloadavg(),
         "model": loaded.name, "calibration": f"{CALIBRATION_DEFAULT}, {args.samples}x"
         f"{args.calib_seq_len}, seed 0", "eval": f"{EVALUATION_DEFAULT}, first "
         f"{args.eval_tokens} tokens, windows of {args.seq_len}", "rows": [],
@@ -89,7 +92,9 @@ def main() -> None:
         if args.pattern and config.label != args.pattern:
             continue
         model = copy.deepcopy(loaded.model)
+        cpu_started = time.process_time()
         pruned = sparsify_(model, config, calib)
+        cpu_seconds = time.process_time() - cpu_started
         params = dict(model.named_parameters())
         summary = summarize(((r.name, params[f"{r.name}.weight"]) for r in pruned.reports),
                             config.nm)
@@ -97,7 +102,8 @@ def main() -> None:
         row = {"method": config.type_name, "pattern": config.label,
                "sparsity": summary.sparsity, "nm_compliant": summary.nm_compliant,
                "perplexity": ppl, "ratio_to_float": ppl / result["float_perplexity"],
-               "seconds": pruned.seconds, "config": config.to_dict()}
+               "seconds": pruned.seconds, "cpu_seconds": cpu_seconds,
+               "config": config.to_dict()}
         result["rows"].append(row)
         args.out.write_text(json.dumps(result, indent=2))
         print(f"{row['method']:10s} {row['pattern']:13s} {row['sparsity']:9.4f} {ppl:9.3f} "
