@@ -11,7 +11,9 @@ Public interface (the server, CLI, TUI, profiler and speculative decoder build o
   TTFT for the first), ``elapsed_s`` and ``tokens_per_second`` (generated tokens / elapsed, prefill
   included). The record that carries ``finish_reason="stop"`` for an end-of-sequence token has that
   token's id and empty text; a stop string is cut from the text and never emitted.
-- ``generate_stream(model, tokenizer, prompt, params)``: batch-1 generator over a KV cache.
+- ``generate_stream(model, tokenizer, prompt, params, decode="auto")``: batch-1 generator over a
+  KV cache; ``decode`` picks a growing cache stepped eagerly or a static cache whose step replays
+  as a CUDA graph (``core.static_decode``; "auto" takes the graph on CUDA models).
   ``prompt`` is text (tokenized as is, special tokens added by the tokenizer) or token ids.
 - ``generate_text(...) -> GenerationResult``: the stream collected (text, token ids, timings).
 - ``generate_batch_stream(model, tokenizer, prompts, params)`` / ``generate_batch``: several
@@ -38,6 +40,7 @@ import torch
 from openpto.core.detokenize import TextStream
 from openpto.core.kvcache import forward_logits, new_cache
 from openpto.core.sampling import SamplingParams, make_generator, sample_next
+from openpto.core.static_decode import DecodeMode, open_decoder
 from openpto.errors import UsageError
 
 FinishReason = Literal["stop", "length"]
@@ -207,8 +210,13 @@ def generate_stream(
     ignore_eos: bool = False,
     generator: torch.Generator | None = None,
     skip_special_tokens: bool = True,
+    decode: DecodeMode = "auto",
 ) -> Iterator[StepRecord]:
-    """Generate one request token by token over a KV cache (see the module docstring)."""
+    """Generate one request token by token over a KV cache (see the module docstring).
+
+    ``decode`` picks the cache and step (``core.static_decode``): ``"auto"`` replays a CUDA graph
+    over a static cache on CUDA models and steps eagerly over a ``DynamicCache`` elsewhere.
+    """
     params = params or SamplingParams()
     device = model_device(model)
     ids = encode_prompt(tokenizer, prompt)
@@ -217,21 +225,24 @@ def generate_stream(
         generator = make_generator(params, device)
     finisher = Finisher(tokenizer, ids, params, eos, skip_special_tokens)
     clock = _Clock(len(ids))
-    cache = new_cache(model)
+    decoder = open_decoder(model, len(ids) + params.max_tokens, decode)
     history = torch.tensor([ids], dtype=torch.long, device=device)
     penalise = params.repetition_penalty != 1.0
-    logits = forward_logits(model, history, cache)[:, -1]
-    for index in range(params.max_tokens):
-        token = sample_next(logits, params, generator, history if penalise else None)
-        token_id = int(token.item())
-        text, finish = finisher.push(token_id)
-        yield clock.record(token_id, text, index, finish)
-        if finish is not None:
-            return
-        next_ids = token.view(1, 1)
-        if penalise:
-            history = torch.cat([history, next_ids], dim=1)
-        logits = forward_logits(model, next_ids, cache)[:, -1]
+    try:
+        logits = decoder.prefill(history)
+        for index in range(params.max_tokens):
+            token = sample_next(logits, params, generator, history if penalise else None)
+            token_id = int(token.item())
+            text, finish = finisher.push(token_id)
+            yield clock.record(token_id, text, index, finish)
+            if finish is not None:
+                return
+            next_ids = token.view(1, 1)
+            if penalise:
+                history = torch.cat([history, next_ids], dim=1)
+            logits = decoder.step(next_ids)
+    finally:
+        decoder.close()
 
 
 def generate_text(

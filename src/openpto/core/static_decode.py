@@ -1,0 +1,259 @@
+"""Batch-1 decoding over a preallocated (static) KV cache, replayed as one CUDA graph per token.
+
+Why: eager decoding of an 8B model on an H200 spends longer launching several hundred small
+kernels from Python than the GPU spends reading the weights (46 tokens/s eager against a 285
+tokens/s bandwidth floor, docs/benchmarks.md). A decode step whose shapes never change -- the token
+id in a fixed buffer, its position in another, keys and values written in place into a cache sized
+for the whole request -- can be captured once as a CUDA graph and replayed with one launch.
+
+Public interface (``core.generate.generate_stream`` is the caller):
+
+- ``DecodeMode``: ``"dynamic"`` (the eager ``DynamicCache`` path of ``core.kvcache``),
+  ``"static"`` (a transformers ``StaticCache``, the decode step run eagerly: the same function the
+  graph captures, so CPU tests check exactly what the GPU replays), ``"graph"`` (static cache, the
+  step captured as a ``torch.cuda.CUDAGraph`` after ``WARMUP_STEPS`` eager steps) and ``"auto"``
+  (``"graph"`` for a CUDA model whose cache layers are all plain ``StaticLayer``, else
+  ``"dynamic"``). When the graph path cannot be used -- no CUDA, a cache layer that keeps Python
+  state, a failed capture -- decoding falls back to an eager path and the reason is logged once.
+- ``open_decoder(model, tokens, mode) -> Decoder``: ``prefill(ids [1, T]) -> logits [1, V]``
+  then ``step(ids [1, 1]) -> logits [1, V]`` (float32; a static decoder returns the same buffer
+  every step, valid until the next call), ``close()`` when the request ends. Static decoders are
+  kept per model and reused (graph included) by later requests that fit their capacity, as long as
+  no parameter or buffer of the model has been replaced since.
+- ``release_static_decoders()``: drop every kept decoder (its cache and graph memory).
+
+Sampling, repetition penalty, stop strings and end-of-sequence handling stay outside the graph, on
+the returned logits, so every mode emits the tokens ``core.sampling`` picks from those logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Literal, Protocol
+
+import torch
+
+from openpto.core.kvcache import forward_logits, new_cache
+from openpto.errors import UsageError
+
+DecodeMode = Literal["auto", "dynamic", "static", "graph"]
+DECODE_MODES: tuple[str, ...] = ("auto", "dynamic", "static", "graph")
+#: eager steps on the capture stream before capture: they run the lazy set-up (cuBLAS workspaces,
+#: Triton compilation, split-K scratch buffers) that must not happen inside a capture
+WARMUP_STEPS = 2
+#: static caches are sized in multiples of this, so requests of similar length share one graph
+CAPACITY_STEP = 256
+#: above this many tokens "auto" keeps the dynamic cache: a static one is allocated in full and
+#: every step attends over all of it
+AUTO_MAX_TOKENS = 8192
+
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        _log.warning(message)
+
+
+class Decoder(Protocol):
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class DynamicDecoder:
+    """The eager path: a ``DynamicCache`` that grows by one position per step."""
+
+    mode = "dynamic"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.cache = new_cache(model)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, ids, self.cache)[:, -1]
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, ids, self.cache)[:, -1]
+
+    def close(self) -> None:
+        self.cache = None
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
+    # A captured graph reads weights by address: a swapped Linear or a dtype change must rebuild.
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def _static_cache(model: torch.nn.Module, capacity: int) -> Any:
+    from transformers import StaticCache
+
+    config: Any = model.config
+    return StaticCache(config=config, max_cache_len=capacity)
+
+
+def graph_blocker(cache: Any) -> str | None:
+    """Why replaying a captured step over ``cache`` would be wrong, or ``None`` if it is safe.
+
+    Plain ``StaticLayer``s keep their fill level in a device tensor that the step advances in
+    place; sliding-window layers also keep a Python counter that a replay would never advance.
+    """
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return "this transformers release has no per-layer static cache"
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
+    if odd:
+        return f"cache layers of type {', '.join(odd)} keep host-side state"
+    return None
+
+
+class StaticDecoder:
+    """Prefill and one-token steps over a ``StaticCache``; the step is optionally a CUDA graph.
+
+    The step reads the token from ``self.ids`` and its position from ``self.position`` and
+    advances the position in place, so a replay needs no host-side bookkeeping at all.
+    """
+
+    def __init__(self, model: torch.nn.Module, capacity: int, graph: bool) -> None:
+        device = next(model.parameters()).device
+        self.capacity = capacity
+        self.cache = _static_cache(model, capacity)
+        self.ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.fingerprint = _fingerprint(model)
+        self.use_graph = graph and device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.use_graph else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        self.eager_steps = 0
+        self.busy = False
+        self._model = weakref.ref(model)
+
+    @property
+    def mode(self) -> str:
+        return "graph" if self.use_graph else "static"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        model = self._model()
+        if model is None:
+            raise UsageError("the model of this decoder no longer exists")
+        return model
+
+    def _step_once(self) -> torch.Tensor:
+        logits = forward_logits(self.model, self.ids, self.cache, position_ids=self.position)
+        self.position.add_(1)
+        return logits[:, -1]
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        if length >= self.capacity:
+            raise UsageError(f"a {length}-token prompt does not fit a {self.capacity}-token cache")
+        # Only the fill level matters: stale keys past it are masked out and overwritten.
+        self.cache.reset()
+        positions = torch.arange(length, device=ids.device).unsqueeze(0)
+        logits = forward_logits(self.model, ids, self.cache, position_ids=positions)
+        self.position.fill_(length)
+        return logits[:, -1]
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids.view(1, 1))
+        if self.graph is not None:
+            self.graph.replay()
+            assert self.out is not None
+            return self.out
+        if not self.use_graph:
+            return self._step_once()
+        if self.eager_steps < WARMUP_STEPS:
+            self.eager_steps += 1
+            return self._on_capture_stream(self._step_once)
+        self._capture()
+        return self.step(ids) if self.graph is not None else self._step_once()
+
+    def _on_capture_stream(self, fn: Any) -> torch.Tensor:
+        assert self.stream is not None
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            out: torch.Tensor = fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                out = self._step_once()
+        except Exception as exc:  # any failure: decode eagerly over the same cache instead
+            self.use_graph = False
+            _log_once(f"CUDA graph capture failed, decoding eagerly over a static cache: {exc}")
+            return
+        # Capture records kernels without running them: the cache and position are unchanged.
+        self.graph, self.out = graph, out
+
+    def close(self) -> None:
+        self.busy = False
+
+
+_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def release_static_decoders() -> None:
+    """Forget every kept static decoder, freeing its cache and graph memory."""
+    _DECODERS.clear()
+
+
+def _capacity(tokens: int) -> int:
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def _static_decoder(model: torch.nn.Module, tokens: int, graph: bool) -> StaticDecoder:
+    kept = _DECODERS.get(model)
+    if (
+        kept is not None
+        and not kept.busy
+        and kept.use_graph == graph
+        and kept.capacity >= tokens
+        and kept.fingerprint == _fingerprint(model)
+    ):
+        decoder = kept
+    else:
+        decoder = StaticDecoder(model, _capacity(tokens), graph)
+        if kept is None or not kept.busy:  # a request still running keeps its own decoder
+            _DECODERS[model] = decoder
+    decoder.busy = True
+    return decoder
+
+
+def open_decoder(model: torch.nn.Module, tokens: int, mode: str = "auto") -> Decoder:
+    """A decoder for one batch-1 request of at most ``tokens`` positions (prompt + new)."""
+    if mode not in DECODE_MODES:
+        raise UsageError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    if mode == "dynamic":
+        return DynamicDecoder(model)
+    device = next(model.parameters()).device
+    if mode in ("auto", "graph") and device.type != "cuda":
+        if mode == "graph":
+            _log_once(f"CUDA graphs need a CUDA model, this one is on {device.type}: eager decode")
+        return DynamicDecoder(model)
+    if mode == "auto" and tokens > AUTO_MAX_TOKENS:
+        return DynamicDecoder(model)
+    try:
+        blocker = graph_blocker(_static_cache(model, CAPACITY_STEP))
+    except Exception as exc:  # a config transformers cannot build a static cache for
+        _log_once(f"no static KV cache for {type(model).__name__} ({exc}): eager decode")
+        return DynamicDecoder(model)
+    if blocker is not None and mode != "static":
+        _log_once(f"no CUDA graph decode for {type(model).__name__}: {blocker}")
+        if mode == "auto":
+            return DynamicDecoder(model)
+    return _static_decoder(model, tokens, graph=mode != "static" and blocker is None)
