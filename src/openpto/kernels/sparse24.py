@@ -78,10 +78,11 @@ def compress(weight: torch.Tensor) -> torch.Tensor:
 def sparse_linear(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., in] @ W^T`` with a compressed 2:4 ``W``, through torch's semi-structured op.
 
-    The result is made row-major: torch computes ``W @ x^T`` and may hand back its transpose,
-    a column-major ``[tokens, out]`` whose strided views would slow every op after it (the first
-    end-to-end measurement, without this, ran 2.7x slower than dense at 2048 tokens while every
-    large layer alone ran faster; see docs/benchmarks.md).
+    The result must be row-major: torch 2.11's ``F.linear`` on the compressed tensor computes
+    ``W @ x^T`` and hands back its transpose, a column-major ``[tokens, out]`` whose strided views
+    slow every op after it (2.7x slower than dense end to end at 2048 tokens), and copying it
+    row-major costs as much as the sparse matmul saves. So cuSPARSELt is asked to write the
+    transposed product itself (``transpose_result``), which costs nothing extra.
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -89,10 +90,14 @@ def sparse_linear(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> to
     pad = (-tokens) % _DENSE_MULTIPLE
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))
-    y = F.linear(x2, packed, bias)
+    compressed = getattr(packed, "packed", None)
+    if compressed is not None and hasattr(torch, "_cslt_sparse_mm"):
+        y = torch._cslt_sparse_mm(compressed, x2.t(), bias=bias, transpose_result=True)
+    else:
+        y = F.linear(x2, packed, bias).contiguous()
     if pad:
         y = y[:tokens]
-    return y.contiguous().reshape(*shape[:-1], y.shape[-1])
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 def pays_off(weight: torch.Tensor, packed: Any, tokens: int, repeats: int = 10) -> bool:
