@@ -103,8 +103,11 @@ class LlamaCppEngine(SerialEngine):
     def _open(self, **kwargs: Any) -> Any:
         llama_cpp: Any = require("llama_cpp", "llamacpp", "the llama.cpp backend")
         assert self._path is not None
+        threads = self.options.threads or os.cpu_count()
+        # n_threads_batch too: Llama() otherwise prefills prompts with every CPU, whatever
+        # --threads says (on a 2-core machine under load that made prefill ~4x slower).
         args = {"model_path": str(self._path), "n_ctx": self.options.context_length or 0,
-                "n_threads": self.options.threads or os.cpu_count(), "verbose": False, **kwargs}
+                "n_threads": threads, "n_threads_batch": threads, "verbose": False, **kwargs}
         keep_extra = os.environ.get("OPT_LLAMACPP_EXTRA_BUFTS") == "1"
         guard = (_without_extra_buffers(llama_cpp) if cpu_advertises_amx() and not keep_extra
                  else contextlib.nullcontext())
@@ -163,7 +166,8 @@ class LlamaCppEngine(SerialEngine):
         llm = self._require()
         if not self.info.chat_template:
             raise UsageError("this GGUF has no chat template; use the completions API")
-        formatter = Jinja2ChatFormatter(
+        # Any: its messages parameter wants llama-cpp-python's TypedDicts, ours are plain dicts.
+        formatter: Any = Jinja2ChatFormatter(
             template=self.info.chat_template,
             eos_token=self._token_text(llm.token_eos()),
             bos_token=self._token_text(llm.token_bos()),
