@@ -66,11 +66,15 @@ def candidates(n: int, k: int, m: int, sms: int) -> list[Launch]:
                     continue
                 for split in split_options(-(-n // bn), kb, sms, 3):
                     out.append(Launch("gemv", bn, min(m, 2), split, warps, 1, rows, prefetch))
-        # atomic split-K: the fix-up no longer grows with the split, so split down to 1-2 kblocks
+        # atomic split-K: the fix-up no longer grows with the split, so split down to 1-2 kblocks;
+        # smaller tiles (4 rows) and software pipelining (stages 3) trade registers for warps
         for bn, warps in ((256, 2), (512, 4)):
-            for rows, prefetch in ((16, False), (8, True)):
+            for rows, prefetch, stages in ((16, False, 1), (8, True, 1), (8, False, 3),
+                                           (4, True, 1), (4, False, 3)):
                 for split in (kb, kb // 2, kb // 4):
-                    out.append(Launch("gemv", bn, min(m, 2), split, warps, 1, rows, prefetch, True))
+                    out.append(
+                        Launch("gemv", bn, min(m, 2), split, warps, stages, rows, prefetch, True)
+                    )
     if 2 <= m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         for bn in (64, 128):

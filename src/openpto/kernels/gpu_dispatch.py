@@ -266,7 +266,7 @@ class Launch:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
-    rows: int = 16  # gemv: word rows per tile (16 = a whole kblock, 8 = half)
+    rows: int = 16  # gemv: word rows per tile (16 = a whole kblock, 8 = half, 4 = a quarter)
     prefetch: bool = False  # gemv: load the next tile before this tile's arithmetic
     atomic: bool = False  # gemv split-K: add partials atomically (not bit-reproducible)
 

@@ -285,8 +285,8 @@ def w4a16_matmul(
         raise ValueError(f"split_k {split} does not divide {kblocks} kblocks")
     n_blocks = triton.cdiv(n, launch.block_n)
     if launch.path == "gemv":
-        if launch.block_m not in (1, 2) or launch.rows not in (8, 16):
-            raise ValueError(f"gemv takes block_m 1 or 2 and rows 8 or 16, got {launch}")
+        if launch.block_m not in (1, 2) or launch.rows not in (4, 8, 16):
+            raise ValueError(f"gemv takes block_m 1 or 2 and rows 4, 8 or 16, got {launch}")
         mp = _p2(max(m, launch.block_m))  # whole passes of block_m rows, padding included
         ws, locks = WORKSPACE.get(x.device, split * mp * n if split > 1 else 0, n_blocks)
         if launch.atomic:
