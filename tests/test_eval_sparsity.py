@@ -184,4 +184,11 @@ def test_a_24_artifact_on_cuda_takes_the_semi_structured_path(
                       device="cuda", dtype="bfloat16", store=store)
     on_cpu = evaluate(str(artifact_24), str(texts[1]), seq_len=64, max_tokens=256, store=store)
     assert on_gpu["sparsity"] == on_cpu["sparsity"] == 0.5
+    details = json.loads(store.db.execute(
+        "select details from metrics where run_id = ? and name = 'perplexity'",
+        [on_gpu["run_id"]]).fetchone()[0])
+    # Each load times the shapes afresh, so only the set of Linears is sure to repeat.
+    assert set(details["sparse24"]) == set(verdicts)
+    assert details["kernels"].get(KERNEL_NAME, 0) == sum(
+        v == KERNEL_NAME for v in details["sparse24"].values())
     assert on_gpu["perplexity"] == pytest.approx(on_cpu["perplexity"], rel=2e-2)

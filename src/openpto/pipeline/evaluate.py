@@ -75,9 +75,11 @@ def evaluate(
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "batch_size": batch_size, "text": text.name, "text_sha256": text.sha256,
         }
-        # Artifacts on packed kernels say which ones ran; a number without it could be either.
+        # Artifacts on packed or 2:4 kernels say which ones ran (and, for 2:4, each Linear's
+        # verdict); a number without it could be either.
         metadata = loaded.metadata or {}
-        details.update({k: metadata[k] for k in ("kernel", "kernels") if k in metadata})
+        details.update({k: metadata[k] for k in ("kernel", "kernels", "sparse24")
+                        if k in metadata})
         wf.run.metric("perplexity", result.perplexity, "", details)
         wf.run.metric("tokens", result.tokens, "tokens", {"scored_tokens": result.scored_tokens})
         timing = {"stages": "tokenize+eval", "device": details["device"]}
