@@ -272,9 +272,8 @@ def test_other_backends_refuse_what_they_lack(tiny_folder: Path, tmp_path: Path)
 
 def test_quanto_qint8_round_trip(tiny_folder: Path, eval_file: Path, tmp_path: Path) -> None:
     pytest.importorskip("optimum.quanto")
-    from openpto.models.loaded import LoadedModel
+    from openpto.models import load_model
     from openpto.pipeline.quantize import quantize_model
-    from openpto.registry import ARTIFACT_LOADERS
 
     out = tmp_path / "quanto"
     result = quantize_model(str(tiny_folder), method="rtn", bits=8, backend="quanto",
@@ -283,8 +282,7 @@ def test_quanto_qint8_round_trip(tiny_folder: Path, eval_file: Path, tmp_path: P
     assert (result["format"], result["group_size"], result["symmetric"]) == ("quanto", None, True)
     assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.01)
     assert json.loads((out / "openpto.json").read_text())["format"] == "quanto"
-    placeholder = LoadedModel(torch.nn.Linear(1, 1), None, "x", "artifact", out)
-    reloaded = ARTIFACT_LOADERS.get("quanto")(placeholder)
+    reloaded = load_model(str(out))
     assert type(reloaded.model.model.layers[0].mlp.down_proj).__name__ == "QLinear"
     with torch.no_grad():
         assert torch.isfinite(reloaded.model(torch.arange(16).reshape(1, 16)).logits).all()

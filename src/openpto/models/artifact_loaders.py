@@ -5,12 +5,18 @@
 ``LoadedModel`` to the loader named by ``openpto.json``'s ``format``. The ``pack-quantized``
 loader reads each Linear's packed tensors and swaps in a ``QuantLinear`` that keeps them packed
 and runs a real kernel, so resident memory is the packed size, not the float one.
+
+The formats in ``loader.LIBRARY_FORMATS`` (bitsandbytes, quanto, MLX) are different: only their
+own library reads their weights, so their loaders get the folder, dtype and device and build the
+model themselves, without a float load first.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,33 +160,70 @@ def use_sparse24(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-def load_bitsandbytes(loaded: LoadedModel) -> LoadedModel:
+def load_bitsandbytes(folder: Path, dtype: torch.dtype | str = "auto",
+                      device: torch.device | str = "cpu") -> nn.Module:
     """A folder saved by the ``bitsandbytes`` backend: transformers reads its own
-    ``quantization_config`` and builds ``Linear4bit``/``Linear8bitLt`` modules."""
+    ``quantization_config`` and builds ``Linear4bit``/``Linear8bitLt`` modules, placed on
+    ``device`` as they load (bitsandbytes modules cannot be moved afterwards)."""
     from transformers import AutoModelForCausalLM
 
-    from openpto.errors import require
-
-    require("bitsandbytes", "backends", "bitsandbytes artifacts")
-    loaded.model = AutoModelForCausalLM.from_pretrained(loaded.path, device_map="cpu").eval()
-    loaded.metadata = {**loaded.metadata, "kernel": "bitsandbytes"}
-    return loaded
+    _import_library("bitsandbytes", "bitsandbytes", "bitsandbytes artifacts")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device))
+    return model.eval()
 
 
-def load_quanto(loaded: LoadedModel) -> LoadedModel:
-    """A folder saved by the ``quanto`` backend (optimum-quanto's own serialisation)."""
-    from openpto.errors import require
+def load_quanto(folder: Path, dtype: torch.dtype | str = "auto",
+                device: torch.device | str = "cpu") -> nn.Module:
+    """A folder saved by the ``quanto`` backend (optimum-quanto's own serialisation), in the
+    float dtype it was saved in: quanto refuses to change a 4-bit weight's dtype."""
+    from openpto.errors import UsageError
 
-    quanto: Any = require("optimum.quanto", "backends", "quanto artifacts")
-    wrapper = quanto.QuantizedModelForCausalLM.from_pretrained(str(loaded.path))
-    loaded.model = wrapper._wrapped.eval()
-    loaded.metadata = {**loaded.metadata, "kernel": "quanto"}
-    return loaded
+    quanto = _import_library("optimum.quanto", "optimum-quanto", "quanto artifacts")
+    model = quanto.QuantizedModelForCausalLM.from_pretrained(str(folder))._wrapped
+    saved = next(model.parameters()).dtype
+    if isinstance(dtype, torch.dtype) and dtype != saved:
+        name = str(saved).removeprefix("torch.")
+        raise UsageError(f"{folder} is a quanto artifact saved in {name}; quanto cannot change "
+                         f"its dtype: pass --dtype {name} (or auto)")
+    for module in model.modules():
+        if isinstance(module, quanto.QModuleMixin):
+            module.forward = _outside_inference_mode(module.forward)
+    return model.to(device).eval()  # type: ignore[no-any-return]
 
 
-def load_mlx(loaded: LoadedModel) -> LoadedModel:
+def _outside_inference_mode(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """quanto's 4-bit weights cannot run under ``torch.inference_mode`` (their transpose sets a
+    version counter: "Cannot set version_counter for inference tensor"), which our decode loop
+    uses. Only the quantized module leaves inference mode, still without autograd; its inputs
+    are only read, so inference tensors may flow in."""
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.no_grad():
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def _import_library(module: str, dist: str, purpose: str) -> Any:
+    """The library an artifact format needs, or one line naming the package to install (or why
+    the installed one cannot load: bitsandbytes raises ``RuntimeError`` without its binary)."""
+    import importlib
+
+    from openpto.errors import BackendUnavailable, MissingDependency
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(dist, "backends", purpose) from exc
+    except (RuntimeError, OSError) as exc:
+        raise BackendUnavailable(f"{dist} is installed but cannot load: {exc}") from exc
+
+
+def load_mlx(folder: Path, dtype: torch.dtype | str = "auto",
+             device: torch.device | str = "cpu") -> nn.Module:
     """MLX folders hold MLX arrays: torch cannot run them."""
     raise UnsupportedModel(
-        f"{loaded.path} is an MLX folder: run it with mlx_lm (mlx_lm.generate --model PATH) "
+        f"{folder} is an MLX folder: run it with mlx_lm (mlx_lm.generate --model PATH) "
         "or opt serve --backend mlx"
     )

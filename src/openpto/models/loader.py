@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_SYNONYMS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: artifact formats whose weights only their own library reads: their loaders take
+#: ``(folder, dtype=, device=)`` and build the model themselves (``_load_library_artifact``)
+LIBRARY_FORMATS = ("bitsandbytes", "quanto", "mlx")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -146,19 +149,23 @@ def check_architecture(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
     return data
 
 
-def _load_folder(
-    folder: Path, dtype: torch.dtype | str, trust_remote_code: bool, drop_quantization: bool = False
-) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def _check_folder(folder: Path, trust_remote_code: bool) -> None:
+    """Config, weights and tokenizer files present and readable, before any library reads them."""
     check_architecture(folder, trust_remote_code)
-    files = weight_files(folder)
-    check_safetensors(files)
+    check_safetensors(weight_files(folder))
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelNotFound(
             f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
             "next to the weights"
         )
+
+
+def _load_folder(
+    folder: Path, dtype: torch.dtype | str, trust_remote_code: bool, drop_quantization: bool = False
+) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _check_folder(folder, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if drop_quantization and hasattr(config, "quantization_config"):
         # The artifact loader swaps in packed modules itself; transformers must not try to.
@@ -229,6 +236,8 @@ def load_model(
         if source.kind == "artifact":
             metadata = _read_artifact_metadata(folder)
             fmt = str(metadata.get("format", "dense"))
+        if fmt in LIBRARY_FORMATS:
+            return _load_library_artifact(source, metadata, fmt, torch_dtype, target)
         model, tokenizer = _load_folder(folder, torch_dtype, trust_remote_code, fmt != "dense")
         sha = files_sha256(weight_files(folder))
     model.eval()
@@ -261,6 +270,31 @@ def hf_folder(source: ModelSource | str | None, progress: ProgressReporter | Non
 
         return cached_conversion(source.path, _cache_name(source), progress)[0]
     return source.path
+
+
+def _load_library_artifact(source: ModelSource, metadata: dict[str, Any], fmt: str,
+                           dtype: torch.dtype | str, target: torch.device) -> LoadedModel:
+    """An artifact whose weights only its own library can read (bitsandbytes, quanto, MLX).
+
+    transformers cannot build these as a float model first: bitsandbytes stores packed uint8
+    tensors of other shapes (the load stops on the size mismatch) and quanto stores its own
+    tensor parts. So the folder is checked, the artifact loader reads the weights (one clear
+    ``MissingDependency`` when its library is absent) and only the tokenizer comes from here.
+    """
+    from transformers import AutoTokenizer
+
+    from openpto.registry import ARTIFACT_LOADERS
+
+    folder = source.path
+    if fmt != "mlx":  # an MLX folder's weights are MLX arrays; its loader says so in one line
+        _check_folder(folder, trust_remote_code=False)
+    sha = files_sha256(weight_files(folder))
+    loader = ARTIFACT_LOADERS.get(fmt)
+    model = loader(folder, dtype=dtype, device=target)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model, tokenizer, source.name, source.kind, folder, sha,
+                       {**metadata, "kernel": fmt})
 
 
 def _apply_artifact_loader(loaded: LoadedModel, fmt: str) -> LoadedModel:
