@@ -85,7 +85,7 @@ def test_step_logits_match_the_dynamic_cache(model) -> None:  # type: ignore[no-
     ids = torch.tensor([[5, 9, 100, 41, 7, 300]])
     with torch.inference_mode():
         dynamic = DynamicDecoder(model)
-        static = StaticDecoder(model, CAPACITY_STEP, graph=False)
+        static = StaticDecoder(model, CAPACITY_STEP, "static")
         pairs = [(dynamic.prefill(ids), static.prefill(ids).clone())]
         for token in (11, 200, 3):
             step = torch.tensor([[token]])
@@ -100,7 +100,7 @@ def test_step_needs_no_host_reads() -> None:
     # (.item(), bool(tensor), a data-dependent shape) raises, so this runs the step as captured.
     meta = tiny_llama().to("meta")
     with torch.inference_mode():
-        decoder = StaticDecoder(meta, CAPACITY_STEP, graph=False)
+        decoder = StaticDecoder(meta, CAPACITY_STEP, "static")
         decoder.prefill(torch.zeros((1, 7), dtype=torch.long, device="meta"))
         for _ in range(2):
             logits = decoder.step(torch.zeros((1, 1), dtype=torch.long, device="meta"))

@@ -13,14 +13,19 @@ Public interface (``core.generate.generate_stream`` is the caller):
   graph captures, so CPU tests check exactly what the GPU replays), ``"graph"`` (static cache, the
   step captured as a ``torch.cuda.CUDAGraph`` after ``WARMUP_STEPS`` eager steps) and ``"auto"``
   (``"graph"`` for a CUDA model whose cache layers are all plain ``StaticLayer``, else
-  ``"dynamic"``). When the graph path cannot be used -- no CUDA, a cache layer that keeps Python
-  state, a failed capture -- decoding falls back to an eager path and the reason is logged once.
+  ``"dynamic"``). ``"compiled"`` is ``"graph"`` with the step first run through ``torch.compile``
+  (fused element-wise work between the matmuls, at the price of tens of seconds of compilation
+  on the first request). When the graph path cannot be used -- no CUDA, a cache layer that keeps
+  Python state, a failed capture -- decoding falls back to an eager path and the reason is logged
+  once.
 - ``open_decoder(model, tokens, mode) -> Decoder``: ``prefill(ids [1, T]) -> logits [1, V]``
-  then ``step(ids [1, 1]) -> logits [1, V]`` (float32; a static decoder returns the same buffer
+  then ``step(ids [1, 1]) -> logits [1, V]`` (float32; a graph replay returns the same buffer
   every step, valid until the next call), ``close()`` when the request ends. Static decoders are
   kept per model and reused (graph included) by later requests that fit their capacity, as long as
   no parameter or buffer of the model has been replaced since.
-- ``release_static_decoders()``: drop every kept decoder (its cache and graph memory).
+- ``kept_decoder(model)``: the static decoder kept for ``model``, if any (benchmarks check that
+  its ``graph`` was captured); ``release_static_decoders()`` drops them all (cache and graph
+  memory).
 
 Sampling, repetition penalty, stop strings and end-of-sequence handling stay outside the graph, on
 the returned logits, so every mode emits the tokens ``core.sampling`` picks from those logits.
@@ -37,8 +42,8 @@ import torch
 from openpto.core.kvcache import forward_logits, new_cache
 from openpto.errors import UsageError
 
-DecodeMode = Literal["auto", "dynamic", "static", "graph"]
-DECODE_MODES: tuple[str, ...] = ("auto", "dynamic", "static", "graph")
+DecodeMode = Literal["auto", "dynamic", "static", "graph", "compiled"]
+DECODE_MODES: tuple[str, ...] = ("auto", "dynamic", "static", "graph", "compiled")
 #: eager steps on the capture stream before capture: they run the lazy set-up (cuBLAS workspaces,
 #: Triton compilation, split-K scratch buffers) that must not happen inside a capture
 WARMUP_STEPS = 2
@@ -115,6 +120,14 @@ def graph_blocker(cache: Any) -> str | None:
     return None
 
 
+def _decode_step(
+    model: torch.nn.Module, cache: Any, ids: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
+    logits = forward_logits(model, ids, cache, position_ids=position)
+    position.add_(1)
+    return logits[:, -1]
+
+
 class StaticDecoder:
     """Prefill and one-token steps over a ``StaticCache``; the step is optionally a CUDA graph.
 
@@ -122,24 +135,33 @@ class StaticDecoder:
     advances the position in place, so a replay needs no host-side bookkeeping at all.
     """
 
-    def __init__(self, model: torch.nn.Module, capacity: int, graph: bool) -> None:
+    def __init__(self, model: torch.nn.Module, capacity: int, mode: str = "graph") -> None:
         device = next(model.parameters()).device
         self.capacity = capacity
         self.cache = _static_cache(model, capacity)
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.fingerprint = _fingerprint(model)
-        self.use_graph = graph and device.type == "cuda"
+        #: the mode asked for; ``mode`` says what runs (a failed capture falls back to "static")
+        self.requested = mode
+        self.use_graph = mode in ("graph", "compiled") and device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.use_graph else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.eager_steps = 0
         self.busy = False
+        self.compiled = mode == "compiled" and self.use_graph
+        # dynamic=False: one token, one cache length; the graph is captured from this code.
+        self._step_fn: Any = torch.compile(_decode_step, dynamic=False) if self.compiled else (
+            _decode_step
+        )
         self._model = weakref.ref(model)
 
     @property
     def mode(self) -> str:
-        return "graph" if self.use_graph else "static"
+        if self.use_graph:
+            return "compiled" if self.compiled else "graph"
+        return "static"
 
     @property
     def model(self) -> torch.nn.Module:
@@ -149,9 +171,8 @@ class StaticDecoder:
         return model
 
     def _step_once(self) -> torch.Tensor:
-        logits = forward_logits(self.model, self.ids, self.cache, position_ids=self.position)
-        self.position.add_(1)
-        return logits[:, -1]
+        out: torch.Tensor = self._step_fn(self.model, self.cache, self.ids, self.position)
+        return out
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
@@ -171,12 +192,14 @@ class StaticDecoder:
             assert self.out is not None
             return self.out
         if not self.use_graph:
-            return self._step_once()
+            return _decode_step(self.model, self.cache, self.ids, self.position)
         if self.eager_steps < WARMUP_STEPS:
             self.eager_steps += 1
             return self._on_capture_stream(self._step_once)
         self._capture()
-        return self.step(ids) if self.graph is not None else self._step_once()
+        if self.graph is None:
+            return _decode_step(self.model, self.cache, self.ids, self.position)
+        return self.step(ids)
 
     def _on_capture_stream(self, fn: Any) -> torch.Tensor:
         assert self.stream is not None
@@ -192,7 +215,7 @@ class StaticDecoder:
             with torch.cuda.graph(graph, stream=self.stream):
                 out = self._step_once()
         except Exception as exc:  # any failure: decode eagerly over the same cache instead
-            self.use_graph = False
+            self.use_graph = self.compiled = False
             _log_once(f"CUDA graph capture failed, decoding eagerly over a static cache: {exc}")
             return
         # Capture records kernels without running them: the cache and position are unchanged.
@@ -207,6 +230,11 @@ _DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = (
 )
 
 
+def kept_decoder(model: torch.nn.Module) -> StaticDecoder | None:
+    """The static decoder kept for ``model`` (``.graph`` is set once a step has been captured)."""
+    return _DECODERS.get(model)
+
+
 def release_static_decoders() -> None:
     """Forget every kept static decoder, freeing its cache and graph memory."""
     _DECODERS.clear()
@@ -216,18 +244,18 @@ def _capacity(tokens: int) -> int:
     return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
 
 
-def _static_decoder(model: torch.nn.Module, tokens: int, graph: bool) -> StaticDecoder:
+def _static_decoder(model: torch.nn.Module, tokens: int, mode: str) -> StaticDecoder:
     kept = _DECODERS.get(model)
     if (
         kept is not None
         and not kept.busy
-        and kept.use_graph == graph
+        and kept.requested == mode
         and kept.capacity >= tokens
         and kept.fingerprint == _fingerprint(model)
     ):
         decoder = kept
     else:
-        decoder = StaticDecoder(model, _capacity(tokens), graph)
+        decoder = StaticDecoder(model, _capacity(tokens), mode)
         if kept is None or not kept.busy:  # a request still running keeps its own decoder
             _DECODERS[model] = decoder
     decoder.busy = True
@@ -241,8 +269,8 @@ def open_decoder(model: torch.nn.Module, tokens: int, mode: str = "auto") -> Dec
     if mode == "dynamic":
         return DynamicDecoder(model)
     device = next(model.parameters()).device
-    if mode in ("auto", "graph") and device.type != "cuda":
-        if mode == "graph":
+    if mode != "static" and device.type != "cuda":
+        if mode != "auto":
             _log_once(f"CUDA graphs need a CUDA model, this one is on {device.type}: eager decode")
         return DynamicDecoder(model)
     if mode == "auto" and tokens > AUTO_MAX_TOKENS:
@@ -256,4 +284,6 @@ def open_decoder(model: torch.nn.Module, tokens: int, mode: str = "auto") -> Dec
         _log_once(f"no CUDA graph decode for {type(model).__name__}: {blocker}")
         if mode == "auto":
             return DynamicDecoder(model)
-    return _static_decoder(model, tokens, graph=mode != "static" and blocker is None)
+    if blocker is not None:
+        mode = "static"
+    return _static_decoder(model, tokens, "graph" if mode == "auto" else mode)
