@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma-separated path keys to leave out: "
-                        "ours-eager,ours-graph,hf-eager,hf-static,ours-compiled,int4")
+                        "ours-eager,ours-graph,hf-eager,hf-static,ours-compiled,int4, "
+                        "int4-eager,int4-graph,int4-compiled")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_gpu.json"))
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
@@ -220,14 +221,20 @@ def main() -> None:
         row["fraction_of_floor"] = row["decode_tokens_per_second"] / path_floor
         row["seconds_with_warmup"] = time.perf_counter() - t0
         if decode is not None:
-            kept = kept_decoder(model)
             row["decode"] = decode
+        if decode in ("graph", "compiled"):
+            kept = kept_decoder(model)
             row["graph_captured"] = kept is not None and kept.graph is not None
         report["first_32_greedy"][name] = tokens
         if reference is not None and reference in report["first_32_greedy"]:
             ref = report["first_32_greedy"][reference]
             row["first_32_agree_with"] = reference
             row["first_32_agreeing_prefix"] = agreeing_prefix(tokens, ref)
+        if decode == "graph" and device.type == "cuda":
+            # The same cache and kernels stepped eagerly: a replay must give the same tokens
+            # (the dynamic cache attends over other shapes, so a random model may drift from it).
+            row["first_32_agreeing_prefix_vs_static_eager"] = agreeing_prefix(
+                tokens, first_tokens(ours("static")))
         results[name] = row
         print(f"{name}: {row['decode_tokens_per_second']:.1f} tok/s "
               f"({100 * row['fraction_of_floor']:.0f}% of {path_floor:.0f})", flush=True)
@@ -254,6 +261,9 @@ def main() -> None:
         measure("int4-eager", int4_eager, ours("dynamic"), int4_floor, decode="dynamic")
         measure("int4-graph", f"ours int4 (static cache, {step})", ours(graph_mode), int4_floor,
                 int4_eager, decode=graph_mode)
+        if device.type == "cuda":
+            measure("int4-compiled", "ours int4 (static cache, torch.compile + CUDA graph)",
+                    ours("compiled"), int4_floor, int4_eager, decode="compiled")
     report["total_seconds"] = time.perf_counter() - started
     report["cpu_seconds"] = time.process_time() - cpu_started
     if device.type == "cuda":

@@ -171,7 +171,16 @@ class StaticDecoder:
         return model
 
     def _step_once(self) -> torch.Tensor:
-        out: torch.Tensor = self._step_fn(self.model, self.cache, self.ids, self.position)
+        model = self.model
+        if not self.compiled:
+            return _decode_step(model, self.cache, self.ids, self.position)
+        # Graph breaks at opaque kernels (the Triton int4 matmuls) resume inside every decoder
+        # layer, and dynamo specialises those frames on the layer index: allow an entry per layer
+        # (the default limit of 8 left the other layers uncompiled).
+        layers = int(getattr(model.config, "num_hidden_layers", 32))
+        limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            out: torch.Tensor = self._step_fn(model, self.cache, self.ids, self.position)
         return out
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
