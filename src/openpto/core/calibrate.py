@@ -6,6 +6,11 @@ the compressor's hooks can collect activations), and the layer's outputs — com
 weights already compressed — become the next layer's inputs. Errors therefore propagate the way
 they will at inference, and peak memory is one layer plus the activations, whatever the depth.
 
+``run_linear_sequential`` is the one-pass variant ("true sequential" in GPTQ's reference code):
+all samples go through each layer as one batch, and each Linear is compressed inside its own
+forward pre-hook, from inputs computed by the Linears before it, already compressed. Every Linear
+then runs once per layer instead of twice, optionally under bfloat16 autocast.
+
 This module is pure torch: progress, traces and saving belong to ``openpto.pipeline``, which
 passes ``on_layer`` to receive one ``LayerEvent`` per layer.
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +49,32 @@ class LayerEvent:
     seconds: float
     reports: list[LinearReport]
     peak_memory_bytes: int | None
+    # Wall and CPU seconds per phase ("forward", "hessian", "solve", "pack"), where measured.
+    phases: dict[str, float] = field(default_factory=dict)
+    phases_cpu: dict[str, float] = field(default_factory=dict)
+
+
+class PhaseClock:
+    """Wall and CPU seconds (all threads of the process) spent per named phase."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[phase] = self.wall.get(phase, 0.0) + time.perf_counter() - wall
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - cpu
+
+    def take(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The totals so far, and start again from zero."""
+        wall, cpu = self.wall, self.cpu
+        self.wall, self.cpu = {}, {}
+        return wall, cpu
 
 
 @dataclass
@@ -72,6 +103,20 @@ class LayerCompressor(Protocol):
         """Compress the Linears of ``layer`` in place (writing back the weights the model should
         compute with from now on) and report each. ``run_layer()`` pushes every calibration
         sample through the layer as it currently is; call it as often as the method needs."""
+        ...
+
+
+class LinearGroupCompressor(Protocol):
+    def compress_group(
+        self,
+        index: int,
+        prefix: str,
+        linears: dict[str, nn.Linear],
+        inputs: torch.Tensor,
+        clock: PhaseClock,
+    ) -> list[LinearReport]:
+        """Compress ``linears`` (names relative to the layer), which all read ``inputs`` (every
+        calibration token at once), in place, and report each; time the work with ``clock``."""
         ...
 
 
@@ -237,3 +282,154 @@ def _to_device_except_layers(model: nn.Module, layers: nn.ModuleList, device: to
         for name, buf in list(module.named_buffers(recurse=False)):
             if id(buf) not in layer_ids:
                 module._buffers[name] = buf.to(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None, model_dtype: torch.dtype) -> Any:
+    if dtype is None or dtype == model_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _input_groups(
+    layer: nn.Module, linears: dict[str, nn.Linear], states: torch.Tensor, kwargs: dict[str, Any]
+) -> list[list[str]]:
+    """The Linears in call order, those fed the very same tensor (q/k/v, gate/up) grouped."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        linear.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, args[0])))
+        for name, linear in linears.items()
+    ]
+    try:
+        layer(states, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    previous: torch.Tensor | None = None
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if previous is not None and x is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = x
+    return groups
+
+
+def _one_pass(
+    layer: nn.Module,
+    index: int,
+    prefix: str,
+    compressor: LinearGroupCompressor,
+    clock: PhaseClock,
+    cast: Any,
+    inputs: tuple[torch.Tensor, dict[str, Any]],
+    probe: tuple[torch.Tensor, dict[str, Any]],
+) -> tuple[torch.Tensor, list[LinearReport]]:
+    """Run ``layer`` once on ``inputs``, compressing each input group of Linears as it is reached;
+    the layer's output and the reports."""
+    linears = find_linears(layer)
+    with cast:
+        groups = _input_groups(layer, linears, *probe)
+    group_of = {name: group for group in groups for name in group}
+    done: set[str] = set()
+    reports: list[LinearReport] = []
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if name in done:
+            return
+        # The probe's grouping, or this Linear alone if the real pass calls it differently.
+        group = [n for n in group_of.get(name, [name]) if n not in done] or [name]
+        done.update(group)
+        members = {n: linears[n] for n in group}
+        reports.extend(compressor.compress_group(index, prefix, members, x, clock))
+
+    handles = [
+        linear.register_forward_pre_hook(lambda m, args, name=name: hook(name, args[0]))
+        for name, linear in linears.items()
+    ]
+    try:
+        with cast:
+            states, kwargs = inputs
+            output = _first_output(layer(states, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, reports
+
+
+@torch.no_grad()
+def run_linear_sequential(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    compressor: LinearGroupCompressor,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    on_layer: LayerCallback | None = None,
+) -> list[LinearReport]:
+    """Compress every decoder layer with one forward pass of all samples per layer.
+
+    A probe of 8 tokens first finds each layer's Linears in call order and which share an input;
+    then, in the real pass, the first Linear of each group hands the group and its input to
+    ``compressor`` from a forward pre-hook, before the Linear computes. So every Linear sees
+    inputs produced by the compressed Linears before it (errors propagate as at inference) and
+    the layer's output, already compressed, feeds the next layer. ``dtype`` (e.g. bfloat16) runs
+    the pass under autocast; the residual stream and the compressor's statistics stay as they
+    are. Memory: one layer's activations for every calibration token at once.
+    """
+    exec_device = torch.device(device) if device is not None else _infer_device(model)
+    home = _infer_device(model)
+    model_dtype = next(model.parameters()).dtype
+    prefix, layers = decoder_layers(model)
+    was_training = model.training
+    model.eval()
+
+    layer_home = [next(layer.parameters()).device for layer in layers]
+    if exec_device != home:
+        _to_device_except_layers(model, layers, exec_device)
+    if exec_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(exec_device)
+    samples = calibration.shape[0]
+    hidden_list, kwargs_list = capture_layer_inputs(model, calibration, exec_device, samples)
+    probe_states, probe_kwargs = capture_layer_inputs(model, calibration[:1, :8], exec_device, 1)
+    if exec_device != home:
+        _to_device_except_layers(model, layers, home)
+    hidden = hidden_list[0]
+    kwargs = kwargs_list[0]
+    del hidden_list
+
+    reports: list[LinearReport] = []
+    clock = PhaseClock()
+    for index, layer in enumerate(layers):
+        started = time.perf_counter()
+        started_cpu = time.process_time()
+        layer.to(exec_device)
+        cast = _autocast(exec_device, dtype, model_dtype)
+        hidden, layer_reports = _one_pass(
+            layer, index, f"{prefix}.{index}", compressor, clock, cast,
+            (hidden, kwargs), (probe_states[0], probe_kwargs[0]),
+        )
+        reports.extend(layer_reports)
+        layer.to(layer_home[index])
+        wall, cpu = clock.take()
+        wall["forward"] = time.perf_counter() - started - sum(wall.values())
+        cpu["forward"] = time.process_time() - started_cpu - sum(cpu.values())
+        if on_layer is not None:
+            on_layer(
+                LayerEvent(
+                    index=index,
+                    total=len(layers),
+                    seconds=time.perf_counter() - started,
+                    reports=layer_reports,
+                    peak_memory_bytes=_peak_memory(exec_device),
+                    phases=wall,
+                    phases_cpu=cpu,
+                )
+            )
+    if was_training:
+        model.train()
+    return reports

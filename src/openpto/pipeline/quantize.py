@@ -105,6 +105,8 @@ def _layer_recorder(wf: Workflow, advance: Any) -> Any:
                 "max_error": max(values) if values else None,
                 "peak_memory_bytes": event.peak_memory_bytes,
                 "peak_rss_bytes": _rss_peak_bytes(),
+                # Wall and CPU seconds per phase (forward, hessian, solve, pack) where measured.
+                "phases": event.phases, "phases_cpu": event.phases_cpu,
             },
         )
         advance(1)

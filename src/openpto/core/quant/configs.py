@@ -53,9 +53,18 @@ class GPTQConfig(QuantConfig):
     # With act-order, fix each group's scale/zero from the original column order before the
     # permuted pass, so the stored weight needs no reordering (no g_idx) at inference.
     static_groups: bool = True
+    # One forward pass per layer, each Linear calibrated on inputs from the already-quantized
+    # Linears before it (GPTQ's "true sequential"), not one pass to collect and one to propagate.
+    true_sequential: bool = True
+    # dtype of that pass (Hessians stay float32): "auto" is bfloat16 where matmuls have it natively.
+    calib_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.calib_dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(
+                f"calib_dtype must be auto, bfloat16 or float32, got {self.calib_dtype!r}"
+            )
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:

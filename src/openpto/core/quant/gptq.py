@@ -5,11 +5,19 @@ One ``GPTQ`` object per Linear, as in the paper's reference: ``add_batch`` accum
 ``H = 2 X X^T / n`` (in ``openpto.core.hessian``), ``quantize`` runs the blocked column loop and
 returns a ``GPTQResult``, ``free`` drops the Hessian. The reported error is the relative output
 error ``||(W - W') X||^2 / ||W X||^2`` on the calibration inputs.
+
+Rows never interact in GPTQ, so Linears that read the same input (q/k/v, gate/up) are solved as
+one matrix, their rows stacked, with one Hessian and one Cholesky factor: the same codes as one
+solve each, fewer passes of the Python column loop. By default (``true_sequential``) a layer is
+calibrated in one pass (``run_linear_sequential``), under bfloat16 autocast where the hardware
+has it (``calib_dtype``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,15 +26,19 @@ from torch import nn
 from openpto.core.calibrate import (
     CompressionResult,
     LayerCallback,
+    LayerEvent,
     LinearReport,
+    PhaseClock,
     RunLayer,
     find_linears,
+    run_linear_sequential,
 )
 from openpto.core.hessian import HessianAccumulator, inverse_cholesky
 from openpto.core.quant.common import InputCollector, relative_output_error, run_calibrated
 from openpto.core.quant.configs import GPTQConfig
 from openpto.core.quant.primitives import compute_qparams, resolve_group_size
 from openpto.core.quant.tensor import QuantizedWeight
+from openpto.errors import DataError
 from openpto.registry import TRANSFORMS
 
 
@@ -41,6 +53,147 @@ class GPTQResult:
 
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     return (torch.round(w / scale) + zero).clamp(0, maxq)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The solve is thousands of tiny ops and a few small factorisations: a second intra-op
+    thread only adds handoffs, and on a busy machine a descheduled worker stalls every one of
+    them (measured: the 3072 x 576 gate/up solve took 1.06 CPU-s on 2 threads, 0.14 on 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def gptq_solve(
+    W0: torch.Tensor, H: torch.Tensor, config: GPTQConfig
+) -> tuple[QuantizedWeight, float, torch.Tensor | None]:
+    """Quantize ``W0`` (float32 ``[rows, cols]``) against ``H``: the codes, the dampening used and
+    the act-order permutation."""
+    W = W0.clone()
+    rows, cols = W.shape
+    g = resolve_group_size(cols, config.group_size)
+    maxq = 2**config.bits - 1
+    groups = cols // g
+    scale = torch.zeros(rows, groups, device=W.device)
+    zero = torch.zeros_like(scale)
+    # Static groups (and per-channel, where there is one group) fix every group's grid from the
+    # original weights, in the original column order: the codes then need no g_idx.
+    static = config.static_groups or groups == 1
+    if static:
+        scale, zero = compute_qparams(W, config.bits, g, config.symmetric)
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    factor = inverse_cholesky(H, config.damp)
+    Hinv = factor.upper
+    # A Python list: indexing a device tensor per column would sync the GPU every column.
+    column = perm.tolist() if perm is not None else list(range(cols))
+
+    with _one_thread() if W.device.type == "cpu" else contextlib.nullcontext():
+        if static:
+            index = torch.tensor(column, device=W.device) // g
+            Q = _static_columns(W, Hinv, scale[:, index], zero[:, index], maxq, config.block_size)
+        else:
+            Q = _dynamic_columns(W, Hinv, scale, zero, column, g, config)
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    qw = QuantizedWeight(Q, scale, zero, config.bits, g, config.symmetric)
+    return qw, factor.damp, perm
+
+
+def _static_columns(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    maxq: int,
+    block: int,
+) -> torch.Tensor:
+    """The column loop when every column's grid is known up front (``scales``/``zeros`` given
+    per column, in the order of ``W``'s columns): the codes, uint8 ``[rows, cols]``.
+
+    Work is transposed, so each column is one contiguous row, and each error is left undivided
+    by its pivot ``Hinv[i, i]``, whose row of ``Hinv`` is divided instead: the Python loop
+    issues nine small ops per column, the part of the solve that does not shrink with BLAS.
+    """
+    WT = W.t().contiguous()
+    ST, ZT = scales.t().contiguous(), zeros.t().contiguous()
+    cols = WT.shape[0]
+    QT = torch.empty_like(WT)
+    Hs = Hinv / Hinv.diagonal().unsqueeze(1)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Err1 = WT[i1:i2], torch.empty_like(WT[i1:i2])
+        w_rows, q_rows, e_rows = W1.unbind(0), QT[i1:i2].unbind(0), Err1.unbind(0)
+        s_rows, z_rows = ST[i1:i2].unbind(0), ZT[i1:i2].unbind(0)
+        for i in range(i2 - i1):
+            w, q = w_rows[i], q_rows[i]
+            torch.div(w, s_rows[i], out=q)
+            q.round_().add_(z_rows[i]).clamp_(0, maxq)
+            dq = (q - z_rows[i]).mul_(s_rows[i])
+            torch.sub(w, dq, out=e_rows[i])
+            if i + 1 < i2 - i1:
+                W1[i + 1 :].addr_(Hs[i1 + i, i1 + i + 1 : i2], e_rows[i], alpha=-1)
+        # Lazy batch update: the columns after the block see all of its errors at once.
+        if i2 < cols:
+            WT[i2:].addmm_(Hs[i1:i2, i2:].t(), Err1, alpha=-1)
+    return QT.to(torch.uint8).t().contiguous()
+
+
+def _dynamic_columns(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    column: list[int],
+    g: int,
+    config: GPTQConfig,
+) -> torch.Tensor:
+    """The column loop when each group's grid is fixed as its first column is reached (no
+    act-order, no static groups); fills ``scale``/``zero`` and returns the codes."""
+    rows, cols = W.shape
+    maxq = 2**config.bits - 1
+    Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    bs = config.block_size
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = column[i1 + i]
+            gi = col // g
+            if col % g == 0:
+                # Fix the group's grid from the weights as updated so far (the block's pending
+                # updates included).
+                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                s, z = compute_qparams(current, config.bits, g, config.symmetric)
+                scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            w = W1[:, i]
+            q = _round(w, scale[:, gi], zero[:, gi], maxq)
+            Q[:, i1 + i] = q.to(torch.uint8)
+            err = (w - (q - zero[:, gi]) * scale[:, gi]) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        # Lazy batch update: the columns after the block see all of its errors at once.
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+def _rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
+    return QuantizedWeight(
+        qw.q[start:stop], qw.scale[start:stop], qw.zero[start:stop],
+        qw.bits, qw.group_size, qw.symmetric,
+    )
 
 
 class GPTQ:
@@ -59,72 +212,50 @@ class GPTQ:
     def quantize(self, config: GPTQConfig) -> GPTQResult:
         started = time.perf_counter()
         assert self.hessian is not None, "quantize after free()"
-        H0 = self.hessian.H
-        H = H0
         W0 = self.linear.weight.data.float()
-        W = W0.clone()
-        rows, cols = W.shape
-        g = resolve_group_size(cols, config.group_size)
-        maxq = 2**config.bits - 1
-        groups = cols // g
-        scale = torch.zeros(rows, groups, device=W.device)
-        zero = torch.zeros_like(scale)
-        # Static groups (and per-channel, where there is one group) fix every group's grid from the
-        # original weights, in the original column order: the codes then need no g_idx.
-        static = config.static_groups or groups == 1
-        if static:
-            scale, zero = compute_qparams(W, config.bits, g, config.symmetric)
-
-        perm = None
-        if config.act_order:
-            perm = torch.argsort(H.diagonal(), descending=True)
-            W = W[:, perm]
-            H = H[perm][:, perm]
-        factor = inverse_cholesky(H, config.damp)
-        Hinv = factor.upper
-        # A Python list: indexing a device tensor per column would sync the GPU every column.
-        column = perm.tolist() if perm is not None else list(range(cols))
-
-        Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
-        bs = config.block_size
-        for i1 in range(0, cols, bs):
-            i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = column[i1 + i]
-                gi = col // g
-                if not static and col % g == 0:
-                    # Without act-order columns arrive in order; fix the group's grid from the
-                    # weights as updated so far (the block's pending updates included).
-                    current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                    s, z = compute_qparams(current, config.bits, g, config.symmetric)
-                    scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
-                w = W1[:, i]
-                q = _round(w, scale[:, gi], zero[:, gi], maxq)
-                Q[:, i1 + i] = q.to(torch.uint8)
-                err = (w - (q - zero[:, gi]) * scale[:, gi]) / Hinv1[i, i]
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            # Lazy batch update: the columns after the block see all of its errors at once.
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-        if perm is not None:
-            Q = Q[:, torch.argsort(perm)]
-        qw = QuantizedWeight(Q, scale, zero, config.bits, g, config.symmetric)
-        error = relative_output_error(W0, qw.dequantize(), H0)
-        return GPTQResult(qw, error, factor.damp, perm, time.perf_counter() - started)
+        qw, damp, perm = gptq_solve(W0, self.hessian.H, config)
+        error = relative_output_error(W0, qw.dequantize(), self.hessian.H)
+        return GPTQResult(qw, error, damp, perm, time.perf_counter() - started)
 
     def free(self) -> None:
         self.hessian = None
 
 
-class GPTQCompressor:
-    """The per-layer step: one pass to collect Hessians, then GPTQ on every Linear."""
+def calib_dtype(config: GPTQConfig, device: torch.device | str) -> torch.dtype:
+    """The dtype of the calibration pass: ``auto`` is bfloat16 where matmuls have it natively
+    (CUDA with bf16, CPUs with AVX512-BF16 or AMX), float32 elsewhere."""
+    if config.calib_dtype != "auto":
+        return getattr(torch, config.calib_dtype)  # type: ignore[no-any-return]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
 
-    def __init__(self, config: GPTQConfig) -> None:
+
+def _cpu_has_bf16() -> bool:
+    # torch reports AVX512 for both AVX512 and AVX512-BF16 parts; only the flags tell them apart,
+    # and without the instructions oneDNN emulates bfloat16 more slowly than float32.
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+class GPTQCompressor:
+    """The per-layer step: Hessians for every distinct input, then one GPTQ solve per input.
+
+    ``compress_layer`` is the two-pass form (``run_layer_sequential``: one pass to collect, one
+    to propagate); ``compress_group`` the one-pass form (``run_linear_sequential``).
+    """
+
+    def __init__(self, config: GPTQConfig, dtype: torch.dtype = torch.float32) -> None:
         self.config = config
+        self.dtype = dtype  # of the inputs in the Hessian product; H is float32 either way
+        self.clock = PhaseClock()
 
     def compress_layer(
         self, index: int, prefix: str, layer: nn.Module, run_layer: RunLayer
@@ -132,29 +263,89 @@ class GPTQCompressor:
         linears = find_linears(layer)
         for linear in linears.values():
             resolve_group_size(linear.in_features, self.config.group_size)
+        clock = self.clock
         collector = InputCollector(
-            linears, lambda lin: HessianAccumulator(lin.in_features, device=lin.weight.device)
+            linears, lambda lin: _TimedHessian(lin.in_features, lin.weight.device, clock)
         )
         try:
             run_layer()
         finally:
             collector.remove()
+        members: dict[str, list[str]] = {}
+        for name in linears:
+            owner = collector.shared_with.get(name, name)
+            members.setdefault(owner, []).append(name)
         reports = []
-        for name, linear in linears.items():
-            gptq = GPTQ(linear, collector.sink(name))
-            result = gptq.quantize(self.config)
-            linear.weight.data = result.quantized.dequantize(linear.weight.dtype)
-            reports.append(
-                LinearReport(
-                    index,
-                    f"{prefix}.{name}",
-                    result.error,
-                    result.seconds,
-                    quantized=result.quantized.to("cpu"),
-                    extra={"damp": result.damp},
-                )
-            )
+        for owner, names in members.items():
+            group = {name: linears[name] for name in names}
+            reports += self._solve(index, prefix, group, collector.sinks[owner].H, clock)
         return reports
+
+    def compress_group(
+        self,
+        index: int,
+        prefix: str,
+        linears: dict[str, nn.Linear],
+        inputs: torch.Tensor,
+        clock: PhaseClock,
+    ) -> list[LinearReport]:
+        first = next(iter(linears.values()))
+        for linear in linears.values():
+            resolve_group_size(linear.in_features, self.config.group_size)
+        with clock("hessian"):
+            hessian = HessianAccumulator(first.in_features, first.weight.device, self.dtype)
+            hessian.add_batch(inputs.detach())
+        return self._solve(index, prefix, linears, hessian.H, clock)
+
+    def _solve(
+        self,
+        index: int,
+        prefix: str,
+        linears: dict[str, nn.Linear],
+        H: torch.Tensor,
+        clock: PhaseClock,
+    ) -> list[LinearReport]:
+        with _one_thread() if H.device.type == "cpu" else contextlib.nullcontext():
+            return self._solve_group(index, prefix, linears, H, clock)
+
+    def _solve_group(
+        self,
+        index: int,
+        prefix: str,
+        linears: dict[str, nn.Linear],
+        H: torch.Tensor,
+        clock: PhaseClock,
+    ) -> list[LinearReport]:
+        started = time.perf_counter()
+        with clock("solve"):
+            weights = [linear.weight.data.float() for linear in linears.values()]
+            qw, damp, _ = gptq_solve(torch.cat(weights), H, self.config)
+        solved = time.perf_counter() - started
+        reports = []
+        row = 0
+        with clock("pack"):
+            for (name, linear), w in zip(linears.items(), weights, strict=True):
+                part = _rows(qw, row, row + w.shape[0])
+                row += w.shape[0]
+                dequantized = part.dequantize()
+                linear.weight.data = dequantized.to(linear.weight.dtype)
+                # Seconds: the shared solve, split by rows.
+                seconds = solved * w.shape[0] / qw.out_features
+                reports.append(LinearReport(
+                    index, f"{prefix}.{name}", relative_output_error(w, dequantized, H), seconds,
+                    quantized=part.to("cpu"), extra={"damp": damp, "solved_with": list(linears)},
+                ))
+        return reports
+
+
+class _TimedHessian(HessianAccumulator):
+    def __init__(self, columns: int, device: torch.device, clock: PhaseClock) -> None:
+        super().__init__(columns, device)
+        self.clock = clock
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        with self.clock("hessian"):
+            super().add_batch(x)
 
 
 @TRANSFORMS.register(GPTQConfig)
@@ -166,6 +357,38 @@ def gptq_transform(
     device: str | torch.device | None = None,
     on_layer: LayerCallback | None = None,
 ) -> CompressionResult:
-    return run_calibrated(
-        model, config, calibration, GPTQCompressor(config), device=device, on_layer=on_layer
+    where = torch.device(device) if device is not None else next(model.parameters()).device
+    if not config.true_sequential:
+        compressor = GPTQCompressor(config)
+        return run_calibrated(model, config, calibration, compressor, device=device,
+                              on_layer=_with_phases(compressor.clock, on_layer))
+    if calibration is None or calibration.numel() == 0:
+        raise DataError(
+            f"{config.type_name} needs calibration token ids (a LongTensor [samples, seq_len])"
+        )
+    dtype = calib_dtype(config, where)
+    started = time.perf_counter()
+    reports = run_linear_sequential(
+        model, calibration, GPTQCompressor(config, dtype), device=where, dtype=dtype,
+        on_layer=on_layer,
     )
+    return CompressionResult(config.type_name, config.to_dict(), reports,
+                             time.perf_counter() - started, str(where))
+
+
+def _with_phases(clock: PhaseClock, on_layer: LayerCallback | None) -> LayerCallback | None:
+    """Adds the two-pass compressor's phases to each layer event; the rest was forward passes."""
+    if on_layer is None:
+        return None
+    last_cpu = [time.process_time()]
+
+    def report(event: LayerEvent) -> None:
+        wall, cpu = clock.take()
+        now = time.process_time()
+        wall["forward"] = max(event.seconds - sum(wall.values()), 0.0)
+        cpu["forward"] = max(now - last_cpu[0] - sum(cpu.values()), 0.0)
+        last_cpu[0] = now
+        event.phases, event.phases_cpu = wall, cpu
+        on_layer(event)
+
+    return report

@@ -1,0 +1,186 @@
+"""GPTQ calibration time of the default model on the CPU, per phase, with the perplexity it buys.
+
+Runs the path of ``opt quantize smollm2-135m --method gptq --bits 4 --group-size 64``
+(``openpto.pipeline.quantize.quantize_model``: 128 calibration windows of 512 tokens of the
+default calibration text, the torch backend, an artifact folder written) with perplexity before
+and after on the first ``--eval-tokens`` tokens of the default evaluation text (windows of 512, the
+protocol of ``benchmarks/quant_quality.py``). Prints a table and saves JSON: wall and CPU seconds
+of calibration + quantization and of the artifact write, the per-phase totals that the run wrote
+to its per-layer traces (forward passes, Hessian products, GPTQ solves, packing of the codes), the
+load average at the start, threads, and the perplexities.
+
+``--variants`` also runs the previous calibration (``two-pass-fp32``: one float32 pass to collect
+the Hessians and one to propagate, per layer) or the one-pass driver in float32
+(``one-pass-fp32``); they differ from the default only in the GPTQ config the torch backend is
+given (``true_sequential``, ``calib_dtype``). Time it alone on the machine:
+
+    flock -x /tmp/openpto-bench.lock env HF_HUB_OFFLINE=1 .venv/bin/python \
+        benchmarks/gptq_cpu_time.py --variants default two-pass-fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+#: GPTQConfig fields per variant (the default variant changes nothing)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "one-pass-fp32": {"true_sequential": True, "calib_dtype": "float32"},
+    "two-pass-fp32": {"true_sequential": False, "calib_dtype": "float32"},
+}
+PHASES = ("forward", "hessian", "solve", "pack")
+#: llm-compressor 0.14 GPTQ w4 g64 on the same model and calibration, 2 threads, idle machine
+#: (/work/shared/notes/default-model-and-peers.md)
+LLM_COMPRESSOR_SECONDS = 420.0
+
+
+def run_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import openpto.api
+    from openpto.pipeline.backends.torch_backend import TorchBackend
+    from openpto.pipeline.quantize import quantize_model
+    from openpto.store import Store
+
+    timing: dict[str, float] = {}
+    configure, quantize, calibrate = (
+        TorchBackend.configure, TorchBackend.quantize, openpto.api.quantize_)
+
+    def configured(self: Any, request: Any) -> Any:
+        request = configure(self, request)
+        config = dataclasses.replace(request.config, **VARIANTS[name])
+        return dataclasses.replace(request, config=config)
+
+    def timed(self: Any, *a: Any, **kw: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        produced = quantize(self, *a, **kw)
+        timing["backend_wall"] = time.perf_counter() - wall
+        timing["backend_cpu"] = time.process_time() - cpu
+        return produced
+
+    def calibrated(*a: Any, **kw: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = calibrate(*a, **kw)
+        timing["calibration_wall"] = time.perf_counter() - wall
+        timing["calibration_cpu"] = time.process_time() - cpu
+        return result
+
+    store = Store(workdir / f"{name}.db")
+    load_start = os.getloadavg()
+    wall, cpu = time.perf_counter(), time.process_time()
+    TorchBackend.configure, TorchBackend.quantize = configured, timed  # type: ignore[method-assign]
+    openpto.api.quantize_ = calibrated
+    try:
+        result = quantize_model(
+            "smollm2-135m", method="gptq", bits=4, group_size=64, samples=args.samples,
+            calib_seq_len=args.calib_seq_len, output=workdir / name, eval_text="stdlib-docstrings",
+            eval_max_tokens=args.eval_tokens, store=store,
+        )
+    finally:
+        TorchBackend.configure, TorchBackend.quantize = configure, quantize  # type: ignore[method-assign]
+        openpto.api.quantize_ = calibrate
+    total_wall, total_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    layers = [
+        json.loads(row["attributes"]) if isinstance(row["attributes"], str) else row["attributes"]
+        for row in store.query_readonly(
+            "select attributes from traces where run_id = ? and name like 'layer %' "
+            "order by started_at", [result["run_id"]])
+    ]
+    phases = {p: sum(layer["phases"].get(p, 0.0) for layer in layers) for p in PHASES}
+    phases_cpu = {p: sum(layer["phases_cpu"].get(p, 0.0) for layer in layers) for p in PHASES}
+    return {
+        "variant": name,
+        "gptq_config": VARIANTS[name],
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "calibration_wall_seconds": timing["calibration_wall"],
+        "calibration_cpu_seconds": timing["calibration_cpu"],
+        "artifact_write_wall_seconds": timing["backend_wall"] - timing["calibration_wall"],
+        "artifact_write_cpu_seconds": timing["backend_cpu"] - timing["calibration_cpu"],
+        "backend_wall_seconds": timing["backend_wall"],
+        "backend_cpu_seconds": timing["backend_cpu"],
+        "run_wall_seconds": total_wall,
+        "run_cpu_seconds": total_cpu,
+        "phases_wall_seconds": phases,
+        "phases_cpu_seconds": phases_cpu,
+        "perplexity_before": result["perplexity_before"],
+        "perplexity_after": result["perplexity_after"],
+        "delta_percent": 100 * (result["perplexity_after"] / result["perplexity_before"] - 1),
+        "layers": layers,
+    }
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/gptq_cpu_time.json"))
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gptq-cpu-time-") as tmp:
+        for name in args.variants:
+            row = run_variant(name, args, Path(tmp))
+            rows.append(row)
+            print(f"{name}: calibration {row['calibration_wall_seconds']:.1f} s wall, "
+                  f"{row['calibration_cpu_seconds']:.1f} CPU-s; perplexity "
+                  f"{row['perplexity_before']:.3f} -> {row['perplexity_after']:.3f}", flush=True)
+            save(args, rows)
+    print_table(rows)
+    print(f"saved {args.json}")
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = ("variant", "load", "wall s", "CPU s", *(f"{p} s (CPU)" for p in PHASES),
+            "write s", "ppl before", "ppl after", "vs float")
+    print(" | ".join(head))
+    for r in rows:
+        phases = [f"{r['phases_wall_seconds'][p]:.1f} ({r['phases_cpu_seconds'][p]:.1f})"
+                  for p in PHASES]
+        print(" | ".join([
+            r["variant"], f"{r['load_average_start'][0]:.1f}",
+            f"{r['calibration_wall_seconds']:.1f}", f"{r['calibration_cpu_seconds']:.1f}",
+            *phases, f"{r['artifact_write_wall_seconds']:.1f}",
+            f"{r['perplexity_before']:.3f}", f"{r['perplexity_after']:.3f}",
+            f"{r['delta_percent']:+.2f} %",
+        ]))
+    print(f"llm-compressor 0.14 GPTQ w4 g64, same model and calibration, idle machine: "
+          f"{LLM_COMPRESSOR_SECONDS:.0f} s wall")
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    from openpto.data import CALIBRATION_DEFAULT, EVALUATION_DEFAULT
+
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "command": " ".join(sys.argv),
+        "calibration": {"text": CALIBRATION_DEFAULT, "samples": args.samples,
+                        "seq_len": args.calib_seq_len, "seed": 0},
+        "evaluation": {"text": EVALUATION_DEFAULT, "seq_len": 512, "tokens": args.eval_tokens},
+        "llm_compressor_seconds": LLM_COMPRESSOR_SECONDS,
+        "rows": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The one-pass ("true sequential") calibration driver, stacked GPTQ solves, bfloat16 Hessians."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from openpto.api import quantize_
+from openpto.core.calibrate import LinearReport, PhaseClock, find_linears, run_linear_sequential
+from openpto.core.hessian import HessianAccumulator
+from openpto.core.quant import GPTQConfig, RTNConfig
+from openpto.core.quant.gptq import GPTQ, calib_dtype, gptq_solve
+from openpto.errors import ConfigError
+from tests.helpers import tiny_llama
+
+
+class RoundingCompressor:
+    """Rounds each group's weights to one decimal and keeps the inputs it was handed."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, torch.Tensor] = {}
+        self.groups: list[list[str]] = []
+
+    def compress_group(self, index, prefix, linears, inputs, clock):  # type: ignore[no-untyped-def]
+        self.groups.append(list(linears))
+        reports = []
+        for name, linear in linears.items():
+            self.seen[f"{prefix}.{name}"] = inputs.detach().clone()
+            linear.weight.data = torch.round(linear.weight.data * 10) / 10
+            reports.append(LinearReport(index, f"{prefix}.{name}", 0.0, 0.0))
+        return reports
+
+
+def test_each_linear_sees_inputs_of_the_already_compressed_model() -> None:
+    model = tiny_llama(num_hidden_layers=2)
+    calib = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    compressor = RoundingCompressor()
+    events = []
+    reports = run_linear_sequential(model, calib, compressor, on_layer=events.append)
+    assert len(reports) == 2 * 7 and [e.index for e in events] == [0, 1]
+    assert set(events[0].phases) >= {"forward"} and events[0].phases_cpu["forward"] >= 0
+    # Inputs sharing one tensor are handed over together, in call order.
+    assert compressor.groups[:4] == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    # Every Linear saw exactly what it sees in the fully compressed model: errors propagated.
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        linear.register_forward_pre_hook(
+            lambda m, args, name=name: inputs.__setitem__(name, args[0].detach())
+        )
+        for name, linear in find_linears(model).items()
+    ]
+    with torch.no_grad():
+        model(calib)
+    for handle in handles:
+        handle.remove()
+    assert set(compressor.seen) == {n for n in inputs if ".layers." in n}
+    for name, seen in compressor.seen.items():
+        torch.testing.assert_close(seen, inputs[name], rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_solve_gives_the_codes_of_separate_solves() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    H = 2 * x.t() @ x / x.shape[0]
+    parts = [torch.randn(rows, 64, generator=gen) for rows in (48, 16, 16)]
+    config = GPTQConfig(bits=4, group_size=32)
+    stacked, damp, _ = gptq_solve(torch.cat(parts), H, config)
+    row = 0
+    for w in parts:
+        alone, alone_damp, _ = gptq_solve(w, H, config)
+        assert alone_damp == damp
+        assert torch.equal(stacked.q[row : row + w.shape[0]], alone.q)
+        assert torch.equal(stacked.scale[row : row + w.shape[0]], alone.scale)
+        row += w.shape[0]
+
+
+def test_hessian_strips_and_bfloat16_against_float64() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3000, 600, generator=gen) @ torch.randn(600, 600, generator=gen) / 20
+    reference = 2 * x.double().t() @ x.double() / x.shape[0]
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        acc = HessianAccumulator(600, dtype=dtype)
+        for chunk in x.split(1000):
+            acc.add_batch(chunk)
+        assert torch.equal(acc.H, acc.H.t())
+        error = (acc.H.double() - reference).norm() / reference.norm()
+        assert error < tolerance, (dtype, float(error))
+
+
+def test_one_pass_gptq_matches_two_pass_quality_on_a_tiny_llama() -> None:
+    torch.manual_seed(0)
+    base = tiny_llama(num_hidden_layers=2)
+    calib = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = base(ids).logits
+
+    def logit_error(config: GPTQConfig | RTNConfig) -> float:
+        model = copy.deepcopy(base)
+        quantize_(model, config, None if isinstance(config, RTNConfig) else calib)
+        with torch.no_grad():
+            return float((model(ids).logits - reference).norm() / reference.norm())
+
+    rtn = logit_error(RTNConfig(bits=4, group_size=32))
+    two = logit_error(GPTQConfig(bits=4, group_size=32, true_sequential=False))
+    one = logit_error(GPTQConfig(bits=4, group_size=32, calib_dtype="float32"))
+    bf16 = logit_error(GPTQConfig(bits=4, group_size=32, calib_dtype="bfloat16"))
+    assert two < 0.8 * rtn
+    assert one < 1.1 * two and bf16 < 1.1 * two, (rtn, two, one, bf16)
+
+
+def test_calib_dtype_option() -> None:
+    assert calib_dtype(GPTQConfig(calib_dtype="float32"), "cpu") == torch.float32
+    assert calib_dtype(GPTQConfig(calib_dtype="bfloat16"), "cpu") == torch.bfloat16
+    assert calib_dtype(GPTQConfig(), "cpu") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ConfigError, match="calib_dtype must be"):
+        GPTQConfig(calib_dtype="float16")
+
+
+def test_phase_clock_and_single_linear_api_still_work() -> None:
+    clock = PhaseClock()
+    with clock("solve"):
+        pass
+    wall, cpu = clock.take()
+    assert set(wall) == set(cpu) == {"solve"} and clock.take() == ({}, {})
+    linear = nn.Linear(64, 8, bias=False)
+    gptq = GPTQ(linear)
+    gptq.add_batch(torch.randn(256, 64))
+    result = gptq.quantize(GPTQConfig(bits=4, group_size=32))
+    assert 0 < result.error < 0.05
