@@ -71,6 +71,7 @@ def test_sparsify_json_round_trip_and_records(
     stored = _weights(out)
     for name, layer in meta["sparsity"]["layers"].items():
         weight = loaded.model.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)
         assert nm_compliant(weight, 2, 4)
         assert torch.equal(weight == 0, stored[f"{name}.weight"] == 0)
         assert (weight == 0).float().mean().item() == pytest.approx(layer, abs=1e-6)
