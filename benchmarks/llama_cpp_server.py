@@ -4,7 +4,9 @@ Some virtual machines advertise AMX in cpuid without enabling its tile state; ll
 with SIGILL in ``ggml_backend_amx_mul_mat`` on the first model load. ``opt serve --backend
 llamacpp`` keeps the weights out of the AMX and repack buffers (``use_extra_bufts = False``);
 this launcher applies the same context manager around llama-cpp-python's server, so the peer
-server runs the same AVX-512 kernels as ours. Arguments are llama_cpp.server's own:
+server runs the same AVX-512 kernels as ours. It needs the server extras
+(``pip install 'llama-cpp-python[server]'``: sse-starlette, starlette-context). Arguments are
+llama_cpp.server's own:
 
     .venv/bin/python benchmarks/llama_cpp_server.py --model FILE.gguf --n_threads 2 --port 8001
 """
