@@ -99,6 +99,9 @@ def llamacpp_decode(path: Path, text: str, ids: list[int], new_tokens: int,
     def run(n: int) -> tuple[list[int], list[float], float]:
         stamps: list[float] = []
         tokens: list[int] = []
+        # generate() would reuse the KV cache of an earlier call with the same prompt prefix;
+        # reset() makes every run prefill the prompt, as torch's runs do.
+        llm.reset()
         start, cpu = time.perf_counter(), time.process_time()
         # top_k=1, temp=0: greedy; llm.generate never stops at end-of-sequence by itself.
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
