@@ -17,17 +17,13 @@ from openpto.core.generate import (
 )
 from openpto.core.sampling import SamplingParams, apply_repetition_penalty
 from openpto.errors import UsageError
-from tests.helpers import tiny_llama, tiny_tokenizer
+from tests.helpers import one_thread, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny models gain nothing from intra-op threads, and on a busy shared CPU two threads
-    # waiting on each other make every forward pass many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 PROMPTS = [

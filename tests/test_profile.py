@@ -16,16 +16,13 @@ from openpto.core.sampling import SamplingParams
 from openpto.errors import UsageError
 from openpto.profiling import kernel_summary, profile_generation
 from openpto.profiling.measure import percentile
-from tests.helpers import tiny_llama, tiny_tokenizer
+from tests.helpers import one_thread, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():  # type: ignore[no-untyped-def]
-    # On a busy shared CPU two intra-op threads waiting on each other make timings erratic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -24,18 +24,14 @@ from openpto.core.speculative import (
     verify,
 )
 from openpto.errors import UsageError
-from tests.helpers import tiny_llama, tiny_tokenizer
+from tests.helpers import one_thread, tiny_llama, tiny_tokenizer
 from tests.test_generate import lively_llama
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny models gain nothing from intra-op threads, and on a busy shared CPU two threads
-    # waiting on each other make every forward pass many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 PROMPT = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return"

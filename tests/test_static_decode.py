@@ -16,16 +16,14 @@ from openpto.core.static_decode import (
     release_static_decoders,
 )
 from openpto.errors import UsageError
-from tests.helpers import tiny_llama, tiny_tokenizer
+from tests.helpers import one_thread, tiny_llama, tiny_tokenizer
 from tests.test_generate import PROMPTS, lively_llama
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
     release_static_decoders()
 
 

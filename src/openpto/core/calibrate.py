@@ -221,21 +221,9 @@ def run_layer_sequential(
     Everything but the decoder layers (embeddings, rotary tables, final norm, head) is moved to
     ``device`` only while the layer-0 inputs are captured. The model ends where it started.
     """
-    exec_device = torch.device(device) if device is not None else _infer_device(model)
-    home = _infer_device(model)
-    prefix, layers = decoder_layers(model)
-    was_training = model.training
-    model.eval()
-
-    layer_home = [next(layer.parameters()).device for layer in layers]
-    if exec_device != home:
-        _to_device_except_layers(model, layers, exec_device)
-
-    if exec_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(exec_device)
-    hidden, kwargs_list = capture_layer_inputs(model, calibration, exec_device, batch_size)
-    if exec_device != home:
-        _to_device_except_layers(model, layers, home)
+    run = _SequentialRun.start(model, device)
+    exec_device, prefix, layers, layer_home = run.device, run.prefix, run.layers, run.layer_home
+    ((hidden, kwargs_list),) = run.capture(model, [(calibration, batch_size)])
 
     reports: list[LinearReport] = []
     total = len(layers)
@@ -269,9 +257,57 @@ def run_layer_sequential(
                     peak_memory_bytes=_peak_memory(exec_device),
                 )
             )
-    if was_training:
-        model.train()
+    run.finish(model)
     return reports
+
+
+@dataclass
+class _SequentialRun:
+    """What both layer-by-layer drivers set up: where to compute, the decoder layers and where
+    each lives, and the model's training flag to restore at the end."""
+
+    device: torch.device
+    home: torch.device
+    prefix: str
+    layers: nn.ModuleList
+    layer_home: list[torch.device]
+    was_training: bool
+
+    @classmethod
+    def start(cls, model: nn.Module, device: str | torch.device | None) -> _SequentialRun:
+        home = _infer_device(model)
+        prefix, layers = decoder_layers(model)
+        run = cls(
+            device=torch.device(device) if device is not None else home,
+            home=home,
+            prefix=prefix,
+            layers=layers,
+            layer_home=[next(layer.parameters()).device for layer in layers],
+            was_training=model.training,
+        )
+        model.eval()
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        return run
+
+    def capture(
+        self, model: nn.Module, batches: list[tuple[torch.Tensor, int]]
+    ) -> list[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
+        """Layer-0 inputs of each ``(calibration, batch_size)``, with everything but the decoder
+        layers on the compute device only meanwhile."""
+        if self.device != self.home:
+            _to_device_except_layers(model, self.layers, self.device)
+        captured = [
+            capture_layer_inputs(model, calibration, self.device, batch_size)
+            for calibration, batch_size in batches
+        ]
+        if self.device != self.home:
+            _to_device_except_layers(model, self.layers, self.home)
+        return captured
+
+    def finish(self, model: nn.Module) -> None:
+        if self.was_training:
+            model.train()
 
 
 def _to_device_except_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
@@ -414,23 +450,12 @@ def run_linear_sequential(
     the pass under autocast; the residual stream and the compressor's statistics stay as they
     are. Memory: one layer's activations for every calibration token at once.
     """
-    exec_device = torch.device(device) if device is not None else _infer_device(model)
-    home = _infer_device(model)
     model_dtype = next(model.parameters()).dtype
-    prefix, layers = decoder_layers(model)
-    was_training = model.training
-    model.eval()
-
-    layer_home = [next(layer.parameters()).device for layer in layers]
-    if exec_device != home:
-        _to_device_except_layers(model, layers, exec_device)
-    if exec_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(exec_device)
-    samples = calibration.shape[0]
-    hidden_list, kwargs_list = capture_layer_inputs(model, calibration, exec_device, samples)
-    probe_states, probe_kwargs = capture_layer_inputs(model, calibration[:1, :8], exec_device, 1)
-    if exec_device != home:
-        _to_device_except_layers(model, layers, home)
+    run = _SequentialRun.start(model, device)
+    exec_device, prefix, layers, layer_home = run.device, run.prefix, run.layers, run.layer_home
+    (hidden_list, kwargs_list), (probe_states, probe_kwargs) = run.capture(
+        model, [(calibration, calibration.shape[0]), (calibration[:1, :8], 1)]
+    )
     hidden = hidden_list[0]
     kwargs = kwargs_list[0]
     del hidden_list
@@ -465,6 +490,5 @@ def run_linear_sequential(
                         phases_cpu=cpu,
                     )
                 )
-    if was_training:
-        model.train()
+    run.finish(model)
     return reports
