@@ -5,25 +5,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+from openpto.core.threads import intra_op_threads
 
 if TYPE_CHECKING:
     import pytest
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread() -> contextlib.AbstractContextManager[None]:
     """Torch on one intra-op thread: tiny models gain nothing from more, and on a busy shared CPU
     two threads waiting on each other make every forward pass many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return intra_op_threads(1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from openpto.core.quant.common import InputCollector, relative_output_error, run
 from openpto.core.quant.configs import GPTQConfig
 from openpto.core.quant.primitives import compute_qparams, resolve_group_size
 from openpto.core.quant.tensor import QuantizedWeight
+from openpto.core.threads import intra_op_threads
 from openpto.errors import DataError
 from openpto.registry import TRANSFORMS
 
@@ -55,17 +55,11 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) 
     return (torch.round(w / scale) + zero).clamp(0, maxq)
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def _one_thread() -> contextlib.AbstractContextManager[None]:
     """The solve is thousands of tiny ops and a few small factorisations: a second intra-op
     thread only adds handoffs, and on a busy machine a descheduled worker stalls every one of
     them (measured: the 3072 x 576 gate/up solve took 1.06 CPU-s on 2 threads, 0.14 on 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return intra_op_threads(1)
 
 
 @torch.no_grad()
