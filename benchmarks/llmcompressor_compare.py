@@ -72,11 +72,22 @@ def bench_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def calib_path(work: Path, samples: int) -> Path:
-    return work / f"calib-{samples}x{SEQ_LEN}.pt"
+def calib_path(work: Path, samples: int, seed: int = 0) -> Path:
+    suffix = f"-seed{seed}" if seed else ""
+    return work / f"calib-{samples}x{SEQ_LEN}{suffix}.pt"
 
 
-def export(work: Path, result: dict) -> None:
+def row_key(name: str, seed: int) -> str:
+    """Rows of the default calibration (seed 0) keep the setting's name; others add the seed."""
+    return f"{name}@seed{seed}" if seed else name
+
+
+def split_key(key: str) -> tuple[str, int]:
+    name, _, seed = key.partition("@seed")
+    return name, int(seed or 0)
+
+
+def export(work: Path, seed: int, result: dict) -> None:
     from openpto.data import CALIBRATION_DEFAULT, calibration_batches, load_text
     from openpto.models import load_model
     from openpto.models.loader import hf_folder
@@ -85,17 +96,19 @@ def export(work: Path, result: dict) -> None:
     tok = load_model(None).tokenizer
     text = load_text(None, default=CALIBRATION_DEFAULT)
     for samples in sorted({s for _, _, s in SETTINGS.values()}):
-        ids = calibration_batches(tok, text, samples, SEQ_LEN, seed=0)
-        torch.save(ids, calib_path(work, samples))
-        print(f"wrote {calib_path(work, samples)} {tuple(ids.shape)}", flush=True)
+        ids = calibration_batches(tok, text, samples, SEQ_LEN, seed=seed)
+        torch.save(ids, calib_path(work, samples, seed))
+        print(f"wrote {calib_path(work, samples, seed)} {tuple(ids.shape)}", flush=True)
     result["model_folder"] = str(hf_folder(None))
 
 
 def run_llmc(name: str, args: argparse.Namespace, result: dict) -> None:
     samples = SETTINGS[name][2]
-    out = args.work / "out" / name.replace(":", "")
+    key = row_key(name, args.seed)
+    out = args.work / "out" / key.replace(":", "").replace("@", "-")
     cmd = [args.llmc_python, str(ROOT / "benchmarks/llmcompressor_runner.py"), "--recipe", name,
-           "--model", result["model_folder"], "--calib", str(calib_path(args.work, samples)),
+           "--model", result["model_folder"],
+           "--calib", str(calib_path(args.work, samples, args.seed)),
            "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     with bench_lock():
@@ -112,8 +125,8 @@ def run_llmc(name: str, args: argparse.Namespace, result: dict) -> None:
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     row.update(folder=str(out), process_wall_s=wall, process_cpu_s=cpu,
                load_average_start_of_process=load)
-    result["rows"].setdefault(name, {})["llmcompressor"] = row
-    print(f"llm-compressor {name}: oneshot {row['oneshot_wall_s']:.1f} s wall "
+    result["rows"].setdefault(key, {})["llmcompressor"] = row
+    print(f"llm-compressor {key}: oneshot {row['oneshot_wall_s']:.1f} s wall "
           f"{row['oneshot_cpu_s']:.1f} s cpu; logit difference "
           f"{row['max_logit_diff_vs_llmcompressor_forward']:.2e}", flush=True)
 
@@ -145,16 +158,17 @@ class Scorer:
         return perplexity(model, self.ids, SEQ_LEN, max_tokens=tokens).perplexity
 
 
-def eval_llmc(name: str, scorer: Scorer, result: dict) -> None:
+def eval_llmc(key: str, scorer: Scorer, result: dict) -> None:
     from openpto.models import load_model
 
-    row = result["rows"][name]["llmcompressor"]
+    name, _ = split_key(key)
+    row = result["rows"][key]["llmcompressor"]
     model = load_model(row["folder"], dtype="float32", device="cpu").model
     kind, kwargs, _ = SETTINGS[name]
     row["eval_tokens"] = EVAL_TOKENS[kind]
     row["perplexity"] = scorer(model, EVAL_TOKENS[kind])
     row["weights"] = _sparsity(model, kind, kwargs)
-    print(f"llm-compressor {name}: perplexity {row['perplexity']:.3f} {row['weights'] or ''}",
+    print(f"llm-compressor {key}: perplexity {row['perplexity']:.3f} {row['weights'] or ''}",
           flush=True)
 
 
@@ -166,7 +180,7 @@ def run_ours(name: str, args: argparse.Namespace, scorer: Scorer, result: dict) 
 
     kind, kwargs, samples = SETTINGS[name]
     config = registered_config_types()[kind](**kwargs)
-    calib = torch.load(calib_path(args.work, samples))
+    calib = torch.load(calib_path(args.work, samples, args.seed))
     model = copy.deepcopy(scorer.loaded.model)
     apply = sparsify_ if kind in ("sparsegpt", "wanda") else quantize_
     with bench_lock():
@@ -178,9 +192,10 @@ def run_ours(name: str, args: argparse.Namespace, scorer: Scorer, result: dict) 
            "load_average_start": load, "eval_tokens": EVAL_TOKENS[kind],
            "perplexity": scorer(model, EVAL_TOKENS[kind]),
            "weights": _sparsity(model, kind, kwargs)}
-    result["rows"].setdefault(name, {})["openpto"] = row
-    print(f"openpto {name}: {wall:.1f} s wall {cpu:.1f} s cpu, perplexity {row['perplexity']:.3f}",
-          flush=True)
+    key = row_key(name, args.seed)
+    result["rows"].setdefault(key, {})["openpto"] = row
+    print(f"openpto {key}: {wall:.1f} s wall {cpu:.1f} s cpu, "
+          f"perplexity {row['perplexity']:.3f}", flush=True)
 
 
 #: openpto rows already measured on the same calibration ids and evaluation tokens
@@ -220,17 +235,45 @@ def table(result: dict) -> str:
     floats = ", ".join(f"{v:.3f} on {k} tokens"
                        for k, v in result.get("float_perplexity", {}).items())
     lines = [f"float32 perplexity: {floats}",
-             f"{'setting':17s} {'n':>4s} {'tokens':>6s} | {'openpto ppl':>11s} {'wall s':>7s} "
-             f"{'cpu s':>7s} | {'llmc ppl':>9s} {'wall s':>7s} {'cpu s':>7s}"]
-    for name, (kind, _, samples) in SETTINGS.items():
-        row = result["rows"].get(name, {})
+             f"{'setting':17s} {'seed':>4s} {'n':>4s} {'tokens':>6s} | {'openpto ppl':>11s} "
+             f"{'wall s':>7s} {'cpu s':>7s} | {'llmc ppl':>9s} {'wall s':>7s} {'cpu s':>7s}"]
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    keys = sorted(result["rows"], key=lambda k: (order[split_key(k)[0]], split_key(k)[1]))
+    for key in keys:
+        name, seed = split_key(key)
+        kind, _, samples = SETTINGS[name]
+        row = result["rows"][key]
         ours, theirs = row.get("openpto", {}), row.get("llmcompressor", {})
         lines.append(
-            f"{name:17s} {samples:4d} {EVAL_TOKENS[kind]:6d} | "
+            f"{name:17s} {seed:4d} {samples:4d} {EVAL_TOKENS[kind]:6d} | "
             f"{ours.get('perplexity') or nan:11.3f} {ours.get('wall_s') or nan:7.0f} "
             f"{ours.get('cpu_s') or nan:7.0f} | {theirs.get('perplexity') or nan:9.3f} "
             f"{theirs.get('oneshot_wall_s') or nan:7.0f} {theirs.get('oneshot_cpu_s') or nan:7.0f}")
+    lines += seed_summary(result)
     return "\n".join(lines)
+
+
+def seed_summary(result: dict) -> list[str]:
+    """Per setting run on several calibration seeds: each tool's mean and spread, and the mean of
+    the per-seed differences (ours minus theirs, in percent of theirs)."""
+    by_name: dict[str, list[tuple[float, float]]] = {}
+    for key, row in result["rows"].items():
+        ours = row.get("openpto", {}).get("perplexity")
+        theirs = row.get("llmcompressor", {}).get("perplexity")
+        if ours is not None and theirs is not None:
+            by_name.setdefault(split_key(key)[0], []).append((ours, theirs))
+    lines = []
+    for name, pairs in by_name.items():
+        if len(pairs) < 2:
+            continue
+        ours_t, theirs_t = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+        diff = (ours_t / theirs_t - 1) * 100
+        lines.append(
+            f"{name} over {len(pairs)} calibration seeds: openpto {ours_t.mean():.3f} "
+            f"(sd {ours_t.std():.3f}), llm-compressor {theirs_t.mean():.3f} "
+            f"(sd {theirs_t.std():.3f}); openpto minus llm-compressor {diff.mean():+.2f}% "
+            f"(per seed {', '.join(f'{d:+.2f}' for d in diff.tolist())})")
+    return lines
 
 
 def _fresh_llmc_row(path: Path, name: str, result: dict) -> bool:
@@ -250,6 +293,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/work/llmc-work"))
     parser.add_argument("--llmc-python", default="/work/llmc-venv/bin/python")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="calibration windows drawn with this seed (0: the default windows)")
     parser.add_argument("--json", type=Path,
                         default=ROOT / "benchmarks/results/llmcompressor_compare.json")
     args = parser.parse_args()
@@ -259,7 +304,8 @@ def main() -> None:
     result.update(
         machine=f"{platform.machine()} {os.cpu_count()} cpus, {args.threads} threads",
         torch=torch.__version__, eval=f"stdlib-docstrings, first N tokens (eval_tokens), "
-        f"windows of {SEQ_LEN}", calibration=f"pydoc-topics, N x {SEQ_LEN}, seed 0")
+        f"windows of {SEQ_LEN}", calibration=f"pydoc-topics, N x {SEQ_LEN}, seed 0 (rows "
+        f"named @seedN: seed N)")
     saved: list[bool] = []
     touched: set[tuple[str, str]] = set()
     result.setdefault("commands", []).append(
@@ -286,24 +332,25 @@ def main() -> None:
     scorer = None
     for step in args.steps:
         if step == "export":
-            export(args.work, result)
+            export(args.work, args.seed, result)
         if step in ("eval", "ours") and scorer is None:
             scorer = Scorer()
             for tokens in sorted(set(EVAL_TOKENS.values())):
                 if str(tokens) not in result.setdefault("float_perplexity", {}):
                     result["float_perplexity"][str(tokens)] = scorer(scorer.loaded.model, tokens)
         for name in names if step in ("llmc", "eval", "ours", "reuse") else ():
+            key = row_key(name, args.seed)
             if step == "llmc":
                 run_llmc(name, args, result)
-                touched.add((name, "llmcompressor"))
-            elif step == "eval" and _fresh_llmc_row(args.json, name, result):
-                eval_llmc(name, scorer, result)  # type: ignore[arg-type]
-                touched.add((name, "llmcompressor"))
-            elif step == "reuse" and reuse_ours(name, result):
-                touched.add((name, "openpto"))
+                touched.add((key, "llmcompressor"))
+            elif step == "eval" and _fresh_llmc_row(args.json, key, result):
+                eval_llmc(key, scorer, result)  # type: ignore[arg-type]
+                touched.add((key, "llmcompressor"))
+            elif step == "reuse" and args.seed == 0 and reuse_ours(name, result):
+                touched.add((key, "openpto"))
             elif step == "ours":
                 run_ours(name, args, scorer, result)  # type: ignore[arg-type]
-                touched.add((name, "openpto"))
+                touched.add((key, "openpto"))
             save()
         save()
     print(table(result))
