@@ -264,6 +264,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="(with --one) decode threads")
     parser.add_argument("--ppl-threads", type=int, default=2)
+    parser.add_argument("--decode-threads", type=int, nargs="+", default=[1, 2],
+                        help="thread counts of the decode rows (others already saved are kept)")
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--json", type=Path,
@@ -319,14 +321,17 @@ def main() -> None:
         models = [("torch", "float32 (dense)", DEFAULT), ("torch", "int4 g32 artifact", args.int4),
                   ("llamacpp", "original Q4_1 GGUF", original),
                   ("llamacpp", "our q4_1 export", args.int4_gguf)]
-        result["decode"] = []
         result["prompt"] = {"text": PROMPT, "chat": True, "tokens": len(chat_prompt()[1])}
-        for threads in (1, 2):
+        for threads in args.decode_threads:
             for runtime, label, target in models:
                 row = {"runtime": runtime, "model": label, "path": target, "threads": threads,
                        **in_subprocess("--one", f"{runtime}-decode", target, *common,
                                        "--threads", str(threads))}
-                result["decode"].append(row)
+                # a new measurement replaces the old row of the same runtime, model and threads
+                result["decode"] = [
+                    r for r in result["decode"]
+                    if (r["runtime"], r["model"], r["threads"]) != (runtime, label, threads)
+                ] + [row]
                 print(f"{threads} thr  {runtime:8s} {label:22s} "
                       f"{row['decode_tokens_per_second']:7.1f} tok/s decode  "
                       f"{row['tokens_per_second']:7.1f} tok/s total  "

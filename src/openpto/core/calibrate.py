@@ -9,7 +9,11 @@ they will at inference, and peak memory is one layer plus the activations, whate
 ``run_linear_sequential`` is the one-pass variant ("true sequential" in GPTQ's reference code):
 all samples go through each layer as one batch, and each Linear is compressed inside its own
 forward pre-hook, from inputs computed by the Linears before it, already compressed. Every Linear
-then runs once per layer instead of twice, optionally under bfloat16 autocast.
+then runs once per layer instead of twice, optionally under bfloat16 autocast. With
+``float_targets`` a second stream of hidden states runs through the layers with their original
+weights, and each Linear also receives its inputs from that float model: the outputs a method
+can fit its compressed Linear to, rather than the Linear's own float outputs on inputs that
+already carry the upstream error.
 
 This module is pure torch: progress, traces and saving belong to ``openpto.pipeline``, which
 passes ``on_layer`` to receive one ``LayerEvent`` per layer.
@@ -116,9 +120,12 @@ class LinearGroupCompressor(Protocol):
         linears: dict[str, nn.Linear],
         inputs: torch.Tensor,
         clock: PhaseClock,
+        float_inputs: torch.Tensor | None = None,
     ) -> list[LinearReport]:
         """Compress ``linears`` (names relative to the layer), which all read ``inputs`` (every
-        calibration token at once), in place, and report each; time the work with ``clock``."""
+        calibration token at once), in place, and report each; time the work with ``clock``.
+        ``float_inputs``, when given, are the same Linears' inputs in the uncompressed model, token
+        for token."""
         ...
 
 
@@ -397,9 +404,11 @@ def _one_pass(
     cast: Any,
     inputs: tuple[torch.Tensor, dict[str, Any]],
     probe: tuple[torch.Tensor, dict[str, Any]],
+    float_inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[LinearReport]]:
     """Run ``layer`` once on ``inputs``, compressing each input group of Linears as it is reached;
-    the layer's output and the reports."""
+    the layer's output and the reports. ``float_inputs``: each Linear's input in the float model
+    (``_float_pass``), handed on to the compressor."""
     linears = find_linears(layer)
     with cast:
         groups = _input_groups(layer, linears, *probe)
@@ -414,7 +423,11 @@ def _one_pass(
         group = [n for n in group_of.get(name, [name]) if n not in done] or [name]
         done.update(group)
         members = {n: linears[n] for n in group}
-        reports.extend(compressor.compress_group(index, prefix, members, x, clock))
+        if float_inputs is None:
+            reports.extend(compressor.compress_group(index, prefix, members, x, clock))
+        else:
+            reports.extend(compressor.compress_group(
+                index, prefix, members, x, clock, float_inputs=float_inputs[name]))
 
     handles = [
         linear.register_forward_pre_hook(lambda m, args, name=name: hook(name, args[0]))
@@ -430,6 +443,30 @@ def _one_pass(
     return output, reports
 
 
+def _float_pass(
+    layer: nn.Module, cast: Any, inputs: tuple[torch.Tensor, dict[str, Any]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``layer``, still uncompressed, on the float stream: its output and every Linear's
+    input (Linears fed one tensor share it, so a group costs one copy)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, x: torch.Tensor) -> None:
+        seen.setdefault(name, x.detach())
+
+    handles = [
+        linear.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0]))
+        for name, linear in find_linears(layer).items()
+    ]
+    try:
+        with cast:
+            states, kwargs = inputs
+            output = _first_output(layer(states, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, seen
+
+
 @torch.no_grad()
 def run_linear_sequential(
     model: nn.Module,
@@ -439,6 +476,7 @@ def run_linear_sequential(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     on_layer: LayerCallback | None = None,
+    float_targets: bool = False,
 ) -> list[LinearReport]:
     """Compress every decoder layer with one forward pass of all samples per layer.
 
@@ -449,6 +487,10 @@ def run_linear_sequential(
     the layer's output, already compressed, feeds the next layer. ``dtype`` (e.g. bfloat16) runs
     the pass under autocast; the residual stream and the compressor's statistics stay as they
     are. Memory: one layer's activations for every calibration token at once.
+
+    ``float_targets`` also runs each layer, before it is compressed, on the float model's hidden
+    states, and hands the compressor every Linear's float-model input (``float_inputs``): one
+    more forward pass per layer, and that layer's float activations held until it is done.
     """
     model_dtype = next(model.parameters()).dtype
     run = _SequentialRun.start(model, device)
@@ -459,6 +501,8 @@ def run_linear_sequential(
     hidden = hidden_list[0]
     kwargs = kwargs_list[0]
     del hidden_list
+    # Layer 0's inputs are the same in both models.
+    float_hidden = hidden if float_targets else None
 
     reports: list[LinearReport] = []
     clock = PhaseClock()
@@ -469,10 +513,15 @@ def run_linear_sequential(
             started_cpu = time.process_time()
             layer.to(exec_device)
             cast = _autocast(exec_device, dtype, model_dtype)
+            float_inputs = None
+            if float_hidden is not None:
+                with clock("float"):
+                    float_hidden, float_inputs = _float_pass(layer, cast, (float_hidden, kwargs))
             hidden, layer_reports = _one_pass(
                 layer, index, f"{prefix}.{index}", compressor, clock, cast,
-                (hidden, kwargs), (probe_states[0], probe_kwargs[0]),
+                (hidden, kwargs), (probe_states[0], probe_kwargs[0]), float_inputs,
             )
+            del float_inputs
             reports.extend(layer_reports)
             layer.to(layer_home[index])
             wall, cpu = clock.take()

@@ -102,3 +102,35 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) ->
         f"the Hessian stayed singular after dampening up to {current / 10:g} x its mean diagonal; "
         "use more or longer calibration samples"
     )
+
+
+def cross_product(float_x: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2/n * sum(x_float x^T)`` in float32 over the ``n`` tokens of two inputs of one Linear
+    (float model and compressed model), scaled like ``HessianAccumulator.H``; ``dtype`` as there."""
+    columns = x.shape[-1]
+    x = x.reshape(-1, columns).to(dtype)
+    float_x = float_x.reshape(-1, columns).to(device=x.device, dtype=dtype)
+    return (float_x.t() @ x).float().mul_(2.0 / x.shape[0])
+
+
+def refit_to_float_outputs(
+    w: torch.Tensor, H: torch.Tensor, cross: torch.Tensor, damp: float
+) -> torch.Tensor:
+    """The weights that best give the float model's outputs from the compressed model's inputs:
+    ``argmin_V ||W X_f - V X||^2 + lam ||V - W||^2 = (W C + lam W)(H + lam I)^-1``, with
+    ``H = 2 X X^T / n``, ``C = 2 X_f X^T / n`` and ``lam = damp * mean(diag H)``.
+
+    The ridge pulls towards ``W`` rather than towards zero, so when the inputs already match
+    (``X = X_f``, as in the first layer) ``W`` comes back unchanged; directions the calibration
+    tokens barely reach keep their original weights.
+    """
+    H = H.clone()
+    dead = dead_columns(H)
+    H[dead, dead] = 1.0
+    lam = damp * H.diagonal().mean()
+    H.diagonal().add_(lam)
+    lower, info = torch.linalg.cholesky_ex(H)
+    if int(info.item()) != 0:
+        return w  # GPTQ's own retried dampening will report the singular Hessian
+    rhs = w @ cross + lam * w
+    return torch.cholesky_solve(rhs.t(), lower).t()

@@ -58,6 +58,10 @@ class GPTQConfig(QuantConfig):
     true_sequential: bool = True
     # dtype of that pass (Hessians stay float32): "auto" is bfloat16 where matmuls have it natively.
     calib_dtype: str = "auto"
+    # Fit each Linear to the float model's outputs (its inputs in the float model, run as a second
+    # stream) rather than to its own float weights on already-degraded inputs; one more forward
+    # pass per layer. Needs true_sequential.
+    float_targets: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +69,8 @@ class GPTQConfig(QuantConfig):
             raise ConfigError(
                 f"calib_dtype must be auto, bfloat16 or float32, got {self.calib_dtype!r}"
             )
+        if self.float_targets and not self.true_sequential:
+            raise ConfigError("float_targets needs true_sequential=True (the one-pass driver)")
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:

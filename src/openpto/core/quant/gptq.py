@@ -32,7 +32,12 @@ from openpto.core.calibrate import (
     find_linears,
     run_linear_sequential,
 )
-from openpto.core.hessian import HessianAccumulator, inverse_cholesky
+from openpto.core.hessian import (
+    HessianAccumulator,
+    cross_product,
+    inverse_cholesky,
+    refit_to_float_outputs,
+)
 from openpto.core.quant.common import InputCollector, relative_output_error, run_calibrated
 from openpto.core.quant.configs import GPTQConfig
 from openpto.core.quant.primitives import compute_qparams, resolve_group_size
@@ -282,6 +287,7 @@ class GPTQCompressor:
         linears: dict[str, nn.Linear],
         inputs: torch.Tensor,
         clock: PhaseClock,
+        float_inputs: torch.Tensor | None = None,
     ) -> list[LinearReport]:
         first = next(iter(linears.values()))
         for linear in linears.values():
@@ -289,7 +295,10 @@ class GPTQCompressor:
         with clock("hessian"):
             hessian = HessianAccumulator(first.in_features, first.weight.device, self.dtype)
             hessian.add_batch(inputs.detach())
-        return self._solve(index, prefix, linears, hessian.H, clock)
+            cross = None
+            if float_inputs is not None and self.config.float_targets:
+                cross = cross_product(float_inputs, inputs.detach(), self.dtype)
+        return self._solve(index, prefix, linears, hessian.H, clock, cross)
 
     def _solve(
         self,
@@ -298,9 +307,10 @@ class GPTQCompressor:
         linears: dict[str, nn.Linear],
         H: torch.Tensor,
         clock: PhaseClock,
+        cross: torch.Tensor | None = None,
     ) -> list[LinearReport]:
         with _one_thread() if H.device.type == "cpu" else contextlib.nullcontext():
-            return self._solve_group(index, prefix, linears, H, clock)
+            return self._solve_group(index, prefix, linears, H, clock, cross)
 
     def _solve_group(
         self,
@@ -309,11 +319,20 @@ class GPTQCompressor:
         linears: dict[str, nn.Linear],
         H: torch.Tensor,
         clock: PhaseClock,
+        cross: torch.Tensor | None,
     ) -> list[LinearReport]:
+        """One GPTQ solve for Linears sharing ``H``; with ``cross`` (float-model inputs against
+        these), of the weights refitted to the float model's outputs first."""
         started = time.perf_counter()
         with clock("solve"):
             weights = [linear.weight.data.float() for linear in linears.values()]
-            qw, damp, _ = gptq_solve(torch.cat(weights), H, self.config)
+            stacked = torch.cat(weights)
+            refit = 0.0
+            if cross is not None:
+                target = refit_to_float_outputs(stacked, H, cross, self.config.damp)
+                refit = float((target - stacked).norm() / stacked.norm().clamp_min(1e-30))
+                stacked = target
+            qw, damp, _ = gptq_solve(stacked, H, self.config)
         solved = time.perf_counter() - started
         reports = []
         row = 0
@@ -327,7 +346,8 @@ class GPTQCompressor:
                 seconds = solved * w.shape[0] / qw.out_features
                 reports.append(LinearReport(
                     index, f"{prefix}.{name}", relative_output_error(w, dequantized, H), seconds,
-                    quantized=part.to("cpu"), extra={"damp": damp, "solved_with": list(linears)},
+                    quantized=part.to("cpu"),
+                    extra={"damp": damp, "solved_with": list(linears), "refit": refit},
                 ))
         return reports
 
@@ -364,7 +384,7 @@ def gptq_transform(
     started = time.perf_counter()
     reports = run_linear_sequential(
         model, calibration, GPTQCompressor(config, dtype), device=where, dtype=dtype,
-        on_layer=on_layer,
+        on_layer=on_layer, float_targets=config.float_targets,
     )
     return CompressionResult(config.type_name, config.to_dict(), reports,
                              time.perf_counter() - started, str(where))

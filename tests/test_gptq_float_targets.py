@@ -1,0 +1,121 @@
+"""GPTQ fitted to the float model's outputs: the float stream of the driver and the refit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from openpto.api import quantize_
+from openpto.core.calibrate import LinearReport, find_linears, run_linear_sequential
+from openpto.core.hessian import cross_product, refit_to_float_outputs
+from openpto.core.quant import GPTQConfig
+from openpto.errors import ConfigError
+from tests.helpers import tiny_llama
+
+
+def test_refit_minimises_the_ridge_objective_against_float64() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x_float = torch.randn(4096, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
+    # upstream error a linear map can mostly undo, plus some that none can
+    mix = torch.eye(48) + 0.2 * torch.randn(48, 48, generator=gen) / 48**0.5
+    x = x_float @ mix + 0.05 * torch.randn(4096, 48, generator=gen)
+    w = torch.randn(24, 48, generator=gen)
+    H = 2 * x.t() @ x / x.shape[0]
+    cross = cross_product(x_float, x, torch.float32)
+    torch.testing.assert_close(cross, 2 * x_float.t() @ x / x.shape[0], rtol=1e-5, atol=1e-4)
+    damp = 0.01
+    refit = refit_to_float_outputs(w, H, cross, damp)
+    # float64 normal equations of argmin ||W Xf - V X||^2 / n * 2 + lam ||V - W||^2
+    xd, xfd, wd = x.double(), x_float.double(), w.double()
+    Hd = 2 * xd.t() @ xd / xd.shape[0]
+    lam = damp * Hd.diagonal().mean()
+    rhs = wd @ (2 * xfd.t() @ xd / xd.shape[0]) + lam * wd
+    reference = torch.linalg.solve(Hd + lam * torch.eye(48, dtype=torch.float64), rhs.t()).t()
+    assert (refit.double() - reference).norm() / reference.norm() < 1e-5
+
+    def output_error(v: torch.Tensor) -> float:
+        return float((x_float.double() @ wd.t() - xd @ v.double().t()).norm())
+
+    assert output_error(refit) < 0.3 * output_error(w)
+
+
+def test_refit_keeps_weights_when_inputs_match() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 32, generator=gen)
+    w = torch.randn(8, 32, generator=gen)
+    H = 2 * x.t() @ x / x.shape[0]
+    refit = refit_to_float_outputs(w, H, H.clone(), 0.01)
+    torch.testing.assert_close(refit, w, rtol=1e-4, atol=1e-5)
+
+
+class KeepingCompressor:
+    """Rounds weights to one decimal; keeps both inputs it was handed per Linear group."""
+
+    def __init__(self) -> None:
+        self.float_inputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    def compress_group(self, index, prefix, linears, inputs, clock, float_inputs=None):  # type: ignore[no-untyped-def]
+        reports = []
+        for name, linear in linears.items():
+            self.inputs[f"{prefix}.{name}"] = inputs.detach().clone()
+            self.float_inputs[f"{prefix}.{name}"] = float_inputs.detach().clone()
+            linear.weight.data = torch.round(linear.weight.data * 10) / 10
+            reports.append(LinearReport(index, f"{prefix}.{name}", 0.0, 0.0))
+        return reports
+
+
+def test_float_stream_hands_each_linear_its_float_model_input() -> None:
+    model = tiny_llama(num_hidden_layers=2)
+    float_model = copy.deepcopy(model)
+    calib = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(2))
+    compressor = KeepingCompressor()
+    events = []
+    run_linear_sequential(model, calib, compressor, float_targets=True, on_layer=events.append)
+    assert "float" in events[0].phases
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        linear.register_forward_pre_hook(
+            lambda m, args, name=name: captured.__setitem__(name, args[0].detach())
+        )
+        for name, linear in find_linears(float_model).items()
+    ]
+    with torch.no_grad():
+        float_model(calib)
+    for handle in handles:
+        handle.remove()
+    assert set(compressor.float_inputs) == {n for n in captured if ".layers." in n}
+    for name, seen in compressor.float_inputs.items():
+        torch.testing.assert_close(seen, captured[name], rtol=1e-5, atol=1e-5)
+    # The first Linear of layer 0 reads the same in both models; later ones carry the rounding.
+    first = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(compressor.inputs[first], compressor.float_inputs[first])
+    last = "model.layers.1.mlp.down_proj"
+    assert not torch.allclose(compressor.inputs[last], compressor.float_inputs[last])
+
+
+def test_float_targets_lower_the_logit_error_of_a_tiny_llama() -> None:
+    torch.manual_seed(0)
+    base = tiny_llama(num_hidden_layers=4)
+    calib = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = base(ids).logits
+
+    def logit_error(config: GPTQConfig) -> float:
+        model = copy.deepcopy(base)
+        quantize_(model, config, calib)
+        with torch.no_grad():
+            return float((model(ids).logits - reference).norm() / reference.norm())
+
+    plain = logit_error(GPTQConfig(bits=3, group_size=32, calib_dtype="float32"))
+    fitted = logit_error(GPTQConfig(bits=3, group_size=32, calib_dtype="float32",
+                                    float_targets=True))
+    assert fitted < 0.95 * plain, (plain, fitted)
+
+
+def test_float_targets_need_the_one_pass_driver() -> None:
+    with pytest.raises(ConfigError, match="float_targets needs true_sequential"):
+        GPTQConfig(float_targets=True, true_sequential=False)
