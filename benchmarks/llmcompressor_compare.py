@@ -53,7 +53,22 @@ SETTINGS: dict[str, tuple[str, dict[str, Any], int]] = {
     "wanda-50": ("wanda", dict(sparsity=0.5), 128),
     "wanda-2:4": ("wanda", dict(pattern="2:4"), 128),
     "gptq-w4g64-sym": ("gptq", dict(bits=4, group_size=64, symmetric=True), 128),
+    # openpto only, each compared with gptq-w4g64-asym's llm-compressor row of the same seed:
+    # without float targets (the default before them), with a float stream of all 128 samples,
+    # and without float targets in float32, in one pass and in two
+    "gptq-w4g64-asym-plain": ("gptq", dict(bits=4, group_size=64, symmetric=False,
+                                           float_targets=False), 128),
+    "gptq-w4g64-asym-ft-all": ("gptq", dict(bits=4, group_size=64, symmetric=False,
+                                            float_target_samples=None), 128),
+    "gptq-w4g64-asym-fp32": ("gptq", dict(bits=4, group_size=64, symmetric=False,
+                                          calib_dtype="float32", float_targets=False), 128),
+    "gptq-w4g64-asym-2pass": ("gptq", dict(bits=4, group_size=64, symmetric=False,
+                                           true_sequential=False, calib_dtype="float32",
+                                           float_targets=False), 128),
 }
+#: settings that llm-compressor has no recipe for -> the setting whose llm-compressor row they face
+LLMC_BASELINE = {name: "gptq-w4g64-asym" for name in SETTINGS
+                 if name.startswith("gptq-w4g64-asym-")}
 SEQ_LEN = 512
 #: evaluation tokens per family: those of the reference runs (quant_quality.py scores 8,192
 #: tokens, sparsity_quality.py's 128-sample runs 4,096), so openpto rows measured there compare
@@ -258,10 +273,12 @@ def seed_summary(result: dict) -> list[str]:
     the per-seed differences (ours minus theirs, in percent of theirs)."""
     by_name: dict[str, list[tuple[float, float]]] = {}
     for key, row in result["rows"].items():
+        name, seed = split_key(key)
         ours = row.get("openpto", {}).get("perplexity")
-        theirs = row.get("llmcompressor", {}).get("perplexity")
+        baseline = result["rows"].get(row_key(LLMC_BASELINE.get(name, name), seed), {})
+        theirs = baseline.get("llmcompressor", {}).get("perplexity")
         if ours is not None and theirs is not None:
-            by_name.setdefault(split_key(key)[0], []).append((ours, theirs))
+            by_name.setdefault(name, []).append((ours, theirs))
     lines = []
     for name, pairs in by_name.items():
         if len(pairs) < 2:
@@ -340,10 +357,13 @@ def main() -> None:
                     result["float_perplexity"][str(tokens)] = scorer(scorer.loaded.model, tokens)
         for name in names if step in ("llmc", "eval", "ours", "reuse") else ():
             key = row_key(name, args.seed)
-            if step == "llmc":
+            if step == "llmc" and name in LLMC_BASELINE:
+                print(f"{name}: no llm-compressor recipe (faces {LLMC_BASELINE[name]})")
+            elif step == "llmc":
                 run_llmc(name, args, result)
                 touched.add((key, "llmcompressor"))
-            elif step == "eval" and _fresh_llmc_row(args.json, key, result):
+            elif step == "eval" and name not in LLMC_BASELINE and _fresh_llmc_row(
+                    args.json, key, result):
                 eval_llmc(key, scorer, result)  # type: ignore[arg-type]
                 touched.add((key, "llmcompressor"))
             elif step == "reuse" and args.seed == 0 and reuse_ours(name, result):

@@ -9,7 +9,7 @@ import torch
 
 from openpto.api import quantize_
 from openpto.core.calibrate import LinearReport, find_linears, run_linear_sequential
-from openpto.core.hessian import cross_product, refit_to_float_outputs
+from openpto.core.hessian import input_shift, refit_to_float_outputs
 from openpto.core.quant import GPTQConfig
 from openpto.errors import ConfigError
 from tests.helpers import tiny_llama
@@ -23,10 +23,10 @@ def test_refit_minimises_the_ridge_objective_against_float64() -> None:
     x = x_float @ mix + 0.05 * torch.randn(4096, 48, generator=gen)
     w = torch.randn(24, 48, generator=gen)
     H = 2 * x.t() @ x / x.shape[0]
-    cross = cross_product(x_float, x, torch.float32)
-    torch.testing.assert_close(cross, 2 * x_float.t() @ x / x.shape[0], rtol=1e-5, atol=1e-4)
+    shift = input_shift(x_float, x, torch.float32)
+    torch.testing.assert_close(shift, 2 * (x_float - x).t() @ x / x.shape[0], rtol=1e-5, atol=1e-4)
     damp = 0.01
-    refit = refit_to_float_outputs(w, H, cross, damp)
+    refit = refit_to_float_outputs(w, H, shift, damp)
     # float64 normal equations of argmin ||W Xf - V X||^2 / n * 2 + lam ||V - W||^2
     xd, xfd, wd = x.double(), x_float.double(), w.double()
     Hd = 2 * xd.t() @ xd / xd.shape[0]
@@ -41,13 +41,21 @@ def test_refit_minimises_the_ridge_objective_against_float64() -> None:
     assert output_error(refit) < 0.3 * output_error(w)
 
 
-def test_refit_keeps_weights_when_inputs_match() -> None:
+def test_refit_keeps_weights_when_inputs_match_even_in_bfloat16() -> None:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2048, 32, generator=gen)
-    w = torch.randn(8, 32, generator=gen)
+    # one outlier channel, as in real activations: H spans orders of magnitude
+    x = torch.randn(2048, 64, generator=gen) * torch.logspace(-1, 2, 64)
+    w = torch.randn(8, 64, generator=gen)
     H = 2 * x.t() @ x / x.shape[0]
-    refit = refit_to_float_outputs(w, H, H.clone(), 0.01)
-    torch.testing.assert_close(refit, w, rtol=1e-4, atol=1e-5)
+    shift = input_shift(x, x, torch.bfloat16)
+    assert torch.equal(refit_to_float_outputs(w, H, shift, 0.01), w)
+    # a small upstream error moves the weights a little, not wildly, in bfloat16 as in float32
+    nudged = x * (1 + 0.01 * torch.randn(2048, 64, generator=gen))
+    H = 2 * nudged.t() @ nudged / x.shape[0]
+    moved = {dtype: refit_to_float_outputs(w, H, input_shift(x, nudged, dtype), 0.01)
+             for dtype in (torch.float32, torch.bfloat16)}
+    assert (moved[torch.float32] - w).norm() / w.norm() < 0.1
+    assert (moved[torch.bfloat16] - moved[torch.float32]).norm() / w.norm() < 0.01
 
 
 class KeepingCompressor:
@@ -73,7 +81,7 @@ def test_float_stream_hands_each_linear_its_float_model_input() -> None:
     calib = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(2))
     compressor = KeepingCompressor()
     events = []
-    run_linear_sequential(model, calib, compressor, float_targets=True, on_layer=events.append)
+    run_linear_sequential(model, calib, compressor, float_samples=3, on_layer=events.append)
     assert "float" in events[0].phases
     captured: dict[str, torch.Tensor] = {}
     handles = [
@@ -110,12 +118,18 @@ def test_float_targets_lower_the_logit_error_of_a_tiny_llama() -> None:
         with torch.no_grad():
             return float((model(ids).logits - reference).norm() / reference.norm())
 
-    plain = logit_error(GPTQConfig(bits=3, group_size=32, calib_dtype="float32"))
+    plain = logit_error(GPTQConfig(bits=3, group_size=32, calib_dtype="float32",
+                                   float_targets=False))
     fitted = logit_error(GPTQConfig(bits=3, group_size=32, calib_dtype="float32",
                                     float_targets=True))
-    assert fitted < 0.95 * plain, (plain, fitted)
+    subset = logit_error(GPTQConfig(bits=3, group_size=32, calib_dtype="float32",
+                                    float_targets=True, float_target_samples=8))
+    assert fitted < 0.95 * plain and subset < 0.95 * plain, (plain, fitted, subset)
 
 
 def test_float_targets_need_the_one_pass_driver() -> None:
     with pytest.raises(ConfigError, match="float_targets needs true_sequential"):
-        GPTQConfig(float_targets=True, true_sequential=False)
+        GPTQConfig(true_sequential=False)
+    assert not GPTQConfig(true_sequential=False, float_targets=False).float_targets
+    with pytest.raises(ConfigError, match="float_target_samples must be positive"):
+        GPTQConfig(float_target_samples=0)

@@ -10,10 +10,10 @@ they will at inference, and peak memory is one layer plus the activations, whate
 all samples go through each layer as one batch, and each Linear is compressed inside its own
 forward pre-hook, from inputs computed by the Linears before it, already compressed. Every Linear
 then runs once per layer instead of twice, optionally under bfloat16 autocast. With
-``float_targets`` a second stream of hidden states runs through the layers with their original
-weights, and each Linear also receives its inputs from that float model: the outputs a method
-can fit its compressed Linear to, rather than the Linear's own float outputs on inputs that
-already carry the upstream error.
+``float_samples`` a second stream of hidden states (of some or all samples) runs through the
+layers with their original weights, and each Linear also receives its inputs from that float
+model: the outputs a method can fit its compressed Linear to, rather than the Linear's own float
+outputs on inputs that already carry the upstream error.
 
 This module is pure torch: progress, traces and saving belong to ``openpto.pipeline``, which
 passes ``on_layer`` to receive one ``LayerEvent`` per layer.
@@ -476,7 +476,7 @@ def run_linear_sequential(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     on_layer: LayerCallback | None = None,
-    float_targets: bool = False,
+    float_samples: int = 0,
 ) -> list[LinearReport]:
     """Compress every decoder layer with one forward pass of all samples per layer.
 
@@ -488,21 +488,32 @@ def run_linear_sequential(
     the pass under autocast; the residual stream and the compressor's statistics stay as they
     are. Memory: one layer's activations for every calibration token at once.
 
-    ``float_targets`` also runs each layer, before it is compressed, on the float model's hidden
-    states, and hands the compressor every Linear's float-model input (``float_inputs``): one
-    more forward pass per layer, and that layer's float activations held until it is done.
+    ``float_samples`` > 0 also runs each layer, before it is compressed, on the float model's
+    hidden states of the first ``float_samples`` calibration samples, and hands the compressor
+    every Linear's float-model input for them (``float_inputs``, the same samples as the first
+    rows of ``inputs``): a forward pass of that many samples more per layer.
     """
     model_dtype = next(model.parameters()).dtype
     run = _SequentialRun.start(model, device)
     exec_device, prefix, layers, layer_home = run.device, run.prefix, run.layers, run.layer_home
-    (hidden_list, kwargs_list), (probe_states, probe_kwargs) = run.capture(
-        model, [(calibration, calibration.shape[0]), (calibration[:1, :8], 1)]
+    samples = calibration.shape[0]
+    float_samples = min(float_samples, samples)
+    captures = [(calibration, samples), (calibration[:1, :8], 1)]
+    if 0 < float_samples < samples:
+        captures.append((calibration[:float_samples], float_samples))
+    (hidden_list, kwargs_list), (probe_states, probe_kwargs), *subset = run.capture(
+        model, captures
     )
     hidden = hidden_list[0]
     kwargs = kwargs_list[0]
     del hidden_list
     # Layer 0's inputs are the same in both models.
-    float_hidden = hidden if float_targets else None
+    float_hidden: torch.Tensor | None = None
+    float_kwargs = kwargs
+    if subset:
+        float_hidden, float_kwargs = subset[0][0][0], subset[0][1][0]
+    elif float_samples:
+        float_hidden = hidden
 
     reports: list[LinearReport] = []
     clock = PhaseClock()
@@ -516,7 +527,8 @@ def run_linear_sequential(
             float_inputs = None
             if float_hidden is not None:
                 with clock("float"):
-                    float_hidden, float_inputs = _float_pass(layer, cast, (float_hidden, kwargs))
+                    float_hidden, float_inputs = _float_pass(
+                        layer, cast, (float_hidden, float_kwargs))
             hidden, layer_reports = _one_pass(
                 layer, index, f"{prefix}.{index}", compressor, clock, cast,
                 (hidden, kwargs), (probe_states[0], probe_kwargs[0]), float_inputs,

@@ -104,24 +104,30 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) ->
     )
 
 
-def cross_product(float_x: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``2/n * sum(x_float x^T)`` in float32 over the ``n`` tokens of two inputs of one Linear
-    (float model and compressed model), scaled like ``HessianAccumulator.H``; ``dtype`` as there."""
+def input_shift(float_x: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``D = 2/n * sum((x_float - x) x^T)`` in float32 over the ``n`` tokens of two inputs of one
+    Linear (float model and compressed model), scaled like ``HessianAccumulator.H``.
+
+    The difference is taken before the product: ``x_float x^T - x x^T`` would cancel two nearly
+    equal matrices and keep mostly their rounding (in bfloat16, about 2^-8 of H per entry, enough
+    to wreck a refit through ``H^-1``). ``dtype`` is that of the product, as in the accumulator.
+    """
     columns = x.shape[-1]
-    x = x.reshape(-1, columns).to(dtype)
-    float_x = float_x.reshape(-1, columns).to(device=x.device, dtype=dtype)
-    return (float_x.t() @ x).float().mul_(2.0 / x.shape[0])
+    x = x.reshape(-1, columns)
+    shift = float_x.reshape(-1, columns).to(device=x.device, dtype=torch.float32) - x.float()
+    return (shift.to(dtype).t() @ x.to(dtype)).float().mul_(2.0 / x.shape[0])
 
 
 def refit_to_float_outputs(
-    w: torch.Tensor, H: torch.Tensor, cross: torch.Tensor, damp: float
+    w: torch.Tensor, H: torch.Tensor, shift: torch.Tensor, damp: float
 ) -> torch.Tensor:
     """The weights that best give the float model's outputs from the compressed model's inputs:
-    ``argmin_V ||W X_f - V X||^2 + lam ||V - W||^2 = (W C + lam W)(H + lam I)^-1``, with
-    ``H = 2 X X^T / n``, ``C = 2 X_f X^T / n`` and ``lam = damp * mean(diag H)``.
+    ``argmin_V ||W X_f - V X||^2 + lam ||V - W||^2 = W + W D (H + lam I)^-1``, with
+    ``H = 2 X X^T / n``, ``D = 2 (X_f - X) X^T / n`` (``input_shift``) and
+    ``lam = damp * mean(diag H)``.
 
-    The ridge pulls towards ``W`` rather than towards zero, so when the inputs already match
-    (``X = X_f``, as in the first layer) ``W`` comes back unchanged; directions the calibration
+    The ridge pulls towards ``W`` rather than towards zero, so where the inputs already match
+    (``D = 0``, as in the first Linears) ``W`` comes back exactly; directions the calibration
     tokens barely reach keep their original weights.
     """
     H = H.clone()
@@ -132,5 +138,4 @@ def refit_to_float_outputs(
     lower, info = torch.linalg.cholesky_ex(H)
     if int(info.item()) != 0:
         return w  # GPTQ's own retried dampening will report the singular Hessian
-    rhs = w @ cross + lam * w
-    return torch.cholesky_solve(rhs.t(), lower).t()
+    return w + torch.cholesky_solve((w @ shift).t(), lower).t()

@@ -34,7 +34,7 @@ from openpto.core.calibrate import (
 )
 from openpto.core.hessian import (
     HessianAccumulator,
-    cross_product,
+    input_shift,
     inverse_cholesky,
     refit_to_float_outputs,
 )
@@ -244,6 +244,14 @@ def _cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
+@dataclass
+class FloatTargets:
+    """What the refit to the float model's outputs needs, over the samples the float stream ran."""
+
+    shift: torch.Tensor  # ``input_shift``: float-model inputs minus these, against these
+    H: torch.Tensor  # the Hessian of the same samples
+
+
 class GPTQCompressor:
     """The per-layer step: Hessians for every distinct input, then one GPTQ solve per input.
 
@@ -295,10 +303,25 @@ class GPTQCompressor:
         with clock("hessian"):
             hessian = HessianAccumulator(first.in_features, first.weight.device, self.dtype)
             hessian.add_batch(inputs.detach())
-            cross = None
+            targets = None
             if float_inputs is not None and self.config.float_targets:
-                cross = cross_product(float_inputs, inputs.detach(), self.dtype)
-        return self._solve(index, prefix, linears, hessian.H, clock, cross)
+                targets = self._float_targets(inputs.detach(), float_inputs, hessian)
+        return self._solve(index, prefix, linears, hessian.H, clock, targets)
+
+    def _float_targets(
+        self, inputs: torch.Tensor, float_inputs: torch.Tensor, hessian: HessianAccumulator
+    ) -> FloatTargets:
+        # The float stream may carry only the first samples: the refit takes both statistics from
+        # those. (A shift from a few samples against the Hessian of all of them is no one's
+        # least-squares fit: its noise along H's weak directions is amplified without bound;
+        # measured perplexity in the millions on the default model.)
+        subset = inputs[: float_inputs.shape[0]]
+        H = hessian.H
+        if subset.shape[0] < inputs.shape[0]:
+            sub = HessianAccumulator(hessian.columns, H.device, self.dtype)
+            sub.add_batch(subset)
+            H = sub.H
+        return FloatTargets(input_shift(float_inputs, subset, self.dtype), H)
 
     def _solve(
         self,
@@ -307,10 +330,10 @@ class GPTQCompressor:
         linears: dict[str, nn.Linear],
         H: torch.Tensor,
         clock: PhaseClock,
-        cross: torch.Tensor | None = None,
+        targets: FloatTargets | None = None,
     ) -> list[LinearReport]:
         with _one_thread() if H.device.type == "cpu" else contextlib.nullcontext():
-            return self._solve_group(index, prefix, linears, H, clock, cross)
+            return self._solve_group(index, prefix, linears, H, clock, targets)
 
     def _solve_group(
         self,
@@ -319,17 +342,18 @@ class GPTQCompressor:
         linears: dict[str, nn.Linear],
         H: torch.Tensor,
         clock: PhaseClock,
-        cross: torch.Tensor | None,
+        targets: FloatTargets | None,
     ) -> list[LinearReport]:
-        """One GPTQ solve for Linears sharing ``H``; with ``cross`` (float-model inputs against
-        these), of the weights refitted to the float model's outputs first."""
+        """One GPTQ solve for Linears sharing ``H``; with ``targets``, of the weights refitted
+        to the float model's outputs first."""
         started = time.perf_counter()
         with clock("solve"):
             weights = [linear.weight.data.float() for linear in linears.values()]
             stacked = torch.cat(weights)
             refit = 0.0
-            if cross is not None:
-                target = refit_to_float_outputs(stacked, H, cross, self.config.damp)
+            if targets is not None:
+                target = refit_to_float_outputs(stacked, targets.H, targets.shift,
+                                                self.config.damp)
                 refit = float((target - stacked).norm() / stacked.norm().clamp_min(1e-30))
                 stacked = target
             qw, damp, _ = gptq_solve(stacked, H, self.config)
@@ -384,10 +408,18 @@ def gptq_transform(
     started = time.perf_counter()
     reports = run_linear_sequential(
         model, calibration, GPTQCompressor(config, dtype), device=where, dtype=dtype,
-        on_layer=on_layer, float_targets=config.float_targets,
+        on_layer=on_layer, float_samples=float_samples(config, calibration.shape[0]),
     )
     return CompressionResult(config.type_name, config.to_dict(), reports,
                              time.perf_counter() - started, str(where))
+
+
+def float_samples(config: GPTQConfig, samples: int) -> int:
+    """How many calibration samples the float stream runs (0: no float targets)."""
+    if not config.float_targets:
+        return 0
+    return samples if config.float_target_samples is None else min(
+        config.float_target_samples, samples)
 
 
 def _with_phases(clock: PhaseClock, on_layer: LayerCallback | None) -> LayerCallback | None:
