@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    parser.add_argument("--float-targets", action="store_true",
+                        help="GPTQ fitted to the float model's outputs (GPTQConfig.float_targets)")
     parser.add_argument("--kernels", default="auto,tinygemm-int4-cuda,dequantized-reference")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -85,7 +87,7 @@ def main() -> None:
         )
 
     config = (
-        GPTQConfig(bits=4, group_size=args.group_size)
+        GPTQConfig(bits=4, group_size=args.group_size, float_targets=args.float_targets)
         if args.method == "gptq"
         else RTNConfig(bits=4, group_size=args.group_size, symmetric=False)
     )
