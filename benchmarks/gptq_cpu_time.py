@@ -9,12 +9,12 @@ of calibration + quantization and of the artifact write, the per-phase totals th
 to its per-layer traces (forward passes, Hessian products, GPTQ solves, packing of the codes), the
 load average at the start, threads, and the perplexities.
 
-``--variants`` also fits each Linear to the float model's outputs (``float-targets``: a second,
-float stream of hidden states, timed as the ``float`` phase), or runs the earlier calibrations:
-the one-pass driver in float32 (``one-pass-fp32``) and one float32 pass to collect the Hessians
-and one to propagate, per layer (``two-pass-fp32``); they differ from the default only in the
-GPTQ config the torch backend is given (``float_targets``, ``true_sequential``,
-``calib_dtype``). Time it alone on the machine:
+The default fits each Linear to the float model's outputs: a second, float stream of hidden
+states, timed as the ``float`` phase. ``--variants`` also runs without it (``no-float-targets``),
+and the earlier calibrations: the one-pass driver in float32 (``one-pass-fp32``) and one float32
+pass to collect the Hessians and one to propagate, per layer (``two-pass-fp32``); they differ
+from the default only in the GPTQ config the torch backend is given (``float_targets``,
+``true_sequential``, ``calib_dtype``). Time it alone on the machine:
 
     flock -x /tmp/openpto-bench.lock env HF_HUB_OFFLINE=1 .venv/bin/python \
         benchmarks/gptq_cpu_time.py --variants default two-pass-fp32
@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT / "src"))
 #: GPTQConfig fields per variant (the default variant changes nothing)
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "float-targets": {"float_targets": True},
-    "one-pass-fp32": {"calib_dtype": "float32"},
-    "two-pass-fp32": {"true_sequential": False, "calib_dtype": "float32"},
+    "no-float-targets": {"float_targets": False},
+    "one-pass-fp32": {"calib_dtype": "float32", "float_targets": False},
+    "two-pass-fp32": {"true_sequential": False, "calib_dtype": "float32", "float_targets": False},
 }
 PHASES = ("forward", "float", "hessian", "solve", "pack")
 #: llm-compressor 0.14 GPTQ w4 g64 on the same model and calibration, 2 threads, idle machine

@@ -54,17 +54,17 @@ SETTINGS: dict[str, tuple[str, dict[str, Any], int]] = {
     "wanda-2:4": ("wanda", dict(pattern="2:4"), 128),
     "gptq-w4g64-sym": ("gptq", dict(bits=4, group_size=64, symmetric=True), 128),
     # openpto only, each compared with gptq-w4g64-asym's llm-compressor row of the same seed:
-    # fitted to the float model's outputs (float stream of all 128 samples, or of 32), and the
-    # default's calibration in float32, in one pass and in two
-    "gptq-w4g64-asym-ft-all": ("gptq", dict(bits=4, group_size=64, symmetric=False,
-                                            float_targets=True), 128),
+    # not fitted to the float model's outputs (the default before), fitted with a float stream of
+    # 32 samples only, and without float targets in float32, in one pass and in two
+    "gptq-w4g64-asym-plain": ("gptq", dict(bits=4, group_size=64, symmetric=False,
+                                           float_targets=False), 128),
     "gptq-w4g64-asym-ft32": ("gptq", dict(bits=4, group_size=64, symmetric=False,
                                           float_targets=True, float_target_samples=32), 128),
     "gptq-w4g64-asym-fp32": ("gptq", dict(bits=4, group_size=64, symmetric=False,
-                                          calib_dtype="float32"), 128),
+                                          calib_dtype="float32", float_targets=False), 128),
     "gptq-w4g64-asym-2pass": ("gptq", dict(bits=4, group_size=64, symmetric=False,
-                                           true_sequential=False, calib_dtype="float32"),
-                              128),
+                                           true_sequential=False, calib_dtype="float32",
+                                           float_targets=False), 128),
 }
 #: settings that llm-compressor has no recipe for -> the setting whose llm-compressor row they face
 LLMC_BASELINE = {name: "gptq-w4g64-asym" for name in SETTINGS

@@ -129,7 +129,7 @@ def test_float_targets_lower_the_logit_error_of_a_tiny_llama() -> None:
 
 def test_float_targets_need_the_one_pass_driver() -> None:
     with pytest.raises(ConfigError, match="float_targets needs true_sequential"):
-        GPTQConfig(true_sequential=False, float_targets=True)
-    assert not GPTQConfig(true_sequential=False).float_targets
+        GPTQConfig(true_sequential=False)
+    assert not GPTQConfig(true_sequential=False, float_targets=False).float_targets
     with pytest.raises(ConfigError, match="float_target_samples must be positive"):
         GPTQConfig(float_target_samples=0)
