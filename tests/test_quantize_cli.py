@@ -79,6 +79,7 @@ def test_dry_run_prints_the_size_and_writes_nothing(tiny_folder: Path, tmp_path:
         (["--backend", "bitsandbytes", "--method", "nf4", "--bits", "3"],
          "cannot quantize to 3 bits"),
         (["--group-size", "wide"], "'wide' is not a number"),
+        (["--method", "awq", "--no-float-targets"], "apply to GPTQ on the torch backend only"),
     ],
 )
 def test_bad_options_fail_with_one_line(args: list[str], message: str, tiny_folder: Path,

@@ -138,6 +138,10 @@ def test_automatic_group_size_says_why(tiny_folder: Path, tmp_path: Path) -> Non
         ({"backend": "torch", "method": "sparsegpt"}, ConfigError, "has no method 'sparsegpt'"),
         ({"backend": "nope"}, UsageError, "unknown quantization backend 'nope'"),
         ({"samples": 0}, UsageError, "--samples must be at least 1"),
+        ({"method": "rtn", "float_targets": True}, ConfigError,
+         "--float-targets/--no-float-targets apply to GPTQ"),
+        ({"backend": "quanto", "method": "rtn", "bits": 8, "float_targets": False}, ConfigError,
+         "--float-targets/--no-float-targets apply to GPTQ"),
     ],
 )
 def test_bad_configs_fail_before_any_work(kwargs: dict, error: type, message: str,
@@ -286,3 +290,17 @@ def test_quanto_qint8_round_trip(tiny_folder: Path, eval_file: Path, tmp_path: P
     assert type(reloaded.model.model.layers[0].mlp.down_proj).__name__ == "QLinear"
     with torch.no_grad():
         assert torch.isfinite(reloaded.model(torch.arange(16).reshape(1, 16)).logits).all()
+
+
+def test_float_targets_option_reaches_the_gptq_config(tiny_folder: Path, tmp_path: Path) -> None:
+    from openpto.pipeline.quantize import quantize_model
+
+    store = Store(tmp_path / "opt.db")
+    for option, expected in ((None, True), (False, False)):
+        result = quantize_model(str(tiny_folder), method="gptq", bits=4, group_size=32, **FAST,
+                                output=tmp_path / f"art-{option}", store=store,
+                                float_targets=option)
+        config = json.loads(_run(store, result["run_id"])["config"])
+        assert config["resolved"]["config"]["float_targets"] is expected
+        saved = json.loads((tmp_path / f"art-{option}" / "openpto.json").read_text())
+        assert f'"float_targets": {str(expected).lower()}' in json.dumps(saved)

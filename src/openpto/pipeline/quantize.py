@@ -153,6 +153,7 @@ def quantize_model(
     dtype: str = "float32",
     progress: ProgressReporter | None = None,
     store: Store | None = None,
+    float_targets: bool | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model_spec`` and write an artifact folder; see the module docstring.
 
@@ -161,21 +162,26 @@ def quantize_model(
     ``group_size``, ``symmetric``, ``backend``, ``format``, ``size_bytes_before``,
     ``size_bytes_after``, ``seconds``, ``run_id`` (and ``perplexity_before``/``_after`` with
     ``eval_text``); with ``dry_run`` nothing is written and ``size_bytes_after`` is the estimate.
+    ``float_targets`` (GPTQ, torch backend): fit to the float model's outputs or not; None keeps
+    ``GPTQConfig``'s default (on).
     """
     config = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
               "samples": samples, "calib_seq_len": calib_seq_len, "device": device,
               "backend": backend, "dry_run": dry_run, "seed": seed, "dtype": dtype,
+              "float_targets": float_targets,
               "output": None if output is None else str(output)}
     with open_run("quantize", model_spec, config, store=store, progress=progress) as wf:
         if samples < 1 or calib_seq_len < 2:
             raise UsageError("--samples must be at least 1 and --calib-seq-len at least 2")
         engine = get_backend(backend)
         # Method and bits first: a backend that lacks them fails before the model loads.
-        engine.check(QuantRequest(method, bits, None, engine.default_symmetric(bits), device))
+        engine.check(QuantRequest(method, bits, None, engine.default_symmetric(bits), device,
+                                  float_targets=float_targets))
         if output is not None:
             check_output(Path(output))
         loaded = wf.load_model(model_spec, dtype=dtype, device="cpu")
-        request = _resolve_request(wf, loaded, engine, method, bits, group_size, symmetric, device)
+        request = _resolve_request(wf, loaded, engine, method, bits, group_size, symmetric, device,
+                                   float_targets)
         wf.run.set_config({"resolved": request.describe()})
         out = Path(output) if output is not None else default_output(loaded.name, request, backend)
         check_output(out)
@@ -235,8 +241,8 @@ def quantize_model(
 
 
 def _resolve_request(wf: Workflow, loaded: LoadedModel, engine: Any, method: str, bits: int,
-                     group_size: int | str | None, symmetric: bool | None, device: str
-                     ) -> QuantRequest:
+                     group_size: int | str | None, symmetric: bool | None, device: str,
+                     float_targets: bool | None = None) -> QuantRequest:
     from openpto.pipeline.backends.torch_backend import decoder_linears
 
     widths = {linear.in_features for linear in decoder_linears(loaded.model).values()}
@@ -246,7 +252,7 @@ def _resolve_request(wf: Workflow, loaded: LoadedModel, engine: Any, method: str
     if note:
         wf.progress.log(f"using {note}")
     sym = engine.default_symmetric(bits) if symmetric is None else symmetric
-    request = QuantRequest(method, bits, group, sym, device)
+    request = QuantRequest(method, bits, group, sym, device, float_targets=float_targets)
     engine.check(request)
     request = engine.configure(request)
     engine.check_model(loaded, request)

@@ -33,10 +33,14 @@ class QuantRequest:
     symmetric: bool
     device: str
     config: Any = None  # the method config (torch backend), with ``to_dict()``
+    # GPTQ fitted to the float model's outputs (``GPTQConfig.float_targets``); None: its default
+    float_targets: bool | None = None
 
     def describe(self) -> dict[str, Any]:
         data = {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "device": self.device}
+        if self.float_targets is not None:
+            data["float_targets"] = self.float_targets
         if self.config is not None:
             data["config"] = self.config.to_dict()
         return data
@@ -67,6 +71,8 @@ class QuantBackend(abc.ABC):
     format: ClassVar[str]
     #: whether it can keep one scale per output row (else 8 bits also get groups by default)
     per_channel: ClassVar[bool] = True
+    #: whether GPTQ here can be fitted to the float model's outputs (``--float-targets``)
+    float_targets: ClassVar[bool] = False
 
     def default_symmetric(self, bits: int) -> bool:
         """Symmetric for 8 bits (near-lossless anyway, and simpler kernels), asymmetric below."""
@@ -99,6 +105,12 @@ class QuantBackend(abc.ABC):
             raise ConfigError(
                 f"the {self.name} backend cannot quantize to {request.bits} bits "
                 f"(it does: {', '.join(str(b) for b in self.bits)})"
+            )
+        if request.float_targets is not None and not (
+            self.float_targets and request.method == "gptq"
+        ):
+            raise ConfigError(
+                "--float-targets/--no-float-targets apply to GPTQ on the torch backend only"
             )
 
     def configure(self, request: QuantRequest) -> QuantRequest:

@@ -69,6 +69,7 @@ class TorchBackend(QuantBackend):
     methods: ClassVar[tuple[str, ...]] = ("rtn", "gptq", "awq")
     bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     format: ClassVar[str] = FORMAT_PACKED
+    float_targets: ClassVar[bool] = True
 
     def availability(self) -> tuple[bool, str]:
         return True, f"torch {torch.__version__}: RTN, GPTQ and AWQ, packed int4/int8 kernels"
@@ -84,8 +85,12 @@ class TorchBackend(QuantBackend):
         config_type = registered_config_types().get(request.method)
         if config_type is None:
             raise ConfigError(f"no method config named {request.method!r}")
+        options: dict[str, Any] = {}
+        if request.float_targets is not None:
+            options["float_targets"] = request.float_targets
         config = config_type(  # type: ignore[call-arg]
-            bits=request.bits, group_size=request.group_size, symmetric=request.symmetric
+            bits=request.bits, group_size=request.group_size, symmetric=request.symmetric,
+            **options,
         )
         return dataclasses.replace(request, config=config)
 
