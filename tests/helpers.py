@@ -99,3 +99,23 @@ def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def linear_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every Linear's input when ``model`` runs on ``ids``, by module name."""
+    from openpto.core.calibrate import find_linears
+
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        linear.register_forward_pre_hook(
+            lambda m, args, name=name: captured.__setitem__(name, args[0].detach())
+        )
+        for name, linear in find_linears(model).items()
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured

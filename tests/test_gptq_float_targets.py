@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from openpto.api import quantize_
-from openpto.core.calibrate import LinearReport, find_linears, run_linear_sequential
+from openpto.core.calibrate import LinearReport, run_linear_sequential
 from openpto.core.hessian import input_shift, refit_to_float_outputs
 from openpto.core.quant import GPTQConfig
 from openpto.errors import ConfigError
-from tests.helpers import tiny_llama
+from tests.helpers import linear_inputs, tiny_llama
 
 
 def test_refit_minimises_the_ridge_objective_against_float64() -> None:
@@ -83,17 +83,7 @@ def test_float_stream_hands_each_linear_its_float_model_input() -> None:
     events = []
     run_linear_sequential(model, calib, compressor, float_samples=3, on_layer=events.append)
     assert "float" in events[0].phases
-    captured: dict[str, torch.Tensor] = {}
-    handles = [
-        linear.register_forward_pre_hook(
-            lambda m, args, name=name: captured.__setitem__(name, args[0].detach())
-        )
-        for name, linear in find_linears(float_model).items()
-    ]
-    with torch.no_grad():
-        float_model(calib)
-    for handle in handles:
-        handle.remove()
+    captured = linear_inputs(float_model, calib)
     assert set(compressor.float_inputs) == {n for n in captured if ".layers." in n}
     for name, seen in compressor.float_inputs.items():
         torch.testing.assert_close(seen, captured[name], rtol=1e-5, atol=1e-5)

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from openpto.api import quantize_
-from openpto.core.calibrate import LinearReport, PhaseClock, find_linears, run_linear_sequential
+from openpto.core.calibrate import LinearReport, PhaseClock, run_linear_sequential
 from openpto.core.hessian import HessianAccumulator
 from openpto.core.quant import GPTQConfig, RTNConfig
 from openpto.core.quant.gptq import GPTQ, calib_dtype, gptq_solve
 from openpto.errors import ConfigError
-from tests.helpers import tiny_llama
+from tests.helpers import linear_inputs, tiny_llama
 
 
 class RoundingCompressor:
@@ -50,17 +50,7 @@ def test_each_linear_sees_inputs_of_the_already_compressed_model() -> None:
         ["mlp.down_proj"],
     ]
     # Every Linear saw exactly what it sees in the fully compressed model: errors propagated.
-    inputs: dict[str, torch.Tensor] = {}
-    handles = [
-        linear.register_forward_pre_hook(
-            lambda m, args, name=name: inputs.__setitem__(name, args[0].detach())
-        )
-        for name, linear in find_linears(model).items()
-    ]
-    with torch.no_grad():
-        model(calib)
-    for handle in handles:
-        handle.remove()
+    inputs = linear_inputs(model, calib)
     assert set(compressor.seen) == {n for n in inputs if ".layers." in n}
     for name, seen in compressor.seen.items():
         torch.testing.assert_close(seen, inputs[name], rtol=1e-5, atol=1e-5)

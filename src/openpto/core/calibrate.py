@@ -429,6 +429,18 @@ def _one_pass(
             reports.extend(compressor.compress_group(
                 index, prefix, members, x, clock, float_inputs=float_inputs[name]))
 
+    return _run_hooked(layer, linears, hook, cast, inputs), reports
+
+
+def _run_hooked(
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    hook: Callable[[str, torch.Tensor], None],
+    cast: Any,
+    inputs: tuple[torch.Tensor, dict[str, Any]],
+) -> torch.Tensor:
+    """Run ``layer`` on ``inputs`` under ``cast``, calling ``hook(name, input)`` before each of
+    ``linears`` computes; the layer's output."""
     handles = [
         linear.register_forward_pre_hook(lambda m, args, name=name: hook(name, args[0]))
         for name, linear in linears.items()
@@ -436,11 +448,10 @@ def _one_pass(
     try:
         with cast:
             states, kwargs = inputs
-            output = _first_output(layer(states, **kwargs))
+            return _first_output(layer(states, **kwargs))
     finally:
         for handle in handles:
             handle.remove()
-    return output, reports
 
 
 def _float_pass(
@@ -453,18 +464,7 @@ def _float_pass(
     def keep(name: str, x: torch.Tensor) -> None:
         seen.setdefault(name, x.detach())
 
-    handles = [
-        linear.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0]))
-        for name, linear in find_linears(layer).items()
-    ]
-    try:
-        with cast:
-            states, kwargs = inputs
-            output = _first_output(layer(states, **kwargs))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return output, seen
+    return _run_hooked(layer, find_linears(layer), keep, cast, inputs), seen
 
 
 @torch.no_grad()
