@@ -12,7 +12,8 @@ from openpto.api import quantize_
 from openpto.core.calibrate import LinearReport, PhaseClock, run_linear_sequential
 from openpto.core.hessian import HessianAccumulator
 from openpto.core.quant import GPTQConfig, RTNConfig
-from openpto.core.quant.gptq import GPTQ, calib_dtype, gptq_solve
+from openpto.core.quant.gptq import GPTQ, gptq_solve
+from openpto.core.quant.gptq_calibration import calib_dtype
 from openpto.errors import ConfigError
 from tests.helpers import linear_inputs, tiny_llama
 

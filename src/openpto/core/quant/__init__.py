@@ -5,7 +5,7 @@ Importing this package registers each method's transform in ``openpto.registry.T
 
 from __future__ import annotations
 
-from openpto.core.quant import awq, gptq, rtn  # noqa: F401  (registers the transforms)
+from openpto.core.quant import awq, gptq_calibration, rtn  # noqa: F401  (registers the transforms)
 from openpto.core.quant.configs import AWQConfig, GPTQConfig, QuantConfig, RTNConfig
 from openpto.core.quant.tensor import QuantizedWeight, quantize_weight
 
