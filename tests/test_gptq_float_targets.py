@@ -123,3 +123,9 @@ def test_float_targets_need_the_one_pass_driver() -> None:
     assert not GPTQConfig(true_sequential=False, float_targets=False).float_targets
     with pytest.raises(ConfigError, match="float_target_samples must be positive"):
         GPTQConfig(float_target_samples=0)
+
+
+def test_refit_reports_an_indefinite_hessian_instead_of_refitting() -> None:
+    w = torch.ones(2, 3)
+    H = torch.diag(torch.tensor([1.0, 1.0, -5.0]))  # -5 is beyond any lam of 1% of the mean
+    assert refit_to_float_outputs(w, H, torch.ones(3, 3), 0.01) is None

@@ -120,7 +120,7 @@ def input_shift(float_x: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
 
 def refit_to_float_outputs(
     w: torch.Tensor, H: torch.Tensor, shift: torch.Tensor, damp: float
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """The weights that best give the float model's outputs from the compressed model's inputs:
     ``argmin_V ||W X_f - V X||^2 + lam ||V - W||^2 = W + W D (H + lam I)^-1``, with
     ``H = 2 X X^T / n``, ``D = 2 (X_f - X) X^T / n`` (``input_shift``) and
@@ -129,6 +129,9 @@ def refit_to_float_outputs(
     The ridge pulls towards ``W`` rather than towards zero, so where the inputs already match
     (``D = 0``, as in the first Linears) ``W`` comes back exactly; directions the calibration
     tokens barely reach keep their original weights.
+
+    None when ``H + lam I`` has no Cholesky factor (``H`` indefinite beyond ``lam``, as bfloat16
+    products can leave it): the caller keeps ``W`` and reports the refit as not made.
     """
     H = H.clone()
     dead = dead_columns(H)
@@ -137,5 +140,5 @@ def refit_to_float_outputs(
     H.diagonal().add_(lam)
     lower, info = torch.linalg.cholesky_ex(H)
     if int(info.item()) != 0:
-        return w  # GPTQ's own retried dampening will report the singular Hessian
+        return None
     return w + torch.cholesky_solve((w @ shift).t(), lower).t()

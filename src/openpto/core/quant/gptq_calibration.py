@@ -44,7 +44,6 @@ def _rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     )
 
 
-
 def calib_dtype(config: GPTQConfig, device: torch.device | str) -> torch.dtype:
     """The dtype of the calibration pass: ``auto`` is bfloat16 where matmuls have it natively
     (CUDA with bf16, CPUs with AVX512-BF16 or AMX), float32 elsewhere."""
@@ -157,30 +156,23 @@ class GPTQCompressor:
         clock: PhaseClock,
         targets: FloatTargets | None = None,
     ) -> list[LinearReport]:
-        with solve_thread() if H.device.type == "cpu" else contextlib.nullcontext():
-            return self._solve_group(index, prefix, linears, H, clock, targets)
-
-    def _solve_group(
-        self,
-        index: int,
-        prefix: str,
-        linears: dict[str, nn.Linear],
-        H: torch.Tensor,
-        clock: PhaseClock,
-        targets: FloatTargets | None,
-    ) -> list[LinearReport]:
         """One GPTQ solve for Linears sharing ``H``; with ``targets``, of the weights refitted
-        to the float model's outputs first."""
+        to the float model's outputs first. Each Linear gets its rows back, dequantized."""
         started = time.perf_counter()
-        with clock("solve"):
+        single = solve_thread() if H.device.type == "cpu" else contextlib.nullcontext()
+        with single, clock("solve"):
             weights = [linear.weight.data.float() for linear in linears.values()]
             stacked = torch.cat(weights)
-            refit = 0.0
+            # Relative change of the weights by the refit; None where it could not be made.
+            refit: float | None = 0.0
             if targets is not None:
                 target = refit_to_float_outputs(stacked, targets.H, targets.shift,
                                                 self.config.damp)
-                refit = float((target - stacked).norm() / stacked.norm().clamp_min(1e-30))
-                stacked = target
+                if target is None:
+                    refit = None
+                else:
+                    refit = float((target - stacked).norm() / stacked.norm().clamp_min(1e-30))
+                    stacked = target
             qw, damp, _ = gptq_solve(stacked, H, self.config)
         solved = time.perf_counter() - started
         reports = []
