@@ -119,3 +119,26 @@ def linear_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.
         for handle in handles:
             handle.remove()
     return captured
+
+
+class RoundingCompressor:
+    """A ``LinearGroupCompressor`` for driver tests: rounds each group's weights to one decimal
+    and keeps, per Linear, the inputs (and float-model inputs) it was handed."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.float_inputs: dict[str, torch.Tensor] = {}
+
+    def compress_group(self, index, prefix, linears, inputs, clock, float_inputs=None):  # type: ignore[no-untyped-def]
+        from openpto.core.calibrate import LinearReport
+
+        self.groups.append(list(linears))
+        reports = []
+        for name, linear in linears.items():
+            self.inputs[f"{prefix}.{name}"] = inputs.detach().clone()
+            if float_inputs is not None:
+                self.float_inputs[f"{prefix}.{name}"] = float_inputs.detach().clone()
+            linear.weight.data = torch.round(linear.weight.data * 10) / 10
+            reports.append(LinearReport(index, f"{prefix}.{name}", 0.0, 0.0))
+        return reports

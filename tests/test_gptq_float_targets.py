@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from openpto.api import quantize_
-from openpto.core.calibrate import LinearReport, run_linear_sequential
+from openpto.core.calibrate import run_linear_sequential
 from openpto.core.hessian import input_shift, refit_to_float_outputs
 from openpto.core.quant import GPTQConfig
 from openpto.errors import ConfigError
-from tests.helpers import linear_inputs, tiny_llama
+from tests.helpers import RoundingCompressor, linear_inputs, tiny_llama
 
 
 def test_refit_minimises_the_ridge_objective_against_float64() -> None:
@@ -58,28 +58,11 @@ def test_refit_keeps_weights_when_inputs_match_even_in_bfloat16() -> None:
     assert (moved[torch.bfloat16] - moved[torch.float32]).norm() / w.norm() < 0.01
 
 
-class KeepingCompressor:
-    """Rounds weights to one decimal; keeps both inputs it was handed per Linear group."""
-
-    def __init__(self) -> None:
-        self.float_inputs: dict[str, torch.Tensor] = {}
-        self.inputs: dict[str, torch.Tensor] = {}
-
-    def compress_group(self, index, prefix, linears, inputs, clock, float_inputs=None):  # type: ignore[no-untyped-def]
-        reports = []
-        for name, linear in linears.items():
-            self.inputs[f"{prefix}.{name}"] = inputs.detach().clone()
-            self.float_inputs[f"{prefix}.{name}"] = float_inputs.detach().clone()
-            linear.weight.data = torch.round(linear.weight.data * 10) / 10
-            reports.append(LinearReport(index, f"{prefix}.{name}", 0.0, 0.0))
-        return reports
-
-
 def test_float_stream_hands_each_linear_its_float_model_input() -> None:
     model = tiny_llama(num_hidden_layers=2)
     float_model = copy.deepcopy(model)
     calib = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(2))
-    compressor = KeepingCompressor()
+    compressor = RoundingCompressor()
     events = []
     run_linear_sequential(model, calib, compressor, float_samples=3, on_layer=events.append)
     assert "float" in events[0].phases

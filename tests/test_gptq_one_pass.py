@@ -9,30 +9,13 @@ import torch
 from torch import nn
 
 from openpto.api import quantize_
-from openpto.core.calibrate import LinearReport, PhaseClock, run_linear_sequential
+from openpto.core.calibrate import PhaseClock, run_linear_sequential
 from openpto.core.hessian import HessianAccumulator
 from openpto.core.quant import GPTQConfig, RTNConfig
 from openpto.core.quant.gptq import GPTQ, gptq_solve
 from openpto.core.quant.gptq_calibration import calib_dtype
 from openpto.errors import ConfigError
-from tests.helpers import linear_inputs, tiny_llama
-
-
-class RoundingCompressor:
-    """Rounds each group's weights to one decimal and keeps the inputs it was handed."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, torch.Tensor] = {}
-        self.groups: list[list[str]] = []
-
-    def compress_group(self, index, prefix, linears, inputs, clock):  # type: ignore[no-untyped-def]
-        self.groups.append(list(linears))
-        reports = []
-        for name, linear in linears.items():
-            self.seen[f"{prefix}.{name}"] = inputs.detach().clone()
-            linear.weight.data = torch.round(linear.weight.data * 10) / 10
-            reports.append(LinearReport(index, f"{prefix}.{name}", 0.0, 0.0))
-        return reports
+from tests.helpers import RoundingCompressor, linear_inputs, tiny_llama
 
 
 def test_each_linear_sees_inputs_of_the_already_compressed_model() -> None:
@@ -52,8 +35,8 @@ def test_each_linear_sees_inputs_of_the_already_compressed_model() -> None:
     ]
     # Every Linear saw exactly what it sees in the fully compressed model: errors propagated.
     inputs = linear_inputs(model, calib)
-    assert set(compressor.seen) == {n for n in inputs if ".layers." in n}
-    for name, seen in compressor.seen.items():
+    assert set(compressor.inputs) == {n for n in inputs if ".layers." in n}
+    for name, seen in compressor.inputs.items():
         torch.testing.assert_close(seen, inputs[name], rtol=1e-5, atol=1e-5)
 
 
