@@ -10,10 +10,10 @@ from torch import nn
 
 from openpto.api import quantize_
 from openpto.core.calibrate import PhaseClock, run_linear_sequential
-from openpto.core.hessian import HessianAccumulator
+from openpto.core.hessian import HessianAccumulator, factorizes, hessian_of
 from openpto.core.quant import GPTQConfig, RTNConfig
 from openpto.core.quant.gptq import GPTQ, gptq_solve
-from openpto.core.quant.gptq_calibration import calib_dtype
+from openpto.core.quant.gptq_calibration import GPTQCompressor, calib_dtype
 from openpto.errors import ConfigError
 from tests.helpers import RoundingCompressor, linear_inputs, tiny_llama
 
@@ -67,6 +67,39 @@ def test_hessian_strips_and_bfloat16_against_float64() -> None:
         assert torch.equal(acc.H, acc.H.t())
         error = (acc.H.double() - reference).norm() / reference.norm()
         assert error < tolerance, (dtype, float(error))
+
+
+def _inputs_with_a_massive_direction(scale: float = 10.0) -> torch.Tensor:
+    # One direction, spread over every column, carries most of the energy (as in the attention
+    # outputs o_proj reads): bfloat16 rounding of H's entries then swamps its small eigenvalues.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 192, generator=gen)
+    x += scale * torch.randn(4096, 1, generator=gen) * torch.randn(192, generator=gen)
+    return x.bfloat16()
+
+
+def test_indefinite_bfloat16_hessian_is_recomputed_in_float32() -> None:
+    x = _inputs_with_a_massive_direction()
+    reference = 2 * x.double().t() @ x.double() / x.shape[0]
+    assert torch.linalg.eigvalsh(reference)[0] > 0
+    rounded = HessianAccumulator(192, dtype=torch.bfloat16)
+    rounded.add_batch(x)
+    assert not factorizes(rounded.H, 0.01)
+    exact = hessian_of(x, "cpu", torch.bfloat16, damp=0.01)
+    assert exact.dtype == torch.float32 and factorizes(exact.H, 0.01)
+    assert (exact.H.double() - reference).norm() / reference.norm() < 1e-6
+    # Ordinary inputs keep the cheaper bfloat16 products.
+    plain = torch.randn(4096, 192, generator=torch.Generator().manual_seed(6)).bfloat16()
+    assert hessian_of(plain, "cpu", torch.bfloat16, damp=0.01).dtype == torch.bfloat16
+
+
+def test_gptq_keeps_its_dampening_where_bfloat16_products_would_break_h() -> None:
+    x = _inputs_with_a_massive_direction()
+    linear = nn.Linear(192, 32, bias=False)
+    compressor = GPTQCompressor(GPTQConfig(bits=4, group_size=64), torch.bfloat16)
+    (report,) = compressor.compress_group(0, "layers.0", {"o_proj": linear}, x, PhaseClock())
+    assert report.extra["damp"] == 0.01
+    assert report.extra["hessian_products"] == "float32"
 
 
 def test_one_pass_gptq_matches_two_pass_quality_on_a_tiny_llama() -> None:

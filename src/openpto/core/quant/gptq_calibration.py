@@ -27,7 +27,12 @@ from openpto.core.calibrate import (
     find_linears,
     run_linear_sequential,
 )
-from openpto.core.hessian import HessianAccumulator, input_shift, refit_to_float_outputs
+from openpto.core.hessian import (
+    HessianAccumulator,
+    hessian_of,
+    input_shift,
+    refit_to_float_outputs,
+)
 from openpto.core.quant.common import InputCollector, relative_output_error, run_calibrated
 from openpto.core.quant.configs import GPTQConfig
 from openpto.core.quant.gptq import gptq_solve, solve_thread
@@ -125,12 +130,13 @@ class GPTQCompressor:
         for linear in linears.values():
             resolve_group_size(linear.in_features, self.config.group_size)
         with clock("hessian"):
-            hessian = HessianAccumulator(first.in_features, first.weight.device, self.dtype)
-            hessian.add_batch(inputs.detach())
+            hessian = hessian_of(inputs.detach(), first.weight.device, self.dtype,
+                                 self.config.damp)
             targets = None
             if float_inputs is not None and self.config.float_targets:
                 targets = self._float_targets(inputs.detach(), float_inputs, hessian)
-        return self._solve(index, prefix, linears, hessian.H, clock, targets)
+        return self._solve(index, prefix, linears, hessian.H, clock, targets,
+                           str(hessian.dtype).removeprefix("torch."))
 
     def _float_targets(
         self, inputs: torch.Tensor, float_inputs: torch.Tensor, hessian: HessianAccumulator
@@ -142,9 +148,7 @@ class GPTQCompressor:
         subset = inputs[: float_inputs.shape[0]]
         H = hessian.H
         if subset.shape[0] < inputs.shape[0]:
-            sub = HessianAccumulator(hessian.columns, H.device, self.dtype)
-            sub.add_batch(subset)
-            H = sub.H
+            H = hessian_of(subset, H.device, self.dtype, self.config.damp).H
         return FloatTargets(input_shift(float_inputs, subset, self.dtype), H)
 
     def _solve(
@@ -155,9 +159,11 @@ class GPTQCompressor:
         H: torch.Tensor,
         clock: PhaseClock,
         targets: FloatTargets | None = None,
+        products: str = "float32",
     ) -> list[LinearReport]:
         """One GPTQ solve for Linears sharing ``H``; with ``targets``, of the weights refitted
-        to the float model's outputs first. Each Linear gets its rows back, dequantized."""
+        to the float model's outputs first. Each Linear gets its rows back, dequantized.
+        ``products``: the dtype of the Hessian's products, for the trace."""
         started = time.perf_counter()
         single = solve_thread() if H.device.type == "cpu" else contextlib.nullcontext()
         with single, clock("solve"):
@@ -188,7 +194,8 @@ class GPTQCompressor:
                 reports.append(LinearReport(
                     index, f"{prefix}.{name}", relative_output_error(w, dequantized, H), seconds,
                     quantized=part.to("cpu"),
-                    extra={"damp": damp, "solved_with": list(linears), "refit": refit},
+                    extra={"damp": damp, "solved_with": list(linears), "refit": refit,
+                           "hessian_products": products},
                 ))
         return reports
 
