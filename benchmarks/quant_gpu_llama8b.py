@@ -95,6 +95,15 @@ def main() -> None:
     result = quantize_(model, config, calib, device=device, on_layer=on_layer)
     total = time.perf_counter() - started
     layer_seconds = [e.seconds for e in events]
+    phases: dict[str, float] = {}
+    for event in events:
+        for phase, seconds in (event.phases or {}).items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+    # Which Hessians needed float32 products (bfloat16 ones that would not factor).
+    products: dict[str, int] = {}
+    for report in result.reports:
+        kind = str(report.extra.get("hessian_products", "n/a"))
+        products[kind] = products.get(kind, 0) + 1
     peak = max((e.peak_memory_bytes or 0) for e in events)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -139,6 +148,8 @@ def main() -> None:
         "seconds_per_layer_median": round(statistics.median(layer_seconds), 2),
         "seconds_per_layer_max": round(max(layer_seconds), 2),
         "peak_gpu_memory_bytes": peak,
+        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
+        "hessian_products_per_linear": products,
         "kernel_summaries": summaries,
         "logits_max_abs_exact": scale,
         "logits_vs_exact": comparison,
