@@ -103,6 +103,15 @@ def run_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
             "order by started_at", [result["run_id"]])
     ]
     phases = {p: sum(layer["phases"].get(p, 0.0) for layer in layers) for p in PHASES}
+    # Per Linear: which Hessians needed float32 products, dampening above the configured one,
+    # and refits that could not be made.
+    solves = [linear for layer in layers for linear in layer.get("linears", {}).values()]
+    products: dict[str, int] = {}
+    for linear in solves:
+        kind = str(linear.get("hessian_products"))
+        products[kind] = products.get(kind, 0) + 1
+    damped = sum(1 for linear in solves if linear.get("damp", 0.01) > 0.01)
+    unrefitted = sum(1 for linear in solves if "refit" in linear and linear["refit"] is None)
     phases_cpu = {p: sum(layer["phases_cpu"].get(p, 0.0) for layer in layers) for p in PHASES}
     return {
         "variant": name,
@@ -122,6 +131,9 @@ def run_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
         "perplexity_before": result["perplexity_before"],
         "perplexity_after": result["perplexity_after"],
         "delta_percent": 100 * (result["perplexity_after"] / result["perplexity_before"] - 1),
+        "hessian_products_per_linear": products,
+        "linears_damped_above_config": damped,
+        "linears_not_refitted": unrefitted,
         "layers": layers,
     }
 
@@ -144,6 +156,9 @@ def main() -> None:
             print(f"{name}: calibration {row['calibration_wall_seconds']:.1f} s wall, "
                   f"{row['calibration_cpu_seconds']:.1f} CPU-s; perplexity "
                   f"{row['perplexity_before']:.3f} -> {row['perplexity_after']:.3f}", flush=True)
+            print(f"  Hessian products per Linear {row['hessian_products_per_linear']}, "
+                  f"{row['linears_damped_above_config']} dampened above the config, "
+                  f"{row['linears_not_refitted']} not refitted", flush=True)
             save(args, rows)
     print_table(rows)
     print(f"saved {args.json}")

@@ -77,6 +77,16 @@ def test_round_trip_quantize_save_load_eval(method: str, tiny_folder: Path, eval
                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                      "mlp.down_proj"}
     assert 0 <= layer0["mean_error"] <= layer0["max_error"] < 0.1 and layer0["peak_rss_bytes"] > 0
+    if method == "gptq":  # what each Linear's solve did
+        o_proj = layer0["linears"]["self_attn.o_proj"]
+        assert o_proj["damp"] >= 0.01 and o_proj["solved_with"] == ["self_attn.o_proj"]
+        assert o_proj["hessian_products"] in ("bfloat16", "float32")
+        assert o_proj["refit"] is None or o_proj["refit"] >= 0
+    elif method == "awq":  # the scale search's alpha, per Linear (None where none was searched)
+        assert set(layer0["linears"]) == set(layer0["errors"])
+        assert all(0 <= (v["alpha"] or 0) <= 1 for v in layer0["linears"].values())
+    else:
+        assert layer0["linears"] == {}
     metrics = {m["name"]: m["value"] for m in store.rows("metrics")}
     assert metrics["size_bytes_after"] == result["size_bytes_after"]
     assert metrics["perplexity_after"] == pytest.approx(result["perplexity_after"])

@@ -92,8 +92,9 @@ def _rss_peak_bytes() -> int:
 def _layer_recorder(wf: Workflow, advance: Any) -> Any:
     def on_layer(event: LayerEvent) -> None:
         started = datetime.now(timezone.utc) - timedelta(seconds=event.seconds)
-        errors = {r.name.rsplit(".", 2)[-2] + "." + r.name.rsplit(".", 1)[-1]: r.error
-                  for r in event.reports}
+        short = {r.name: r.name.rsplit(".", 2)[-2] + "." + r.name.rsplit(".", 1)[-1]
+                 for r in event.reports}
+        errors = {short[r.name]: r.error for r in event.reports}
         values = list(errors.values())
         wf.run.trace_row(
             f"layer {event.index}",
@@ -107,6 +108,8 @@ def _layer_recorder(wf: Workflow, advance: Any) -> Any:
                 "peak_rss_bytes": _rss_peak_bytes(),
                 # Wall and CPU seconds per phase (forward, hessian, solve, pack) where measured.
                 "phases": event.phases, "phases_cpu": event.phases_cpu,
+                # What each method reports per Linear (GPTQ: dampening, refit, Hessian products).
+                "linears": {short[r.name]: r.extra for r in event.reports if r.extra},
             },
         )
         advance(1)
