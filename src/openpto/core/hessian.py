@@ -76,15 +76,21 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     return H.diagonal() == 0
 
 
+def _revived(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``H`` with a unit diagonal on its dead columns, and those columns."""
+    H = H.clone()
+    dead = dead_columns(H)
+    H[dead, dead] = 1.0
+    return H, dead
+
+
 def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) -> InverseFactor:
     """Damp ``H`` and return the upper Cholesky factor of its inverse.
 
     Dead columns (zero diagonal: the input never fired) get a unit diagonal so the factorisation
     exists; callers zero the matching weight columns, which cannot affect the output anyway.
     """
-    H = H.clone()
-    dead = dead_columns(H)
-    H[dead, dead] = 1.0
+    H, dead = _revived(H)
     mean_diag = H.diagonal().mean().item()
     eye = torch.arange(H.shape[0], device=H.device)
     current = damp
@@ -121,9 +127,7 @@ def input_shift(float_x: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
 def factorizes(H: torch.Tensor, damp: float) -> bool:
     """Whether ``H``, dampened by ``damp`` x its mean diagonal (dead columns set to one, as
     ``inverse_cholesky`` does), has a Cholesky factor."""
-    H = H.clone()
-    dead = dead_columns(H)
-    H[dead, dead] = 1.0
+    H, _ = _revived(H)
     H.diagonal().add_(damp * H.diagonal().mean())
     return int(torch.linalg.cholesky_ex(H)[1].item()) == 0
 
@@ -165,9 +169,7 @@ def refit_to_float_outputs(
     None when ``H + lam I`` has no Cholesky factor (``H`` indefinite beyond ``lam``; ``hessian_of``
     avoids that for rounding): the caller keeps ``W`` and reports the refit as not made.
     """
-    H = H.clone()
-    dead = dead_columns(H)
-    H[dead, dead] = 1.0
+    H, _ = _revived(H)
     lam = damp * H.diagonal().mean()
     H.diagonal().add_(lam)
     lower, info = torch.linalg.cholesky_ex(H)
