@@ -138,9 +138,10 @@ def hessian_of(
     """The Hessian of the inputs ``x`` of one Linear, with products in ``dtype`` where that is
     safe and in float32 where it is not.
 
-    Rounding every entry of ``H`` to bfloat16 is harmless for most Linears, but next to inputs
-    with a few huge columns (the attention outputs that ``o_proj`` reads) its errors, about 2^-9
-    of those huge entries, swamp the smallest eigenvalues: measured on the default model with
+    Rounding every entry of ``H`` to bfloat16 is harmless for most Linears, but where one
+    direction carries most of the inputs' energy (the attention outputs that ``o_proj`` reads)
+    the errors, about 2^-9 of the entries that direction inflates, swamp the smallest
+    eigenvalues: measured on the default model with
     128 x 512 tokens, ``o_proj`` of layer 0 had a smallest eigenvalue of -0.19 x the mean
     diagonal in bfloat16 against +2.0e-4 exactly, and GPTQ had to dampen 100x more. So when the
     bfloat16 ``H`` does not factor at the requested dampening, it is recomputed in float32
