@@ -88,6 +88,10 @@ def test_indefinite_bfloat16_hessian_is_recomputed_in_float32() -> None:
     exact = hessian_of(x, "cpu", torch.bfloat16, damp=0.01)
     assert exact.dtype == torch.float32 and factorizes(exact.H, 0.01)
     assert (exact.H.double() - reference).norm() / reference.norm() < 1e-6
+    # An H that factors only thanks to most of the dampening is recomputed too: the refit would
+    # divide by what is left of its rounding-made negative eigenvalues.
+    assert factorizes(rounded.H, 0.1) and not factorizes(rounded.H, 0.01)
+    assert hessian_of(x, "cpu", torch.bfloat16, damp=0.1).dtype == torch.float32
     # Ordinary inputs keep the cheaper bfloat16 products.
     plain = torch.randn(4096, 192, generator=torch.Generator().manual_seed(6)).bfloat16()
     assert hessian_of(plain, "cpu", torch.bfloat16, damp=0.01).dtype == torch.bfloat16
