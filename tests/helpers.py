@@ -121,6 +121,21 @@ def linear_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.
     return captured
 
 
+def quantized_logit_error(base: torch.nn.Module, config: object, calib: torch.Tensor | None,
+                          ids: torch.Tensor) -> float:
+    """Relative L2 error of the logits on ``ids`` after quantizing a copy of ``base``."""
+    import copy
+
+    from openpto.api import quantize_
+
+    with torch.no_grad():
+        reference = base(ids).logits
+    model = copy.deepcopy(base)
+    quantize_(model, config, calib)  # type: ignore[arg-type]
+    with torch.no_grad():
+        return float((model(ids).logits - reference).norm() / reference.norm())
+
+
 class RoundingCompressor:
     """A ``LinearGroupCompressor`` for driver tests: rounds each group's weights to one decimal
     and keeps, per Linear, the inputs (and float-model inputs) it was handed."""

@@ -7,12 +7,11 @@ import copy
 import pytest
 import torch
 
-from openpto.api import quantize_
 from openpto.core.calibrate import run_linear_sequential
 from openpto.core.hessian import input_shift, refit_to_float_outputs
 from openpto.core.quant import GPTQConfig
 from openpto.errors import ConfigError
-from tests.helpers import RoundingCompressor, linear_inputs, tiny_llama
+from tests.helpers import RoundingCompressor, linear_inputs, quantized_logit_error, tiny_llama
 
 
 def test_refit_minimises_the_ridge_objective_against_float64() -> None:
@@ -82,14 +81,9 @@ def test_float_targets_lower_the_logit_error_of_a_tiny_llama() -> None:
     base = tiny_llama(num_hidden_layers=4)
     calib = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(3))
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        reference = base(ids).logits
 
     def logit_error(config: GPTQConfig) -> float:
-        model = copy.deepcopy(base)
-        quantize_(model, config, calib)
-        with torch.no_grad():
-            return float((model(ids).logits - reference).norm() / reference.norm())
+        return quantized_logit_error(base, config, calib, ids)
 
     plain = logit_error(GPTQConfig(bits=3, group_size=32, calib_dtype="float32",
                                    float_targets=False))

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from openpto.api import quantize_
 from openpto.core.calibrate import PhaseClock, run_linear_sequential
 from openpto.core.hessian import HessianAccumulator, factorizes, hessian_of
 from openpto.core.quant import GPTQConfig, RTNConfig
 from openpto.core.quant.gptq import GPTQ, gptq_solve
 from openpto.core.quant.gptq_calibration import GPTQCompressor, calib_dtype
 from openpto.errors import ConfigError
-from tests.helpers import RoundingCompressor, linear_inputs, tiny_llama
+from tests.helpers import RoundingCompressor, linear_inputs, quantized_logit_error, tiny_llama
 
 
 def test_each_linear_sees_inputs_of_the_already_compressed_model() -> None:
@@ -111,14 +108,10 @@ def test_one_pass_gptq_matches_two_pass_quality_on_a_tiny_llama() -> None:
     base = tiny_llama(num_hidden_layers=2)
     calib = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(3))
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        reference = base(ids).logits
 
     def logit_error(config: GPTQConfig | RTNConfig) -> float:
-        model = copy.deepcopy(base)
-        quantize_(model, config, None if isinstance(config, RTNConfig) else calib)
-        with torch.no_grad():
-            return float((model(ids).logits - reference).norm() / reference.norm())
+        return quantized_logit_error(
+            base, config, None if isinstance(config, RTNConfig) else calib, ids)
 
     rtn = logit_error(RTNConfig(bits=4, group_size=32))
     two = logit_error(GPTQConfig(bits=4, group_size=32, true_sequential=False,

@@ -423,11 +423,9 @@ def _one_pass(
         group = [n for n in group_of.get(name, [name]) if n not in done] or [name]
         done.update(group)
         members = {n: linears[n] for n in group}
-        if float_inputs is None:
-            reports.extend(compressor.compress_group(index, prefix, members, x, clock))
-        else:
-            reports.extend(compressor.compress_group(
-                index, prefix, members, x, clock, float_inputs=float_inputs[name]))
+        reports.extend(compressor.compress_group(
+            index, prefix, members, x, clock,
+            float_inputs=None if float_inputs is None else float_inputs[name]))
 
     return _run_hooked(layer, linears, hook, cast, inputs), reports
 
