@@ -188,7 +188,7 @@ def test_quantize_puts_every_linear_on_its_grid(model: Any, config: Any) -> None
     weights = result.quantized_weights()
     assert set(weights) == names
     for name, qw in weights.items():
-        assert 0 <= int(qw.q.min()) and int(qw.q.max()) <= 15
+        assert qw.bits == 4 and int(qw.q.max()) <= 15  # codes in [0, 15] (uint8)
         assert torch.equal(quantized.get_submodule(name).weight.data, qw.dequantize())
     ids = _ids(4)
     error = _relative(_logits(quantized, ids), _logits(model, ids))
@@ -236,7 +236,12 @@ def built(model_type: str, model: Any, tmp_path_factory: pytest.TempPathFactory,
     folder = root / "float"
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    calib = ["--samples", "4", "--calib-seq-len", "32"]
+    # A few pages of Python's docs: tokenizing all of them (the default) costs more than the rest.
+    from pydoc_data.topics import topics
+
+    text = root / "calib.txt"
+    text.write_text("\n".join(topics[k] for k in sorted(topics))[:20_000])
+    calib = ["--calib", str(text), "--samples", "4", "--calib-seq-len", "32"]
     out: dict[str, Any] = {"folder": folder}
     for method in ("rtn", "awq"):
         out[method] = _opt(["quantize", str(folder), "--method", method, "--bits", "4",
@@ -305,12 +310,14 @@ def test_rtn_artifact_round_trip_and_generation(model_type: str, model: Any,
     swap_to_packed(reference, stored, str(reloaded.metadata["kernel"]))
     ids = _ids(6)
     assert torch.equal(_logits(reloaded.model, ids), _logits(reference, ids))
-    tok = tiny_tokenizer()
+    tok = reloaded.tokenizer  # the artifact's own (the in-memory one can split text otherwise)
     data = _opt(["generate", artifact, "--prompt", PROMPT, "--max-new-tokens", "8", "--raw",
                  "--no-stream"])
     expected = _greedy(reference, tok(PROMPT)["input_ids"], 8, int(tok.eos_token_id))
     assert data["tokens"] == len(expected)
-    assert data["text"] == tok.decode(expected)
+    # Random models emit byte tokens that never complete a UTF-8 character; the CLI holds
+    # those back where decode() writes replacement characters.
+    assert data["text"] == tok.decode(expected).rstrip("\ufffd")
 
 
 def test_awq_artifact_reloads_close_to_the_float_model(model_type: str, model: Any,
