@@ -171,8 +171,11 @@ def test_unknown_model_type_names_the_supported_ones() -> None:
 # Transforms
 
 
-#: relative logit error allowed after 4-bit g32 quantization of the tiny random models
-QUANT_BOUND = {"rtn": 0.25, "gptq": 0.25, "awq": 0.25}
+#: relative logit error allowed after 4-bit g32 quantization (RTN, GPTQ or AWQ, calibrated on
+#: 4 x 32 random tokens) of the tiny random models; measured 0.054-0.138 for the Llama-like ones
+#: and phi3, 0.197-0.227 for Gemma 2 and 3 (seeds as below, 2026-12-07)
+QUANT_BOUND = {"gemma2": 0.25, "gemma3_text": 0.25}
+DEFAULT_BOUND = 0.15
 
 
 @pytest.mark.parametrize("config", [
@@ -180,7 +183,7 @@ QUANT_BOUND = {"rtn": 0.25, "gptq": 0.25, "awq": 0.25}
     GPTQConfig(bits=4, group_size=32, symmetric=False),
     AWQConfig(bits=4, group_size=32),
 ], ids=["rtn", "gptq", "awq"])
-def test_quantize_puts_every_linear_on_its_grid(model: Any, config: Any) -> None:
+def test_quantize_puts_every_linear_on_its_grid(model_type: str, model: Any, config: Any) -> None:
     quantized = copy.deepcopy(model)
     result = quantize_(quantized, config, _ids(3, rows=4))
     names = {f"{prefix}.{i}.{n}" for prefix, layers in [decoder_layers(quantized)]
@@ -192,7 +195,7 @@ def test_quantize_puts_every_linear_on_its_grid(model: Any, config: Any) -> None
         assert torch.equal(quantized.get_submodule(name).weight.data, qw.dequantize())
     ids = _ids(4)
     error = _relative(_logits(quantized, ids), _logits(model, ids))
-    assert 0 < error < QUANT_BOUND[config.type_name], error
+    assert 0 < error < QUANT_BOUND.get(model_type, DEFAULT_BOUND), error
 
 
 @pytest.mark.parametrize("config", [WandaConfig(sparsity=0.5), SparseGPTConfig(pattern="2:4")],
@@ -322,21 +325,26 @@ def test_rtn_artifact_round_trip_and_generation(model_type: str, model: Any,
 
 def test_awq_artifact_reloads_close_to_the_float_model(model_type: str, model: Any,
                                                       built: dict[str, Any]) -> None:
-    method = "awq"
+    """The AWQ artifact holds scaled norms (Gemma's folded into ``1 + w``) and still computes
+    what the float model does, within the quantization bound."""
     from openpto.models.artifact_loaders import read_packed_weights
 
-    artifact = Path(built[method]["output"])
+    artifact = Path(built["awq"]["output"])
     reloaded = _load(str(artifact)).model
     packed = read_packed_weights(artifact, None)
     assert len(packed) == 2 * len(find_linears(decoder_layers(model)[1][0]))
     ids = _ids(7)
     error = _relative(_logits(reloaded, ids), _logits(model, ids))
-    assert 0 < error < QUANT_BOUND[method], error
-    if method == "awq" and architecture(model_type).norm_offset:
-        # The scales were folded into the (1 + w) norms: they differ from the source's.
-        before = model.model.layers[0].input_layernorm.weight
-        after = reloaded.model.layers[0].input_layernorm.weight
-        assert not torch.allclose(before, after.float(), atol=1e-3)
+    assert 0 < error < QUANT_BOUND.get(model_type, DEFAULT_BOUND), error
+    norms = {p.prev for p in architecture(model_type).scale_pairs if p.prev.endswith("norm")}
+    changed = [
+        f"{i}.{n}" for i, (ours, theirs) in enumerate(zip(decoder_layers(reloaded)[1],
+                                                          decoder_layers(model)[1], strict=True))
+        for n in norms
+        if not torch.allclose(ours.get_submodule(n).weight.float(),
+                              theirs.get_submodule(n).weight, atol=1e-3)
+    ]
+    assert changed  # AWQ scaled at least one norm -> Linears pair
 
 
 def test_wanda_artifact_keeps_its_sparsity(model_type: str, built: dict[str, Any]) -> None:
