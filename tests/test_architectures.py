@@ -39,6 +39,13 @@ GGUF_BLOCK = {
                "ffn_norm", "post_attention_norm", "post_ffw_norm"},
     "phi3": {"attn_qkv", "ffn_up", "ffn_norm"},
 }
+#: architecture keys beyond the common ones, as the tiny configs set them
+GGUF_KEYS = {
+    "gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "attention.sliding_window": 4096},
+    "gemma3": {"rope.freq_base": 1e6, "attention.sliding_window": 4096},  # the global base
+    "phi3": {"rope.scaling.original_context_length": 4096, "attention.sliding_window": 0},
+}
 PROMPT = "def add(a, b):\n    return"
 
 
@@ -372,6 +379,11 @@ def test_gguf_export_reads_back(model_type: str, model: Any, built: dict[str, An
     assert fields["general.architecture"].contents() == arch
     assert fields[f"{arch}.block_count"].contents() == 2
     assert fields[f"{arch}.attention.head_count_kv"].contents() == 2
+    assert fields[f"{arch}.attention.key_length"].contents() == 16
+    for key, value in GGUF_KEYS.get(arch, {}).items():
+        assert fields[f"{arch}.{key}"].contents() == value, key
+    assert ("output.weight" in {t.name for t in reader.tensors}) == (
+        not model.config.tie_word_embeddings)
     tensors = {t.name: t for t in reader.tensors}
     block = {n.split(".")[2] for n in tensors if n.startswith("blk.0.")}
     assert block == GGUF_BLOCK[arch] | {"attn_norm", "attn_output", "ffn_down"}
