@@ -183,6 +183,8 @@ def fold_scale(
         w[rows] = w[rows] / s.unsqueeze(1)
         prev.weight.data = w.to(prev.weight.dtype)
     elif isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        # Computed in float32; stored in a 16-bit dtype, a w' near -1 keeps fewer significant
+        # bits of 1 + w' than a Llama norm keeps of w', so bfloat16 Gemma folds round more.
         weight.data = ((weight.data.float() + norm_offset) / s - norm_offset).to(weight.dtype)
     else:
         raise UnsupportedModel(f"cannot fold an AWQ scale into a {type(prev).__name__}")
