@@ -39,7 +39,7 @@ import torch
 ROOT = harness.ROOT
 
 #: setting -> (openpto config type, its keyword arguments, calibration samples). AWQ uses 32
-#: samples: llm-compressor's AWQ on this CPU takes about 48 minutes with 128.
+#: samples: llm-compressor's AWQ took 1155 s wall with 32 on this CPU (docs/benchmarks.md).
 SETTINGS: dict[str, tuple[str, dict[str, Any], int]] = {
     "gptq-w4g64-asym": ("gptq", dict(bits=4, group_size=64, symmetric=False), 128),
     "awq-w4g64-asym": ("awq", dict(bits=4, group_size=64, symmetric=False), 32),

@@ -40,7 +40,7 @@ SHAPES = {  # name: (out_features, in_features) of Llama-3-8B
     for key, (out, width) in harness.linear_shapes(_LLAMA).items() if key in _NAMES
 }
 TOKENS = (1, 16, 128, 256, 512, 1024, 2048, 4096)
-PEAK_FLOPS = 750e12  # measured bf16 dense matmul ceiling on this H200 (shared notes)
+PEAK_FLOPS = 750e12  # measured bf16 dense matmul ceiling on the H200 (docs/benchmarks.md, 2:4)
 BANDWIDTH = 4.25e12  # measured device copy ceiling, bytes/s
 
 
