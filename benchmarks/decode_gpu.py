@@ -208,9 +208,9 @@ def main() -> None:
         measure("ours-compiled", "ours (static cache, torch.compile + CUDA graph)",
                 ours("compiled"), floor, eager, decode="compiled")
     if "int4" not in skip:
-        t0 = time.perf_counter()
-        report["int4_kernels"] = swap_to_int4(model)
-        report["int4_swap_seconds"] = time.perf_counter() - t0
+        with harness.stopwatch() as swap:
+            report["int4_kernels"] = swap_to_int4(model)
+        report["int4_swap_seconds"] = swap.wall
         report["int4_bytes_read_per_token"] = int4_bytes = read_bytes(model)
         report["int4_floor_tokens_per_second"] = int4_floor = bandwidth / int4_bytes
         int4_eager = "ours int4 (eager, DynamicCache)"

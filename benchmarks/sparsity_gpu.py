@@ -219,18 +219,18 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any], deadline: f
     dense_ms: dict[tuple[int, str], tuple[float | None, str | None]] = {}
     with torch.no_grad():
         for tokens in args.prefill_tokens:
-            ids = torch.randint(0, 128256, (1, tokens), device="cuda", generator=gen)
+            ids = torch.randint(0, _LLAMA["vocab_size"], (1, tokens), device="cuda", generator=gen)
             for mode in ("eager", "graph"):
                 dense_ms[(tokens, mode)] = timed(model, ids, mode, args.repeats)
                 print(f"dense prefill {tokens} {mode}: {dense_ms[(tokens, mode)]}", flush=True)
-        reference = {t: model(torch.randint(0, 128256, (1, t), device="cuda",
+        reference = {t: model(torch.randint(0, _LLAMA["vocab_size"], (1, t), device="cuda",
                                             generator=torch.Generator(device="cuda").manual_seed(t)))
                      for t in args.prefill_tokens}
-        started = time.perf_counter()
         decoder_linears = [f"layers.{i}.{n}" for i, layer in enumerate(model.layers)
                            for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        outcome = sparse24.swap_to_sparse24(model, args.min_tokens, decoder_linears)
-        info["swap_seconds"] = time.perf_counter() - started
+        with harness.stopwatch() as swap:
+            outcome = sparse24.swap_to_sparse24(model, args.min_tokens, decoder_linears)
+        info["swap_seconds"] = swap.wall
         info["swapped"] = sum(v == sparse24.KERNEL_NAME for v in outcome.values())
         info["outcome_by_kind"] = {
             kind: sorted({v for n, v in outcome.items() if n.endswith(kind)})
@@ -245,7 +245,7 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any], deadline: f
             if time.perf_counter() > deadline:
                 results.setdefault("skipped", []).append(f"prefill {tokens}: budget")
                 continue
-            ids = torch.randint(0, 128256, (1, tokens), device="cuda",
+            ids = torch.randint(0, _LLAMA["vocab_size"], (1, tokens), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(tokens))
             logits = model(ids)
             agree = float(F.cosine_similarity(logits.float().flatten(),
