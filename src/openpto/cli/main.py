@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+from typing import NoReturn
 
 import typer
 
 from openpto import __version__
+from openpto.cli.common import JsonlProgress, claim_stderr_for_jsonl, jsonl_requested
 from openpto.errors import OptError
+from openpto.progress import error_reason
 
 # One module per noun; each exposes ``register(app)``. Kept as names so that adding a command
 # never means touching the others.
@@ -68,22 +71,34 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(f"terminated by signal {signum}")
 
 
-def _interrupted_exit() -> None:
+def _fail(message: str, code: int) -> NoReturn:
+    """Report an error as one line (a ``run_failed`` event with ``--progress jsonl``), exit."""
+    if _jsonl is not None:
+        _jsonl.fail(message)
+    else:
+        sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def _interrupted_exit() -> NoReturn:
     if _terminated:
-        sys.stderr.write("error: terminated\n")
-        sys.exit(143)
-    sys.stderr.write("error: interrupted\n")
-    sys.exit(130)
+        _fail("terminated", 143)
+    _fail("interrupted", 130)
+
+
+_jsonl: JsonlProgress | None = None
 
 
 def run() -> None:
     """Entry point: every ``OptError`` becomes one line on stderr and a non-zero exit."""
+    global _jsonl
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if jsonl_requested(sys.argv[1:]):
+        _jsonl = claim_stderr_for_jsonl()
     try:
         code = app(standalone_mode=False)
     except OptError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _interrupted_exit()
     except typer.Exit as exc:
@@ -96,8 +111,15 @@ def run() -> None:
         show = getattr(exc, "show", None)
         if show is None:
             raise
+        if _jsonl is not None:
+            _fail(exc.format_message(), getattr(exc, "exit_code", 2))
         show()
         sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:
+        if _jsonl is None:
+            raise
+        # Nothing but events may reach stderr: an unexpected error is one too.
+        _fail(error_reason(exc), 1)
     # Typer returns 130 instead of raising when a command was interrupted.
     if code == 130:
         _interrupted_exit()
