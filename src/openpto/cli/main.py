@@ -13,6 +13,7 @@ from openpto import __version__
 from openpto.cli.common import JsonlProgress, claim_stderr_for_jsonl, jsonl_requested
 from openpto.errors import OptError
 from openpto.progress import error_reason
+from openpto.store.process import raise_on_stop_signals, sigterm_received
 
 # One module per noun; each exposes ``register(app)``. Kept as names so that adding a command
 # never means touching the others.
@@ -59,20 +60,15 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that a running run is recorded as failed."""
-
-
-_terminated: list[int] = []
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    _terminated.append(signum)
-    raise Terminated(f"terminated by signal {signum}")
+def _stop_listening() -> None:
+    """The command is exiting: later stop signals of the same burst change nothing."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _fail(message: str, code: int) -> NoReturn:
     """Report an error as one line (a ``run_failed`` event with ``--progress jsonl``), exit."""
+    _stop_listening()
     if _jsonl is not None:
         _jsonl.fail(message)
     else:
@@ -81,7 +77,8 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _interrupted_exit() -> NoReturn:
-    if _terminated:
+    _stop_listening()
+    if sigterm_received():
         _fail("terminated", 143)
     _fail("interrupted", 130)
 
@@ -92,9 +89,17 @@ _jsonl: JsonlProgress | None = None
 def run() -> None:
     """Entry point: every ``OptError`` becomes one line on stderr and a non-zero exit."""
     global _jsonl
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    raise_on_stop_signals()
     if jsonl_requested(sys.argv[1:]):
         _jsonl = claim_stderr_for_jsonl()
+    try:
+        _run()
+    except KeyboardInterrupt:
+        # A stop signal of the same burst landed while an error was being reported.
+        _interrupted_exit()
+
+
+def _run() -> None:
     try:
         code = app(standalone_mode=False)
     except OptError as exc:

@@ -34,7 +34,7 @@ from openpto.progress import (
     json_safe,
 )
 from openpto.store import RunRecorder, Store
-from openpto.store.runs import signals_held
+from openpto.store.process import signals_held
 
 Result = TypeVar("Result")
 

@@ -7,8 +7,6 @@ final status, so the next command that opens the store closes the run for it
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -17,29 +15,10 @@ from types import TracebackType
 from typing import Any
 
 from openpto.store.db import Store, new_id, now_iso
-from openpto.store.process import current_process
+from openpto.store.process import current_process, signals_held
 
 #: called with (name, value, unit) after each metric row is written
 MetricListener = Callable[[str, float, str], None]
-
-_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while a final status is written: a signal landing in the
-    middle would otherwise leave the row ``running``. A held signal is delivered on leaving."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-        signal, "pthread_sigmask"
-    ):
-        yield  # Python runs signal handlers in the main thread only
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
 
 def error_text(exc: BaseException) -> tuple[str, str]:
     """The one-line reason (``Type: message``) and the stored error: reason, then traceback."""
