@@ -121,3 +121,36 @@ def test_rich_progress_draws_the_stages_and_none_draws_nothing(
     none = opt([*args, "--output", str(tmp_path / "b"), "--progress", "none"], db)
     assert none.returncode == 0 and none.stderr == ""
     assert json.loads(none.stdout)["run_id"] != json.loads(rich.stdout)["run_id"]
+
+
+def test_jsonl_keeps_stderr_for_events_alone(tmp_path: Path) -> None:
+    """Whatever else writes to stderr (tqdm bars such as the GGUF conversion's, C libraries,
+    child processes, Rich, print) is kept off it; Python warnings and log records become
+    warning events of the open run."""
+    code = (
+        "import logging, os, subprocess, sys, warnings\n"
+        "from openpto.cli.common import claim_stderr_for_jsonl, stderr as rich_stderr\n"
+        "from openpto.progress import ProgressEmitter, RunStarted, RunFinished\n"
+        "sink = claim_stderr_for_jsonl()\n"
+        "emitter = ProgressEmitter(sink, run_id='r1')\n"
+        "emitter.emit(RunStarted, kind='quantize', model='m')\n"
+        "from tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='Converting and de-quantizing GGUF tensors...'): pass\n"
+        "os.write(2, b'written by a C library\\n')\n"
+        "print('printed to stderr', file=sys.stderr, flush=True)\n"
+        "rich_stderr.print('[bold]rich[/bold] text')\n"
+        "subprocess.run([sys.executable, '-c', 'import sys; sys.stderr.write(\"child\\\\n\")'])\n"
+        "warnings.warn('a deprecated flag')\n"
+        "logging.getLogger('somelib').warning('low disk space')\n"
+        "emitter.log('done')\n"
+        "emitter.emit(RunFinished, seconds=1.0)\n"
+        "warnings.warn('after the run')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OPT_DB": str(tmp_path / "opt.db")})
+    assert out.returncode == 0, out.stderr
+    events = events_of(out.stderr)
+    assert [(e["event"], e.get("message")) for e in events] == [
+        ("run_started", None), ("warning", "a deprecated flag"), ("warning", "low disk space"),
+        ("message", "done"), ("run_finished", None)]
+    assert events[1]["category"] == "UserWarning" and events[2]["category"] == "somelib"
