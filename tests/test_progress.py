@@ -189,5 +189,5 @@ def test_rich_renderer_draws_stages_layers_messages_and_warnings() -> None:
     text = buffer.getvalue()
     assert "loading [tiny] model" in text  # markup-like text printed as it is
     assert "quantize (rtn w4)" in text and "2/2" in text
-    assert "model.layers.1 (2/2)" in text and "mean error 0.002" in text
+    assert "mean error 0.002, model.layers.1 (2/2) 0.50 s" in text
     assert "warning: group size 32 chosen" in text

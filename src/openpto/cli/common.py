@@ -23,7 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from openpto.progress import (
     LayerDone,
@@ -72,6 +72,10 @@ def emit(result: dict[str, Any], as_json: bool, title: str = "") -> None:
     Console().print(table)
 
 
+_BAR_WIDTH = 16
+_COUNTS_WIDTH = 26  # "12/30", elapsed, remaining and the gaps between the columns
+
+
 class RichProgress:
     """Progress events drawn with Rich on stderr: a bar per stage (moving with its steps, the
     latest layer and its mean error beside it), messages, and warnings in yellow."""
@@ -114,11 +118,11 @@ class RichProgress:
         if self._bars is None:
             self._bars = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=_BAR_WIDTH),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[note]}"),
+                TextColumn("{task.fields[note]}", table_column=Column(no_wrap=True)),
                 console=self.console,
                 transient=False,
             )
@@ -146,12 +150,17 @@ class RichProgress:
 
     def _layer(self, event: LayerDone) -> None:
         mean = event.mean_error
-        note = f"{event.name} ({event.index + 1}/{event.total}) {event.seconds:.2f} s" + (
-            f", mean error {mean:.4g}" if mean is not None else "")
-        if self._stages and self._bars is not None:
-            self._bars.update(self._stages[-1][1], note=escape(note))
-        else:
+        note = (f"mean error {mean:.4g}, " if mean is not None else "") + (
+            f"{event.name} ({event.index + 1}/{event.total}) {event.seconds:.2f} s")
+        if not self._stages or self._bars is None:
             self.console.print(escape(note), highlight=False)
+            return
+        stage, task = self._stages[-1]
+        # Rich would squeeze the bar and the counts to fit a long note; cut the note instead.
+        room = self.console.width - len(stage) - _BAR_WIDTH - _COUNTS_WIDTH
+        if len(note) > room:
+            note = note[: max(room - 1, 0)] + "…"
+        self._bars.update(task, note=escape(note))
 
     def _close_bars(self) -> None:
         if self._bars is not None:
