@@ -154,3 +154,15 @@ def test_jsonl_keeps_stderr_for_events_alone(tmp_path: Path) -> None:
         ("run_started", None), ("warning", "a deprecated flag"), ("warning", "low disk space"),
         ("message", "done"), ("run_finished", None)]
     assert events[1]["category"] == "UserWarning" and events[2]["category"] == "somelib"
+
+
+@pytest.mark.parametrize("command", ["eval", "quantize", "sparsify", "export", "generate",
+                                     "speculative", "profile", "bench"])
+def test_every_command_that_runs_a_workflow_takes_progress(command: str) -> None:
+    from typer.testing import CliRunner
+
+    from openpto.cli.main import app
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "--progress" in result.output and "rich|jsonl|none" in result.output.replace(" ", "")
