@@ -88,15 +88,23 @@ def tiny_llama(
 def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],
             monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
     """The real ``opt`` entry point in this process: exit code, stdout, stderr."""
+    import signal
+
     from openpto.cli.main import run
 
     monkeypatch.setattr(sys, "argv", ["opt", *args])
     capsys.readouterr()
+    # The entry point owns its process's stop signals (it ignores them while it exits); give
+    # the test process its own back.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run()
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     out, err = capsys.readouterr()
     return code, out, err
 

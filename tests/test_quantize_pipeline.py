@@ -117,20 +117,16 @@ def test_dry_run_size_is_within_one_percent_and_writes_nothing(tiny_folder: Path
 
 def test_automatic_group_size_says_why(tiny_folder: Path, tmp_path: Path) -> None:
     from openpto.pipeline.quantize import quantize_model
+    from openpto.progress import Message, ProgressEvent
 
     messages: list[str] = []
 
-    class Log:
-        def task(self, description, total=None):  # type: ignore[no-untyped-def]
-            from openpto.progress import NullProgress
-
-            return NullProgress().task(description, total)
-
-        def log(self, message: str) -> None:
-            messages.append(message)
+    def log(event: ProgressEvent) -> None:
+        if isinstance(event, Message):
+            messages.append(event.message)
 
     result = quantize_model(str(tiny_folder), method="rtn", bits=4, dry_run=True,
-                            output=tmp_path / "a", progress=Log(), store=Store(tmp_path / "d.db"))
+                            output=tmp_path / "a", progress=log, store=Store(tmp_path / "d.db"))
     assert result["group_size"] == 32
     assert any("group size 32" in m and "128, 64 does not divide" in m for m in messages)
     eight = quantize_model(str(tiny_folder), method="rtn", bits=8, dry_run=True,

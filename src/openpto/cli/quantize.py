@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.common import JSON_HELP, ProgressMode, ProgressOption, emit, progress_for
 from openpto.errors import UsageError
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
@@ -54,6 +54,7 @@ def quantize_cmd(
     float_targets: bool | None = typer.Option(
         None, "--float-targets/--no-float-targets", help=FLOAT_TARGETS_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Quantize a model's weights and write an artifact folder (compressed-tensors packed).
 
@@ -64,7 +65,7 @@ def quantize_cmd(
     result = quantize_model(
         model, method=method, bits=bits, group_size=_group(group_size), symmetric=sym,
         calib=calib, samples=samples, calib_seq_len=calib_seq_len, output=output, device=device,
-        backend=backend, dry_run=dry_run, eval_text=eval_text, progress=RichProgress(),
+        backend=backend, dry_run=dry_run, eval_text=eval_text, progress=progress_for(progress),
         float_targets=float_targets,
     )
     emit(result, as_json, title="quantize (dry run)" if dry_run else "quantize")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 CALIB_HELP = (
@@ -34,6 +41,7 @@ def sparsify_cmd(
     eval_text: str | None = typer.Option(None, "--eval", help=EVAL_HELP),
     device: str = typer.Option("cpu", help="Where each layer is processed: cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Prune every Linear of the decoder layers and write an artifact whose zeros are the mask.
 
@@ -54,6 +62,6 @@ def sparsify_cmd(
     config = make_config(method, sparsity, pattern, bits, group_size, sym)
     result = sparsify_model(
         model, config, calib=calib, samples=samples, calib_seq_len=calib_seq_len,
-        output=output, eval_text=eval_text, device=device, progress=RichProgress(),
+        output=output, eval_text=eval_text, device=device, progress=progress_for(progress),
     )
     emit(result, as_json, title="sparsify")

@@ -10,7 +10,7 @@ from openpto.core.metrics import perplexity, plan_windows
 from openpto.data import EVALUATION_DEFAULT, TextSource
 from openpto.errors import UnsupportedModel, UsageError
 from openpto.pipeline.common import Workflow, open_run
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from openpto.models import LoadedModel
@@ -28,7 +28,7 @@ def evaluate(
     batch_size: int = 1,
     device: str = "cpu",
     dtype: str = "float32",
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
     *,
     text_field: str = "text",

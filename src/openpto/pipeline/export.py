@@ -31,7 +31,7 @@ from openpto.errors import ConfigError, UnsupportedModel, UsageError
 from openpto.models.resolve import ARTIFACT_FILE
 from openpto.pipeline.artifacts import check_output, folder_size
 from openpto.pipeline.common import open_run
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "f16")
 
@@ -362,7 +362,7 @@ def export_artifact(
     fmt: str,
     output: str | Path,
     qtype: str | None = None,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Any = None,
 ) -> dict[str, Any]:
     """Export an artifact folder; returns ``output``, ``format``, ``size_bytes``, ``run_id`` and

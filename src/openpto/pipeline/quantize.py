@@ -22,7 +22,7 @@ from openpto.pipeline.artifacts import check_output, record_model
 from openpto.pipeline.backends import get_backend
 from openpto.pipeline.backends.base import QuantRequest
 from openpto.pipeline.common import Workflow, open_run
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     import torch
@@ -112,9 +112,17 @@ def _layer_recorder(wf: Workflow, advance: Any) -> Any:
                 "linears": {short[r.name]: r.extra for r in event.reports if r.extra},
             },
         )
+        wf.progress.layer_done(index=event.index, total=event.total, seconds=event.seconds,
+                               name=_layer_name(event), errors=errors)
         advance(1)
 
     return on_layer
+
+
+def _layer_name(event: LayerEvent) -> str:
+    """The decoder layer's module name (``model.layers.3``), from its Linears' names."""
+    names = [r.name.rsplit(".", 2)[0] for r in event.reports]
+    return names[0] if names else f"layer {event.index}"
 
 
 def _perplexity(wf: Workflow, model: Any, score: Any, ids: torch.Tensor, seq_len: int,
@@ -154,7 +162,7 @@ def quantize_model(
     eval_max_tokens: int | None = None,
     seed: int = 0,
     dtype: str = "float32",
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
     float_targets: bool | None = None,
 ) -> dict[str, Any]:
@@ -207,7 +215,7 @@ def quantize_model(
         }
         if dry_run:
             wf.run.metric("size_bytes_planned", planned, "bytes", {"dry_run": True})
-            return {**result, "dry_run": True}
+            return wf.set_result({**result, "dry_run": True})
 
         calibration = _calibration(wf, loaded, engine, request, calib, samples, calib_seq_len, seed)
         eval_ids = None
@@ -240,7 +248,7 @@ def quantize_model(
 
         record_model(wf.store, ArtifactInfo(out, produced.format, size_after, 0), loaded.name,
                      request.method, info_config, wf.run_id)
-        return result
+        return wf.set_result(result)
 
 
 def _resolve_request(wf: Workflow, loaded: LoadedModel, engine: Any, method: str, bits: int,

@@ -24,7 +24,7 @@ from openpto.config import registered_config_types
 from openpto.data import CALIBRATION_DEFAULT, EVALUATION_DEFAULT, TextSource
 from openpto.errors import UsageError
 from openpto.pipeline.common import Workflow, open_run
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +90,7 @@ def sparsify_model(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 8,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Prune ``model_spec`` with ``config`` and write an artifact folder.
@@ -137,7 +137,7 @@ def sparsify_model(
                      calib, samples, calib_seq_len, seed)
         result["size_bytes_after"] = info.size_bytes
         result["run_id"] = wf.run_id
-        return result
+        return wf.set_result(result)
 
 
 def _calibration(wf: Workflow, loaded: LoadedModel, config: SparsityConfig, calib: Any,
@@ -175,6 +175,10 @@ def _prune(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
                  "linears": {r.name.split(".", 3)[-1]: {"error": r.error, **r.extra}
                              for r in event.reports}},
             )
+            wf.progress.layer_done(
+                index=event.index, total=event.total, seconds=event.seconds,
+                name=event.reports[0].name.rsplit(".", 2)[0] if event.reports else "",
+                errors={r.name.split(".", 3)[-1]: r.error for r in event.reports})
             advance(1)
 
         compressed = prune_model(loaded.model, config, calibration, on_layer,
