@@ -18,6 +18,7 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +380,40 @@ def export_artifact(
         wf.run.metric("size_bytes", size, "bytes", {"format": fmt, **details})
         return {"output": str(out), "format": fmt, "size_bytes": size, **details,
                 "run_id": wf.run_id}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Where and how ``export`` writes an artifact: ``format`` (gguf, compressed-tensors, mlx),
+    the output path, and for GGUF the tensor type (None: the one the artifact's grid maps onto
+    exactly)."""
+
+    format: str
+    output: str | Path
+    type: str | None = None
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote; ``to_dict()`` is ``opt export --json``'s object."""
+
+    output: str
+    format: str
+    size_bytes: int
+    run_id: str
+    details: dict[str, Any] = field(default_factory=dict)  # what was mapped, per format
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "format": self.format, "size_bytes": self.size_bytes,
+                **self.details, "run_id": self.run_id}
+
+
+def export(artifact: str | Path, config: ExportConfig, *,
+           progress: ProgressReporter | None = None, store: Any = None) -> ExportResult:
+    """Export an artifact folder as ``config`` says (see ``export_artifact``)."""
+    done = export_artifact(artifact, config.format, config.output, config.type,
+                           progress=progress, store=store)
+    fixed = ("output", "format", "size_bytes", "run_id")
+    return ExportResult(output=done["output"], format=done["format"],
+                        size_bytes=done["size_bytes"], run_id=done["run_id"],
+                        details={k: v for k, v in done.items() if k not in fixed})
