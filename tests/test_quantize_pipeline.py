@@ -128,20 +128,17 @@ def test_dry_run_size_is_within_one_percent_and_writes_nothing(tiny_folder: Path
 
 
 def test_automatic_group_size_says_why(tiny_folder: Path, tmp_path: Path) -> None:
+    from openpto.progress import Message, ProgressEvent
+
     messages: list[str] = []
 
-    class Log:
-        def task(self, description, total=None):  # type: ignore[no-untyped-def]
-            from openpto.progress import NullProgress
-
-            return NullProgress().task(description, total)
-
-        def log(self, message: str) -> None:
-            messages.append(message)
+    def log(event: ProgressEvent) -> None:
+        if isinstance(event, Message):
+            messages.append(event.message)
 
     auto = {"group_size": "auto"}
     result = quantize(tiny_folder, "rtn", fields={"bits": 4, **auto}, dry_run=True,
-                      output=tmp_path / "a", progress=Log(), store=Store(tmp_path / "d.db"))
+                      output=tmp_path / "a", progress=log, store=Store(tmp_path / "d.db"))
     assert result.group_size == 32
     assert any("group size 32" in m and "128, 64 does not divide" in m for m in messages)
     eight = quantize(tiny_folder, "rtn", fields={"bits": 8, **auto}, dry_run=True,
@@ -340,3 +337,30 @@ def test_a_loaded_model_is_quantized_in_place(tiny_folder: Path, tmp_path: Path)
     after = loaded.model.model.layers[0].mlp.down_proj.weight.detach()
     assert result.method == "rtn" and not torch.equal(before, after)
     assert torch.unique(after[0, :32]).numel() <= 16  # one group: at most 2^4 levels
+
+
+def test_both_workflows_report_each_layer_through_progress(tiny_folder: Path,
+                                                           tmp_path: Path) -> None:
+    import openpto
+    from openpto.core.sparsity import MagnitudeConfig
+    from openpto.progress import LayerDone, ProgressEvent, RunFinished
+
+    for name, run in (
+        ("quantize", lambda cb: openpto.quantize(
+            str(tiny_folder), RTNConfig(bits=4, group_size=32),
+            QuantizeOptions(output=tmp_path / "q"), progress=cb, store=Store(tmp_path / "d.db"))),
+        ("sparsify", lambda cb: openpto.sparsify(
+            str(tiny_folder), MagnitudeConfig(sparsity=0.5),
+            openpto.SparsifyOptions(output=tmp_path / "s"), progress=cb,
+            store=Store(tmp_path / "d.db"))),
+    ):
+        events: list[ProgressEvent] = []
+        result = run(events.append)
+        layers = [e for e in events if isinstance(e, LayerDone)]
+        assert [(e.index, e.total, e.name) for e in layers] == [
+            (0, 2, "model.layers.0"), (1, 2, "model.layers.1")], name
+        assert set(layers[0].error) == {"self_attn.q_proj", "self_attn.k_proj",
+                                        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                        "mlp.up_proj", "mlp.down_proj"}
+        assert all(0 <= v < 1 for v in layers[0].error.values())
+        assert isinstance(events[-1], RunFinished) and events[-1].result == result.to_dict()

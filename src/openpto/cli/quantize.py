@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, emit
+from openpto.cli.common import JSON_HELP, ProgressMode, ProgressOption, emit, progress_for
 from openpto.cli.method_config import (
     config_file_option,
     config_values,
@@ -72,6 +72,7 @@ def quantize_cmd(
     sets: list[str] = set_option(),
     show: bool = show_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Quantize a model's weights and write an artifact folder (compressed-tensors packed).
 
@@ -104,5 +105,5 @@ def quantize_cmd(
         evaluation=openpto.EvalOptions(text=eval_text) if eval_text is not None else None,
         output=output, device=device, backend=backend, dry_run=dry_run, float_dtype=float_dtype,
     )
-    result = openpto.quantize(model, config, options, progress=RichProgress())
+    result = openpto.quantize(model, config, options, progress=progress_for(progress))
     emit(result.to_dict(), as_json, title="quantize (dry run)" if dry_run else "quantize")

@@ -6,7 +6,14 @@ from typing import Any
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
 from openpto.cli.method_config import (
     config_file_option,
     resolve_config,
@@ -51,6 +58,7 @@ def sparsify_cmd(
     sets: list[str] = set_option(),
     show: bool = show_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Prune every Linear of the decoder layers and write an artifact whose zeros are the mask.
 
@@ -86,5 +94,5 @@ def sparsify_cmd(
         evaluation=openpto.EvalOptions(text=eval_text) if eval_text is not None else None,
         output=output, device=device, float_dtype=float_dtype,
     )
-    result = openpto.sparsify(model, config, options, progress=RichProgress())
+    result = openpto.sparsify(model, config, options, progress=progress_for(progress))
     emit(result.to_dict(), as_json, title="sparsify")

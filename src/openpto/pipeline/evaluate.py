@@ -17,7 +17,7 @@ from openpto.data import EVALUATION_DEFAULT, TextSource
 from openpto.errors import UnsupportedModel, UsageError
 from openpto.pipeline.common import Workflow, open_run
 from openpto.pipeline.workflow import WorkflowResult
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from openpto.models import LoadedModel
@@ -69,7 +69,7 @@ def evaluate(
     model: str | LoadedModel | None = None,
     config: EvalConfig | None = None,
     *,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` (a MODEL spec or a loaded model) on ``config.text`` (default
@@ -124,12 +124,14 @@ def evaluate(
                 f"scored {result.scored_tokens} tokens in {plan.windows} windows; "
                 f"the last {plan.dropped_tokens} tokens do not fill a window and were dropped"
             )
-        return EvalResult(
+        evaluated = EvalResult(
             perplexity=result.perplexity, tokens=result.tokens,
             scored_tokens=result.scored_tokens, windows=plan.windows,
             dropped_tokens=plan.dropped_tokens, seq_len=seq_len, seconds=seconds,
             text=text.name, **sparsity, run_id=wf.run_id,
         )
+        wf.set_result(evaluated.to_dict())
+        return evaluated
 
 
 def measure_sparsity(wf: Workflow, loaded: LoadedModel) -> dict[str, Any]:

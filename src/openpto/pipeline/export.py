@@ -29,7 +29,7 @@ from openpto.errors import ConfigError, UsageError
 from openpto.models.resolve import ARTIFACT_FILE
 from openpto.pipeline.artifacts import check_output, folder_size
 from openpto.pipeline.common import open_run
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "f16")
 
@@ -346,7 +346,7 @@ def export_artifact(
     fmt: str,
     output: str | Path,
     qtype: str | None = None,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Any = None,
 ) -> dict[str, Any]:
     """Export an artifact folder; returns ``output``, ``format``, ``size_bytes``, ``run_id`` and
@@ -378,8 +378,8 @@ def export_artifact(
             raise
         size = out.stat().st_size if out.is_file() else folder_size(out)
         wf.run.metric("size_bytes", size, "bytes", {"format": fmt, **details})
-        return {"output": str(out), "format": fmt, "size_bytes": size, **details,
-                "run_id": wf.run_id}
+        return wf.set_result({"output": str(out), "format": fmt, "size_bytes": size, **details,
+                              "run_id": wf.run_id})
 
 
 @dataclass(frozen=True)
@@ -409,7 +409,7 @@ class ExportResult:
 
 
 def export(artifact: str | Path, config: ExportConfig, *,
-           progress: ProgressReporter | None = None, store: Any = None) -> ExportResult:
+           progress: ProgressCallback | None = None, store: Any = None) -> ExportResult:
     """Export an artifact folder as ``config`` says (see ``export_artifact``)."""
     done = export_artifact(artifact, config.format, config.output, config.type,
                            progress=progress, store=store)

@@ -36,7 +36,7 @@ from openpto.pipeline.workflow import (
     perplexity,
     run_model_name,
 )
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from openpto.core.quant import QuantConfig
@@ -122,7 +122,7 @@ def quantize(
     config: QuantConfig,
     options: QuantizeOptions | None = None,
     *,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` (a MODEL spec, or a loaded model, which is quantized in place) with
@@ -175,6 +175,7 @@ def quantize(
         if options.dry_run:
             wf.run.metric("size_bytes_planned", planned, "bytes", {"dry_run": True})
             result.dry_run = True
+            wf.set_result(result.to_dict())
             return result
 
         batches = calibration(wf, loaded, options.calibration, needs_data)
@@ -204,6 +205,7 @@ def quantize(
                      loaded.name, resolved.type_name,
                      {**describe(resolved, options.device), "backend": options.backend},
                      wf.run_id)
+        wf.set_result(result.to_dict())
         return result
 
 

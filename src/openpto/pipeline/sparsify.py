@@ -35,7 +35,7 @@ from openpto.pipeline.workflow import (
     perplexity,
     run_model_name,
 )
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ def sparsify(
     config: SparsityConfig,
     options: SparsifyOptions | None = None,
     *,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> SparsifyResult:
     """Prune ``model`` (a MODEL spec, or a loaded model, which is pruned in place) with
@@ -126,11 +126,13 @@ def sparsify(
         metrics = {k: v for k, v in (("perplexity_before", before), ("perplexity_after", after))
                    if v is not None}
         info = _save(wf, loaded, config, compressed, summary, out, metrics, options)
-        return SparsifyResult(
+        result = SparsifyResult(
             output=str(out), method=config.type_name, pattern=config.label, **fields,
             seconds=compressed.seconds, size_bytes_after=info.size_bytes, run_id=wf.run_id,
             perplexity_before=before, perplexity_after=after,
         )
+        wf.set_result(result.to_dict())
+        return result
 
 
 def _prune(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,

@@ -255,6 +255,10 @@ def layer_recorder(wf: Workflow, advance: Advance) -> Any:
                 "linears": {short[r.name]: r.extra for r in event.reports if r.extra},
             },
         )
+        layer = event.reports[0].name.split(f".{event.index}.", 1)[0] if event.reports else ""
+        wf.progress.layer_done(index=event.index, total=event.total, seconds=event.seconds,
+                               name=f"{layer}.{event.index}" if layer else f"layer {event.index}",
+                               errors={k: v for k, v in errors.items() if v is not None})
         advance(1)
 
     return on_layer
