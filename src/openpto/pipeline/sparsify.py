@@ -5,10 +5,11 @@ measured sparsity, peak memory), metrics measured from the pruned weights (overa
 sparsity, N:M compliance, parameter and byte counts, the theoretical speed-up bounds), with
 ``eval_text`` the perplexity before and after, and a ``models`` row for the artifact.
 
-The artifact is a ``dense`` folder whose pruned weights are exact zeros (the mask is the zero
-pattern, so it survives any reload), or — in SparseGPT's joint mode — a ``pack-quantized`` folder
-whose pruned entries hold the zero-point code and dequantize to exactly 0. ``openpto.json``
-records the method, its config, the pattern and the measured sparsity.
+The artifact stores the pruned Linears in compressed-tensors' ``sparse-bitmask`` layout
+(``sparse-24-bitmask`` for 2:4): the kept values and one bit per weight, so the mask is exact and
+the folder shrinks. In SparseGPT's joint mode it is a ``pack-quantized`` folder whose pruned
+entries hold the zero-point code and dequantize to exactly 0. ``openpto.json`` records the
+method, its config, the pattern, the measured sparsity and the ``sparse_format``.
 """
 
 from __future__ import annotations
@@ -130,11 +131,15 @@ def sparsify_model(
         compressed = _prune(wf, loaded, config, calibration, device, batch_size)
         summary = _measure(wf, loaded, config, compressed)
         result.update(_summary_fields(config, summary), seconds=compressed.seconds)
+        from openpto.pipeline.artifacts import round_to_stored
+
+        # The model computes with exactly what the artifact stores from here on.
+        stored = round_to_stored(loaded.model, compressed.quantized_weights())
         if eval_ids is not None:
             result["perplexity_after"] = _perplexity(
                 wf, loaded.model, eval_ids, eval_seq_len, eval_max_tokens, "after")
         info = _save(wf, loaded, config, compressed, summary, out, result,
-                     calib, samples, calib_seq_len, seed)
+                     calib, samples, calib_seq_len, seed, stored)
         result["size_bytes_after"] = info.size_bytes
         result["run_id"] = wf.run_id
         return result
@@ -274,24 +279,13 @@ def _perplexity(wf: Workflow, model: Any, ids: torch.Tensor, seq_len: int,
 
 def _save(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
           compressed: CompressionResult, summary: SparsitySummary, out: Path,
-          result: dict[str, Any], calib: Any, samples: int, seq_len: int, seed: int) -> Any:
-    from openpto.pipeline.artifacts import (
-        as_stored,
-        record_model,
-        scale_dtype_for,
-        write_artifact,
-    )
+          result: dict[str, Any], calib: Any, samples: int, seq_len: int, seed: int,
+          quantized: dict[str, Any]) -> Any:
+    from openpto.pipeline.artifacts import SparseLayout, record_model, write_artifact
 
     model = loaded.model
-    quantized = compressed.quantized_weights()
-    if quantized:
-        # The artifact stores scales in a half dtype: compute with exactly what it holds. Pruned
-        # codes sit on the zero-point, so they stay exact zeros whatever the scale.
-        scale_dtype = scale_dtype_for(loaded.dtype)
-        quantized = {name: as_stored(qw, scale_dtype) for name, qw in quantized.items()}
-        for name, qw in quantized.items():
-            weight = model.get_submodule(name).weight
-            weight.data = qw.dequantize(weight.dtype).to(weight.device)
+    layout = SparseLayout(config.label, tuple(r.name for r in compressed.reports),
+                          summary.sparsity)
     metadata = {
         "openpto_version": __version__,
         "source_model": loaded.name,
@@ -314,7 +308,8 @@ def _save(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
     }
     started = time.perf_counter()
     with wf.run.trace("save", output=str(out)) as attrs:
-        info = write_artifact(model, loaded.tokenizer, out, quantized, metadata)
+        info = write_artifact(model, loaded.tokenizer, out, quantized, metadata,
+                              sparsity=layout)
         attrs.update(format=info.format, size_bytes=info.size_bytes,
                      seconds=time.perf_counter() - started)
     wf.run.metric("size_bytes_after", info.size_bytes, "bytes",

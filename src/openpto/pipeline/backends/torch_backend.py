@@ -15,8 +15,8 @@ from openpto.errors import ConfigError, UnsupportedModel
 from openpto.pipeline.artifacts import (
     FORMAT_PACKED,
     WeightPlan,
-    as_stored,
     planned_size,
+    round_to_stored,
     scale_dtype_for,
     write_artifact,
 )
@@ -120,16 +120,10 @@ class TorchBackend(QuantBackend):
             model, request.config, calibration, device=request.device, on_layer=on_layer
         )
         seconds = time.perf_counter() - started
-        scale_dtype = scale_dtype_for(loaded.dtype)
-        stored = {
-            name: as_stored(qw, scale_dtype) for name, qw in result.quantized_weights().items()
-        }
-        # The model keeps computing with exactly what the artifact holds (scales rounded to their
-        # storage dtype), so an evaluation after quantization measures the artifact.
-        for name, qw in stored.items():
-            weight = model.get_submodule(name).weight
-            assert isinstance(weight, torch.Tensor)
-            weight.data = qw.dequantize().to(weight.device, weight.dtype)
+        # The model keeps computing with exactly what the artifact holds (scales and every
+        # float tensor rounded to their storage dtypes), so an evaluation after quantization
+        # measures the artifact.
+        stored = round_to_stored(model, result.quantized_weights())
         metadata = {**metadata, "method_config": request.config.to_dict()}
         info = write_artifact(model, loaded.tokenizer, output, stored, metadata)
         return BackendOutput(
