@@ -241,3 +241,23 @@ def test_a_corrupt_sparse_artifact_fails_with_one_clear_error(tmp_path: Path) ->
     save_file(tensors, str(tmp_path / "art/model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CorruptFile, match="up_proj lacks row_offsets of the sparse-bitmask"):
         load_model(str(tmp_path / "art"))
+
+
+def test_gguf_export_of_a_sparse_artifact_keeps_the_pruned_weights(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from openpto.core.sparsity import MagnitudeConfig
+    from openpto.pipeline.artifacts import write_artifact
+    from openpto.pipeline.export import export_artifact
+
+    model, tok, _, layout = _pruned(MagnitudeConfig(sparsity=0.5))
+    write_artifact(model, tok, tmp_path / "art", {}, {}, sparsity=layout)
+    out = tmp_path / "gguf" / "m.gguf"
+    out.parent.mkdir()
+    export_artifact(tmp_path / "art", "gguf", out, "f16", store=Store(tmp_path / "x.db"))
+    state = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
+                                                 dtype=torch.float32).state_dict()
+    ours = model.state_dict()
+    for name in layout.targets:
+        # bfloat16 weights of this size are exact in float16.
+        assert torch.equal(state[f"{name}.weight"], ours[f"{name}.weight"]), name

@@ -142,7 +142,7 @@ def wants_sparse24(metadata: dict[str, Any], device: torch.device) -> bool:
 
 
 def use_sparse24(loaded: LoadedModel) -> LoadedModel:
-    """Put a ``dense`` 2:4 artifact's pruned Linears on the semi-structured path when on CUDA.
+    """Put a 2:4 artifact's pruned Linears on the semi-structured path when on CUDA.
 
     ``swap_artifact`` times each weight shape dense against cuSPARSELt and swaps only the shapes
     where it measured sparse faster (float32 weights, which cuSPARSELt does not take, stay

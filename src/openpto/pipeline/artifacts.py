@@ -364,6 +364,7 @@ def round_to_stored(
     stored = {name: as_stored(qw, scale_dtype) for name, qw in quantized.items()}
     for name, qw in stored.items():
         weight = model.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)
         weight.data = qw.dequantize(weight.dtype).to(weight.device)
     for name, tensor in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
