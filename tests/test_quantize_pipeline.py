@@ -190,15 +190,17 @@ def test_unwritable_output_fails_before_loading(tiny_folder: Path, tmp_path: Pat
 def test_failure_while_saving_marks_the_run_failed_and_leaves_no_folder(
     tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from openpto.pipeline import artifacts
-    from openpto.pipeline.backends import torch_backend
+    import safetensors.torch
 
-    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
-        return artifacts.write_artifact(*args, **kwargs, fail_after="weights")
+    real_save = safetensors.torch.save_file
 
-    monkeypatch.setattr(torch_backend, "write_artifact", failing)
+    def save_then_fail(tensors, filename, metadata=None):  # type: ignore[no-untyped-def]
+        real_save(tensors, filename, metadata=metadata)  # the weights are on disk, then
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
     store = Store(tmp_path / "opt.db")
-    with pytest.raises(OSError, match="simulated failure"):
+    with pytest.raises(OSError, match="no space left"):
         quantize(tiny_folder, "rtn", fields={"bits": 4, "group_size": 32},
                  output=tmp_path / "out" / "art", store=store)
     assert list((tmp_path / "out").iterdir()) == []
