@@ -190,11 +190,17 @@ def test_float_tensors_are_stored_in_16_bits_and_recorded(tiny, tmp_path: Path) 
     assert {dtypes[k] for k in dtypes if k.endswith(".weight_scale")} == {"F16"}
     assert {dtypes[k] for k in dtypes if k.endswith(".weight_packed")} == {"I32"}
 
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     write_artifact(model, tok, tmp_path / "keep", quantized, {}, float_dtype="keep")
     assert json.loads((tmp_path / "keep/config.json").read_text())["dtype"] == "float32"
     with pytest.raises(UsageError, match="unknown float_dtype 'int8'"):
         write_artifact(model, tok, tmp_path / "bad", quantized, {}, float_dtype="int8")
     assert not (tmp_path / "bad").exists()
+    with torch.no_grad():
+        model.model.norm.weight[0] = 1e5
+    with pytest.raises(UsageError, match=r"norm\.weight holds values beyond float16's range"):
+        write_artifact(model, tok, tmp_path / "f16", quantized, {}, float_dtype="float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "keep"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto"])

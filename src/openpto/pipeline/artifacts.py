@@ -209,10 +209,19 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _stored(tensor: torch.Tensor, float_dtype: str | torch.dtype | None) -> torch.Tensor:
+def _stored(tensor: torch.Tensor, float_dtype: str | torch.dtype | None,
+            name: str = "a tensor") -> torch.Tensor:
+    """``tensor`` in its storage dtype; a value the dtype cannot hold is refused, not made inf."""
     if not tensor.is_floating_point():
         return tensor
-    return tensor.to(stored_float_dtype(float_dtype, tensor.dtype))
+    target = stored_float_dtype(float_dtype, tensor.dtype)
+    if target == tensor.dtype:
+        return tensor
+    limit = torch.finfo(target).max
+    if tensor.numel() and float(tensor.detach().abs().max()) > limit:
+        raise UsageError(f"{name} holds values beyond {_dtype_name(target)}'s range "
+                         f"({limit:g}); store it as bfloat16 or float32")
+    return tensor.to(target)
 
 
 def artifact_tensors(
@@ -229,7 +238,7 @@ def artifact_tensors(
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf == "weight":
             continue
-        stored = _stored(tensor.detach().cpu(), float_dtype)
+        stored = _stored(tensor.detach().cpu(), float_dtype, name)
         if module in compressed and leaf == "weight":
             for part, value in sparse_format.compress(stored, fmt).items():
                 tensors[f"{module}.{part}"] = value
@@ -370,10 +379,8 @@ def round_to_stored(
         module, _, leaf = name.rpartition(".")
         if (module in stored and leaf == "weight") or not tensor.is_floating_point():
             continue
-        target = stored_float_dtype(float_dtype, tensor.dtype)
-        if target != tensor.dtype:
-            # In place, so tied tensors (embedding and head) stay one tensor.
-            tensor.copy_(tensor.to(target))
+        # In place, so tied tensors (embedding and head) stay one tensor.
+        tensor.copy_(_stored(tensor, float_dtype, name))
     return stored
 
 
