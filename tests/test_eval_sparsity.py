@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,11 +38,13 @@ def texts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _prune(folder: Path, out: Path, config: Any, calib: Path | None = None) -> dict[str, Any]:
-    from openpto.pipeline.sparsify import sparsify_model
+    from openpto.pipeline.sparsify import sparsify
+    from openpto.pipeline.workflow import CalibrationOptions, SparsifyOptions
 
-    return sparsify_model(str(folder), config, calib=None if calib is None else str(calib),
-                          samples=4, calib_seq_len=32, output=out,
-                          store=Store(out.parent / "prune.db"))
+    calibration = CalibrationOptions(text=None if calib is None else str(calib), samples=4,
+                                     seq_len=32)
+    return sparsify(str(folder), config, SparsifyOptions(calibration=calibration, output=out),
+                    store=Store(out.parent / "prune.db")).to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -81,17 +82,20 @@ def test_eval_shows_and_records_the_sparsity_of_a_24_artifact(
 
 def test_unstructured_and_dense_models(tiny_folder: Path, tmp_path: Path) -> None:
     from openpto.core.sparsity import MagnitudeConfig
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     out = tmp_path / "m50"
     _prune(tiny_folder, out, MagnitudeConfig(sparsity=0.5))
     store = Store(tmp_path / "eval.db")
-    pruned = evaluate(str(out), "pydoc-topics", seq_len=64, max_tokens=128, store=store)
+    pruned = evaluate(str(out), EvalConfig(text="pydoc-topics", seq_len=64, max_tokens=128),
+                      store=store).to_dict()
     assert pruned["sparsity"] == 0.5  # round(numel / 2) zeros in every Linear, all even sizes
     assert pruned["nm_compliant"] == {"2:4": False, "4:8": False}
     assert pruned["nonzero_linear_params"] == LINEAR_PARAMS // 2
 
-    dense = evaluate(str(tiny_folder), "pydoc-topics", seq_len=64, max_tokens=128, store=store)
+    dense = evaluate(str(tiny_folder),
+                     EvalConfig(text="pydoc-topics", seq_len=64, max_tokens=128),
+                     store=store).to_dict()
     assert dense["sparsity"] == 0.0
     assert dense["nm_compliant"] == {"2:4": False, "4:8": False}
     assert dense["nonzero_linear_params"] == dense["linear_params"] == LINEAR_PARAMS
@@ -101,14 +105,14 @@ def test_packed_sparse_artifact_is_measured_from_its_stored_weights(
     tiny_folder: Path, texts: tuple[Path, Path], tmp_path: Path,
 ) -> None:
     from openpto.core.sparsity import SparseGPTConfig
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     out = tmp_path / "joint"
     _prune(tiny_folder, out, SparseGPTConfig(pattern="2:4", bits=4, group_size=32), texts[0])
     meta = json.loads((out / "openpto.json").read_text())
     assert meta["format"] == "pack-quantized"
-    result = evaluate(str(out), "pydoc-topics", seq_len=64, max_tokens=128,
-                      store=Store(tmp_path / "eval.db"))
+    result = evaluate(str(out), EvalConfig(text="pydoc-topics", seq_len=64, max_tokens=128),
+                      store=Store(tmp_path / "eval.db")).to_dict()
     # Every Linear is packed: the numbers come from the artifact's codes, dequantized.
     assert result["linear_params"] == LINEAR_PARAMS
     assert result["sparsity"] == pytest.approx(meta["sparsity"]["measured"], abs=1e-12)
@@ -116,38 +120,46 @@ def test_packed_sparse_artifact_is_measured_from_its_stored_weights(
     assert result["nm_compliant"]["2:4"] is True
 
 
-def test_sparse24_is_asked_for_only_on_cuda_with_a_24_artifact(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from openpto.kernels import sparse24
-    from openpto.models.artifact_loaders import use_sparse24, wants_sparse24
+def test_sparse24_is_asked_for_only_on_cuda_with_a_24_artifact() -> None:
+    from openpto.models.artifact_loaders import wants_sparse24
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     p24 = {"sparsity": {"pattern": "2:4", "layers": {"0": 0.5, "1": 0.5}}}
-    p50 = {"sparsity": {"pattern": "unstructured"}}
     assert wants_sparse24(p24, cuda)
     assert not wants_sparse24(p24, cpu)
-    assert not wants_sparse24(p50, cuda)
+    assert not wants_sparse24({"sparsity": {"pattern": "unstructured"}}, cuda)
     assert not wants_sparse24({}, cuda)
 
-    calls: list[dict[str, Any]] = []
 
-    def fake_swap(model: nn.Module, metadata: dict[str, Any]) -> dict[str, str]:
-        calls.append(metadata)
-        return {"0": sparse24.KERNEL_NAME, "1": "dense: measured no faster than dense"}
+def test_swap_artifact_on_cpu_swaps_nothing_and_says_why_for_each_24_linear() -> None:
+    from openpto.core.sparsity.masks import nm_mask
+    from openpto.kernels.sparse24 import swap_artifact
 
-    monkeypatch.setattr(sparse24, "swap_artifact", fake_swap)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
-    for metadata, device in ((p24, cpu), (p50, cuda), ({}, cuda)):
-        stand_in: Any = SimpleNamespace(model=model, metadata=metadata, device=device)
-        assert use_sparse24(stand_in).metadata is metadata  # untouched
-    assert calls == []
-    stand_in = SimpleNamespace(model=model, metadata=p24, device=cuda)
-    loaded = use_sparse24(stand_in)  # type: ignore[arg-type]
-    assert calls == [p24]
-    assert loaded.metadata["kernel"] == sparse24.KERNEL_NAME
-    assert loaded.metadata["kernels"] == {"dense": 3, sparse24.KERNEL_NAME: 1}
-    assert loaded.metadata["sparse24"]["1"].startswith("dense: ")
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():
+        for layer in model[:2]:
+            layer.weight.mul_(nm_mask(layer.weight.abs(), 2, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p24 = {"sparsity": {"pattern": "2:4", "layers": {"0": 0.5, "1": 0.5}}}
+    outcome = swap_artifact(model, p24)
+    # Only the Linears the artifact names are considered, and none can run sparse on CPU.
+    assert set(outcome) == {"0", "1"}
+    assert all(v == "dense: 2:4 semi-structured kernels need CUDA, the weight is on cpu"
+               for v in outcome.values())
+    assert swap_artifact(model, {"sparsity": {"pattern": "unstructured"}}) == {}
+    assert swap_artifact(model, {}) == {}
+    assert all(type(m) is nn.Linear for m in model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_use_sparse24_leaves_a_cpu_model_untouched(artifact_24: Path) -> None:
+    from openpto.models import load_model
+    from openpto.models.artifact_loaders import use_sparse24
+
+    loaded = load_model(str(artifact_24))
+    metadata = loaded.metadata
+    assert metadata["sparsity"]["pattern"] == "2:4" and loaded.device.type == "cpu"
+    assert use_sparse24(loaded) is loaded and loaded.metadata is metadata
 
 
 def test_a_24_artifact_loads_dense_on_cpu(artifact_24: Path) -> None:
@@ -166,7 +178,7 @@ def test_a_24_artifact_on_cuda_takes_the_semi_structured_path(
 ) -> None:
     from openpto.kernels.sparse24 import KERNEL_NAME, Sparse24Linear
     from openpto.models import load_model
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     loaded = load_model(str(artifact_24), device="cuda", dtype="bfloat16")
     verdicts = loaded.metadata["sparse24"]
@@ -180,9 +192,11 @@ def test_a_24_artifact_on_cuda_takes_the_semi_structured_path(
     assert loaded.metadata["kernels"].get(KERNEL_NAME, 0) == swapped
 
     store = Store(tmp_path / "gpu.db")
-    on_gpu = evaluate(str(artifact_24), str(texts[1]), seq_len=64, max_tokens=256,
-                      device="cuda", dtype="bfloat16", store=store)
-    on_cpu = evaluate(str(artifact_24), str(texts[1]), seq_len=64, max_tokens=256, store=store)
+    on_gpu = evaluate(str(artifact_24), EvalConfig(text=str(texts[1]), seq_len=64,
+                                                   max_tokens=256, device="cuda",
+                                                   dtype="bfloat16"), store=store).to_dict()
+    on_cpu = evaluate(str(artifact_24), EvalConfig(text=str(texts[1]), seq_len=64,
+                                                   max_tokens=256), store=store).to_dict()
     assert on_gpu["sparsity"] == on_cpu["sparsity"] == 0.5
     details = json.loads(store.db.execute(
         "select details from metrics where run_id = ? and name = 'perplexity'",

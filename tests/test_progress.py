@@ -157,16 +157,17 @@ def test_a_failed_run_ends_with_run_failed(tmp_path: Path, exc: BaseException) -
 
 def test_a_library_quantize_without_progress_prints_nothing(
         tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    from openpto.pipeline.quantize import quantize_model
+    import openpto
     from tests.helpers import tiny_llama, tiny_tokenizer
 
     folder = tmp_path / "tiny"
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     capfd.readouterr()
-    result = quantize_model(str(folder), method="rtn", bits=4, group_size=32,
-                            output=tmp_path / "out", store=Store(tmp_path / "opt.db"))
-    assert Path(result["output"]).is_dir()
+    result = openpto.quantize(str(folder), openpto.RTNConfig(bits=4, group_size=32),
+                              openpto.QuantizeOptions(output=tmp_path / "out"),
+                              store=Store(tmp_path / "opt.db"))
+    assert Path(result.output).is_dir()
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 

@@ -96,6 +96,8 @@ ARTIFACT_LOADERS: NameRegistry = NameRegistry("artifact format")
 
 # Built-in artifact formats; each loader is imported only when an artifact of its format loads.
 ARTIFACT_LOADERS.register("pack-quantized", "openpto.models.artifact_loaders:load_pack_quantized")
+ARTIFACT_LOADERS.register("sparse-bitmask", "openpto.models.artifact_loaders:load_sparse")
+ARTIFACT_LOADERS.register("sparse-24-bitmask", "openpto.models.artifact_loaders:load_sparse")
 ARTIFACT_LOADERS.register("bitsandbytes", "openpto.models.artifact_loaders:load_bitsandbytes")
 ARTIFACT_LOADERS.register("quanto", "openpto.models.artifact_loaders:load_quanto")
 ARTIFACT_LOADERS.register("mlx", "openpto.models.artifact_loaders:load_mlx")

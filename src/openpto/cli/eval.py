@@ -58,10 +58,10 @@ def eval_cmd(
 
     Example: opt eval smollm2-135m --seq-len 512 --max-tokens 4096 --json
     """
-    from openpto.pipeline.evaluate import evaluate
+    import openpto
 
-    result = evaluate(
-        model, text, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-        device=device, dtype=dtype, progress=progress_for(progress), text_field=text_field,
-    )
-    emit(result, as_json, title="eval")
+    config = openpto.EvalConfig(text=text, seq_len=seq_len, max_tokens=max_tokens,
+                                batch_size=batch_size, device=device, dtype=dtype,
+                                text_field=text_field)
+    result = openpto.evaluate(model, config, progress=progress_for(progress))
+    emit(result.to_dict(), as_json, title="eval")

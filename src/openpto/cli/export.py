@@ -28,7 +28,8 @@ def export_cmd(
 
     Example: opt export ~/.openpto/artifacts/smollm2-135m-gptq-w4g32 --format gguf --output m.gguf
     """
-    from openpto.pipeline.export import export_artifact
+    import openpto
 
-    result = export_artifact(artifact, fmt, output, qtype, progress=progress_for(progress))
-    emit(result, as_json, title="export")
+    config = openpto.ExportConfig(format=fmt, output=output, type=qtype)
+    result = openpto.export(artifact, config, progress=progress_for(progress))
+    emit(result.to_dict(), as_json, title="export")

@@ -20,6 +20,7 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
     from safetensors import safe_open
 
     from openpto.models.artifact_loaders import read_packed_weights
+    from openpto.models.sparse_format import is_sparse_leaf, read_sparse_weights
 
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -57,12 +59,14 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
     if (config.get("quantization_config") or {}).get("format") == "pack-quantized":
         packed = read_packed_weights(folder, None)
     suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
-    tensors: dict[str, torch.Tensor] = {}
+    # Pruned weights stored in a compressed-tensors sparse layout come back dense.
+    tensors: dict[str, torch.Tensor] = read_sparse_weights(folder)
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                if not key.endswith(suffixes):
-                    tensors[key] = f.get_tensor(key)
+                if key.endswith(suffixes) or (tensors and is_sparse_leaf(key)):
+                    continue
+                tensors[key] = f.get_tensor(key)
     return config, tensors, packed
 
 
@@ -394,5 +398,42 @@ def export_artifact(
             raise
         size = out.stat().st_size if out.is_file() else folder_size(out)
         wf.run.metric("size_bytes", size, "bytes", {"format": fmt, **details})
-        return {"output": str(out), "format": fmt, "size_bytes": size, **details,
-                "run_id": wf.run_id}
+        return wf.set_result({"output": str(out), "format": fmt, "size_bytes": size, **details,
+                              "run_id": wf.run_id})
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Where and how ``export`` writes an artifact: ``format`` (gguf, compressed-tensors, mlx),
+    the output path, and for GGUF the tensor type (None: the one the artifact's grid maps onto
+    exactly)."""
+
+    format: str
+    output: str | Path
+    type: str | None = None
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote; ``to_dict()`` is ``opt export --json``'s object."""
+
+    output: str
+    format: str
+    size_bytes: int
+    run_id: str
+    details: dict[str, Any] = field(default_factory=dict)  # what was mapped, per format
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "format": self.format, "size_bytes": self.size_bytes,
+                **self.details, "run_id": self.run_id}
+
+
+def export(artifact: str | Path, config: ExportConfig, *,
+           progress: ProgressCallback | None = None, store: Any = None) -> ExportResult:
+    """Export an artifact folder as ``config`` says (see ``export_artifact``)."""
+    done = export_artifact(artifact, config.format, config.output, config.type,
+                           progress=progress, store=store)
+    fixed = ("output", "format", "size_bytes", "run_id")
+    return ExportResult(output=done["output"], format=done["format"],
+                        size_bytes=done["size_bytes"], run_id=done["run_id"],
+                        details={k: v for k, v in done.items() if k not in fixed})

@@ -6,12 +6,21 @@ Importing this package registers each method's transform in ``openpto.registry.T
 from __future__ import annotations
 
 from openpto.core.quant import awq, gptq_calibration, rtn  # noqa: F401  (registers the transforms)
-from openpto.core.quant.configs import AWQConfig, GPTQConfig, QuantConfig, RTNConfig
+from openpto.core.quant.configs import (
+    AWQConfig,
+    GPTQConfig,
+    LLMInt8Config,
+    NF4Config,
+    QuantConfig,
+    RTNConfig,
+)
 from openpto.core.quant.tensor import QuantizedWeight, quantize_weight
 
 __all__ = [
     "AWQConfig",
     "GPTQConfig",
+    "LLMInt8Config",
+    "NF4Config",
     "QuantConfig",
     "QuantizedWeight",
     "RTNConfig",
