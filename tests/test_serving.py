@@ -319,13 +319,14 @@ def test_slow_client_does_not_stall_others(served: Served) -> None:
 
 
 def test_stream_buffer_coalesces_instead_of_blocking() -> None:
-    from openpto.engines.streams import RequestStream, StreamEvent
+    from openpto.core.steps import StepRecord
+    from openpto.engines.streams import RequestStream
 
-    async def run() -> list[StreamEvent]:
+    async def run() -> list[StepRecord]:
         stream = RequestStream(asyncio.get_running_loop(), max_pending=4)
         for i in range(100):  # the engine side never waits, whatever the reader does
-            stream.push(StreamEvent(text=str(i % 10), tokens=1))
-        stream.push(StreamEvent(finish_reason="length"))
+            stream.push(StepRecord(token_id=i, text=str(i % 10), index=i, tokens=1))
+        stream.push(StepRecord(finish_reason="length", index=100))
         return await stream.next_events()
 
     events = asyncio.run(run())

@@ -36,12 +36,11 @@ def profile_cmd(
 
     Example: opt profile smollm2-135m --prompt-len 128 --gen-len 128 --repeats 5 --json
     """
-    from openpto.pipeline.profile import profile
+    from openpto.pipeline.profile import ProfileConfig, profile
 
-    result = profile(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
-                     repeats=repeats, warmup=warmup, modules=modules, device=device, dtype=dtype,
-                     progress=RichProgress())
-    emit(result, as_json, title="profile")
+    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
+                           warmup=warmup, modules=modules, device=device, dtype=dtype)
+    emit(profile(model, config, progress=RichProgress()).to_dict(), as_json, title="profile")
 
 
 def bench_cmd(
@@ -62,10 +61,11 @@ def bench_cmd(
 
     Example: opt bench smollm2-135m ./artifacts/smollm2-int4 --gen-len 64 --plot bench.png
     """
-    from openpto.pipeline.profile import bench
+    from openpto.pipeline.profile import ProfileConfig, bench
 
-    result = bench(models, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
-                   warmup=warmup, plot=plot, device=device, dtype=dtype, progress=RichProgress())
+    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
+                           warmup=warmup, device=device, dtype=dtype)
+    result = bench(models, config, plot=plot, progress=RichProgress()).to_dict()
     if as_json:
         emit(result, True)
         return
