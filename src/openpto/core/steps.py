@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, Literal
 
 from openpto.core.detokenize import TextStream
@@ -190,7 +190,9 @@ class RequestRules:
         )
 
 
-def stream_records(token_ids: Iterable[int], rules: RequestRules) -> Iterator[StepRecord]:
+def stream_records(
+    token_ids: Iterable[int], rules: RequestRules
+) -> Generator[StepRecord, None, None]:
     """Records of ``token_ids`` until the rules finish the request; closes the token generator.
 
     The clock starts before the first id is pulled, so a lazy generator's prefill is timed.

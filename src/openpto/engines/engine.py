@@ -13,7 +13,7 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from openpto.core.sampling import SamplingParams
@@ -144,7 +144,7 @@ def make_engine(backend: str, model: str | None, options: EngineOptions) -> Engi
 
 
 def engine_records(engine: Engine, prompt_ids: list[int],
-                   params: SamplingParams) -> Iterator[StepRecord]:
+                   params: SamplingParams) -> Generator[StepRecord, None, None]:
     """One request's ``StepRecord``s from ``engine``, synchronously, as the engine pushes them.
 
     Engines push to a ``RequestStream`` bound to an event loop (the HTTP layer's); this drives a
@@ -154,7 +154,9 @@ def engine_records(engine: Engine, prompt_ids: list[int],
     import asyncio
 
     loop = asyncio.new_event_loop()
-    stream = RequestStream(loop)
+    # Room for every record, so that each comes through with its own token id (the coalescing
+    # bound protects the server's scheduler from slow clients; here the reader is the caller).
+    stream = RequestStream(loop, max_pending=params.max_tokens + 2)
     try:
         engine.submit(prompt_ids, params, stream)
         while not stream.finished:

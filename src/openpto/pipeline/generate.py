@@ -250,21 +250,30 @@ def generate(
         with open_run("generate", _default_model(model), config.to_dict(), store=store,
                       progress=progress) as wf:
             handle.run_id = wf.run_id
-            if config.backend == "torch":
-                loaded = _load(wf, model, config)
-                ids = encode_prompt(loaded.tokenizer, config.prompt,
-                                    chat=_use_chat(loaded, config.chat))
-                params = config.sampling()
-                rules = RequestRules(loaded.tokenizer, ids, params,
-                                     eos_ids(loaded.model, loaded.tokenizer),
-                                     memory=memory_probe(loaded.device))
-                steps = token_steps(loaded.model, ids, params, decode=_mode(config.decode))
-                records = stream_records(steps, rules)
-                details = _measure_details(loaded, decode=config.decode)
-                result = yield from _traced(wf, records, len(ids))
-            else:
-                spec = model if model is None or isinstance(model, str) else None
-                result, details = yield from _on_engine(wf, spec, config)
+            engine: Any = None
+            try:
+                if config.backend == "torch":
+                    records, prompt_tokens, details = _torch_records(wf, model, config)
+                else:
+                    spec = model if model is None or isinstance(model, str) else None
+                    engine, records, prompt_tokens, details = _engine_records(wf, spec, config)
+                seen: list[StepRecord] = []
+                with wf.run.trace("generate", prompt_tokens=prompt_tokens) as attrs:
+                    try:
+                        for record in records:
+                            seen.append(record)
+                            yield record
+                    except GeneratorExit:
+                        # The consumer stopped early: the request ends as cancelled and the run
+                        # is recorded with what it produced (a generator may not yield again).
+                        seen.append(_cancelled(seen, prompt_tokens))
+                    finally:
+                        records.close()
+                    result = collect(seen)
+                    attrs.update(tokens=result.tokens, finish_reason=result.finish_reason)
+            finally:
+                if engine is not None:
+                    engine.close()
             _record_metrics(wf, result, details)
             handle.summary = _summarise(result, config.backend, wf.run_id)
 
@@ -275,34 +284,30 @@ def _mode(decode: str) -> DecodeMode:
     return decode  # type: ignore[return-value]  # checked by GenerationConfig
 
 
-def _traced(wf: Workflow, records: Iterator[StepRecord],
-            prompt_tokens: int) -> Generator[StepRecord, None, GenerationResult]:
-    """Pass the records on under a ``generate`` trace; returns them collected. A consumer that
-    stops early ends the request as ``cancelled`` and the run still succeeds."""
-    seen: list[StepRecord] = []
-    with wf.run.trace("generate", prompt_tokens=prompt_tokens) as attrs:
-        try:
-            for record in records:
-                seen.append(record)
-                yield record
-        except GeneratorExit:
-            seen.append(StepRecord(finish_reason="cancelled", prompt_tokens=prompt_tokens,
-                                   index=len(seen), ttft_s=seen[-1].ttft_s if seen else 0.0,
-                                   elapsed_s=seen[-1].elapsed_s if seen else 0.0))
-        finally:
-            close = getattr(records, "close", None)
-            if close is not None:
-                close()
-        result = collect(seen)
-        attrs.update(tokens=result.tokens, finish_reason=result.finish_reason)
-    return result
+def _cancelled(seen: list[StepRecord], prompt_tokens: int) -> StepRecord:
+    last = seen[-1] if seen else StepRecord()
+    return StepRecord(finish_reason="cancelled", prompt_tokens=prompt_tokens,
+                      index=last.generated, ttft_s=last.ttft_s, elapsed_s=last.elapsed_s)
 
 
-def _on_engine(
+def _torch_records(
+    wf: Workflow, model: str | LoadedModel | None, config: GenerationConfig
+) -> tuple[Generator[StepRecord, None, None], int, dict[str, Any]]:
+    loaded = _load(wf, model, config)
+    ids = encode_prompt(loaded.tokenizer, config.prompt, chat=_use_chat(loaded, config.chat))
+    params = config.sampling()
+    rules = RequestRules(loaded.tokenizer, ids, params, eos_ids(loaded.model, loaded.tokenizer),
+                         memory=memory_probe(loaded.device))
+    steps = token_steps(loaded.model, ids, params, decode=_mode(config.decode))
+    records = stream_records(steps, rules)
+    return records, len(ids), _measure_details(loaded, decode=config.decode)
+
+
+def _engine_records(
     wf: Workflow, model: str | None, config: GenerationConfig
-) -> Generator[StepRecord, None, tuple[GenerationResult, dict[str, Any]]]:
-    """``generate`` through a generation engine (llama.cpp, MLX): the engine samples, tokenizes
-    and applies the chat template itself; its records come from the same ``RequestRules``."""
+) -> tuple[Any, Generator[StepRecord, None, None], int, dict[str, Any]]:
+    """A generation engine (llama.cpp, MLX) and its records: the engine samples, tokenizes and
+    applies the chat template itself; its records come from the same ``RequestRules``."""
     from openpto.engines import EngineOptions, engine_records, make_engine
 
     backend = config.backend
@@ -316,13 +321,12 @@ def _on_engine(
         ids = engine.tokenize(text)
         if not ids:
             raise UsageError("the prompt is empty")
-        records = engine_records(engine, ids, config.sampling())
-        result = yield from _traced(wf, records, len(ids))
-    finally:
+    except BaseException:
         engine.close()
+        raise
     details = {"backend": backend, "model": engine.info.id, "format": engine.info.format,
                "quantization": engine.info.quantization}
-    return result, details
+    return engine, engine_records(engine, ids, config.sampling()), len(ids), details
 
 
 def _use_chat(loaded: LoadedModel, chat: bool) -> bool:
