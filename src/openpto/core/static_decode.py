@@ -6,7 +6,8 @@ tokens/s bandwidth floor, docs/benchmarks.md). A decode step whose shapes never 
 id in a fixed buffer, its position in another, keys and values written in place into a cache sized
 for the whole request -- can be captured once as a CUDA graph and replayed with one launch.
 
-Public interface (``core.generate.generate_stream`` is the caller):
+Public interface (``core.generate.token_steps`` is the caller, for ``opt generate``, ``opt profile``
+and the server's lone requests):
 
 - ``DecodeMode``: ``"dynamic"`` (the eager ``DynamicCache`` path of ``core.kvcache``),
   ``"static"`` (a transformers ``StaticCache``, the decode step run eagerly: the same function the
