@@ -20,9 +20,8 @@ from openpto.engines.engine import (
     ModelInfo,
     engine_records,
     make_engine,
-    run_to_completion,
 )
 from openpto.engines.streams import RequestStream
 
 __all__ = ["BACKENDS", "Embeddings", "Engine", "EngineOptions", "EngineStats", "ModelInfo",
-           "RequestStream", "engine_records", "make_engine", "run_to_completion"]
+           "RequestStream", "engine_records", "make_engine"]

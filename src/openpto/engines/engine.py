@@ -169,17 +169,6 @@ def engine_records(engine: Engine, prompt_ids: list[int],
         loop.close()
 
 
-def run_to_completion(engine: Engine, prompt_ids: list[int], params: SamplingParams,
-                      on_event: Callable[[StepRecord], None] | None = None) -> StepRecord:
-    """``engine_records`` merged into one record (``on_event`` sees each as it comes)."""
-    total = StepRecord()
-    for record in engine_records(engine, prompt_ids, params):
-        if on_event is not None:
-            on_event(record)
-        total = total.merge(record)
-    return total
-
-
 # -- a one-sequence-at-a-time engine for backends that own their own decode loop -----------------
 
 
