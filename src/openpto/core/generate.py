@@ -33,7 +33,7 @@ import torch
 
 from openpto.core.kvcache import forward_logits, new_cache
 from openpto.core.sampling import SamplingParams, make_generator, sample_next
-from openpto.core.static_decode import DecodeMode, open_decoder
+from openpto.core.static_decode import CAPACITY_STEP, DecodeMode, open_decoder
 from openpto.core.steps import (
     FinishReason,
     MemoryProbe,
@@ -44,6 +44,8 @@ from openpto.core.steps import (
 from openpto.errors import UsageError
 
 Prompt = str | Sequence[int] | torch.Tensor
+#: new tokens a static cache first has room for beyond the prompt (it doubles when full)
+FIRST_ROOM = CAPACITY_STEP
 
 __all__ = ["FinishReason", "GenerationResult", "Prompt", "RequestRules", "StepRecord",
            "build_chat_prompt", "collect", "encode_prompt", "eos_ids", "generate_batch",
@@ -139,24 +141,39 @@ def token_steps(
 
     The consumer stops pulling when the request's rules say it is done; closing the generator
     releases the decoder. ``decode`` picks the cache and step (``core.static_decode``).
+
+    A static cache is sized for the prompt plus ``FIRST_ROOM`` new tokens, not for the whole
+    ``max_tokens``: every step attends over all of it, and a server's default ``max_tokens`` of
+    thousands would make each step of a short answer read a cache many times too long. When it
+    is full, the request moves to a cache twice as large through one prefill of its tokens.
     """
     device = model_device(model)
     if generator is None and not params.greedy:
         generator = make_generator(params, device)
-    decoder = open_decoder(model, len(prompt_ids) + params.max_tokens, decode)
-    history = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    ids = list(prompt_ids)  # on the host: a larger cache is filled from them
+    budget = len(ids) + params.max_tokens
+    decoder = open_decoder(model, budget, decode, capacity=len(ids) + FIRST_ROOM)
+    history = torch.tensor([ids], dtype=torch.long, device=device)
     penalise = params.repetition_penalty != 1.0
     try:
         logits = decoder.prefill(history)
         for produced in range(1, params.max_tokens + 1):
             token = sample_next(logits, params, generator, history if penalise else None)
-            yield int(token.item())  # the host read that times the step
+            token_id = int(token.item())  # the host read that times the step
+            yield token_id
             if produced == params.max_tokens:
                 return
+            ids.append(token_id)
             next_ids = token.view(1, 1)
             if penalise:
                 history = torch.cat([history, next_ids], dim=1)
-            logits = decoder.step(next_ids)
+            capacity = getattr(decoder, "capacity", None)
+            if capacity is not None and len(ids) > capacity:  # the step would write past it
+                decoder.close()
+                decoder = open_decoder(model, budget, decode, capacity=2 * capacity)
+                logits = decoder.prefill(torch.tensor([ids], dtype=torch.long, device=device))
+            else:
+                logits = decoder.step(next_ids)
     finally:
         decoder.close()
 
