@@ -44,12 +44,12 @@ def profile_cmd(
 
     Example: opt profile smollm2-135m --prompt-len 128 --gen-len 128 --repeats 5 --json
     """
-    from openpto.pipeline.profile import profile
+    from openpto.pipeline.profile import ProfileConfig, profile
 
-    result = profile(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
-                     repeats=repeats, warmup=warmup, modules=modules, device=device, dtype=dtype,
-                     progress=progress_for(progress))
-    emit(result, as_json, title="profile")
+    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
+                           warmup=warmup, modules=modules, device=device, dtype=dtype)
+    result = profile(model, config, progress=progress_for(progress))
+    emit(result.to_dict(), as_json, title="profile")
 
 
 def bench_cmd(
@@ -71,11 +71,11 @@ def bench_cmd(
 
     Example: opt bench smollm2-135m ./artifacts/smollm2-int4 --gen-len 64 --plot bench.png
     """
-    from openpto.pipeline.profile import bench
+    from openpto.pipeline.profile import ProfileConfig, bench
 
-    result = bench(models, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
-                   warmup=warmup, plot=plot, device=device, dtype=dtype,
-                   progress=progress_for(progress))
+    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
+                           warmup=warmup, device=device, dtype=dtype)
+    result = bench(models, config, plot=plot, progress=progress_for(progress)).to_dict()
     if as_json:
         emit(result, True)
         return
