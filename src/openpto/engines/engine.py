@@ -19,7 +19,7 @@ from typing import Any
 from openpto.core.sampling import SamplingParams
 from openpto.engines.streams import RequestStream, StreamEvent, Timings
 from openpto.errors import BackendUnavailable, OptError
-from openpto.registry import NameRegistry
+from openpto.registry import GENERATION_BACKENDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +115,9 @@ class Engine(abc.ABC):
         """Stop worker threads; pending requests end with ``finish_reason='cancelled'``."""
 
 
-#: backend name -> Engine class taking ``(model_spec, options)``
-BACKENDS: NameRegistry = NameRegistry("generation backend")
-BACKENDS.register("torch", "openpto.engines.torch_backend:TorchEngine")
-BACKENDS.register("llamacpp", "openpto.engines.llamacpp_backend:LlamaCppEngine")
-BACKENDS.register("mlx", "openpto.engines.mlx_backend:MLXEngine")
+#: backend name -> Engine class taking ``(model_spec, options)``, filled through the
+#: ``register_generation_backends`` plugin hook
+BACKENDS = GENERATION_BACKENDS
 
 
 def served_name(spec: str | None) -> str:
