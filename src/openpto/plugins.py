@@ -65,6 +65,7 @@ class _State:
 
 _state = _State()
 _lock = threading.RLock()
+_warning_registry: dict[Any, Any] = {}
 
 
 def load_plugins() -> None:
@@ -161,8 +162,13 @@ def report_failure(name: str, exc: BaseException, where: str,
         error = f"{type(exc).__name__}: {exc}"
         _state.failures[name] = PluginFailure(name, error, distribution)
     origin = f" ({distribution})" if distribution else ""
-    warnings.warn(f"openpto plugin {name!r}{origin} failed to load ({where}) and was skipped: "
-                  f"{error}", PluginLoadWarning, stacklevel=2)
+    # Attributed to this module, line 0: the warning is about the plugin, and a source line of
+    # ours under it would only be noise on the command line.
+    warnings.warn_explicit(
+        f"openpto plugin {name!r}{origin} failed to load ({where}) and was skipped: {error}",
+        PluginLoadWarning, filename=__name__, lineno=0, module=__name__,
+        registry=_warning_registry,
+    )
 
 
 def plugin_report() -> dict[str, Any]:
