@@ -273,3 +273,33 @@ def test_opt_plugins_lists_the_built_ins(capsys: pytest.CaptureFixture[str],
         "methods": ["awq", "gptq", "magnitude", "rtn", "sparsegpt", "wanda"]}
     code, out, _ = run_opt(["plugins", "--help"], capsys, monkeypatch)
     assert code == 0 and "Example: opt plugins --json" in out
+
+
+class UnimportableEntriesPlugin:
+    @hookimpl
+    def register_quantization_backends(self, register: Any) -> None:
+        register("ghost", "openpto_ghost_backend:GhostBackend")
+
+    @hookimpl
+    def register_kernels(self, register: Any) -> None:
+        register("ghost-kernel", "openpto.kernels.torch_ops:NoSuchKernel")
+
+
+def test_an_entry_that_cannot_be_imported_is_one_clear_error(
+    tmp_db: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openpto.errors import PluginError
+    from tests.helpers import run_opt
+
+    with registered_plugin(UnimportableEntriesPlugin(), "ghosts"):
+        with pytest.raises(PluginError, match=r"kernel 'ghost-kernel' of plugin 'ghosts' cannot "
+                                              r"be imported .*AttributeError"):
+            KERNELS.get("ghost-kernel")
+        code, out, err = run_opt(["info", "--json"], capsys, monkeypatch)
+        assert code == 0, err
+        ghost = json.loads(out)["quantization_backends"]["ghost"]
+        assert not ghost["available"] and "ModuleNotFoundError" in ghost["reason"]
+        code, out, err = run_opt(["quantize", "--backend", "ghost", "--json"], capsys,
+                                 monkeypatch)
+        assert code != 0 and out == ""
+        assert err.startswith("error: quantization backend 'ghost' of plugin 'ghosts'"), err

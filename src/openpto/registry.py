@@ -34,6 +34,16 @@ def _import(value: Any) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def _import_entry(value: Any, what: str, name: str, plugin: str) -> Any:
+    """An entry's object; one that cannot be imported is a ``PluginError`` naming its plugin
+    (a ``MissingDependency`` raised by the module itself passes through as it is)."""
+    try:
+        return _import(value)
+    except (ImportError, AttributeError) as exc:
+        raise PluginError(f"{what} {name!r} of plugin {plugin!r} cannot be imported from "
+                          f"{value!r}: {type(exc).__name__}: {exc}") from exc
+
+
 class NameRegistry(Generic[T]):
     """Names to values; a value given as ``"package.module:attr"`` is imported on first lookup."""
 
@@ -65,7 +75,7 @@ class NameRegistry(Generic[T]):
         if name not in self._entries:
             known = ", ".join(sorted(self._entries))
             raise UsageError(f"unknown {self.what} {name!r} (known: {known})")
-        value = _import(self._entries[name])
+        value = _import_entry(self._entries[name], self.what, name, self._owners[name])
         self._entries[name] = value
         return value  # type: ignore[no-any-return]
 
@@ -146,7 +156,8 @@ class TypeRegistry(Generic[T]):
         self._resolve()
         for klass in key.__mro__:
             if klass in self._entries:
-                value = _import(self._entries[klass])
+                value = _import_entry(self._entries[klass], self.what, klass.__name__,
+                                      self._owners[klass])
                 self._entries[klass] = value
                 return value  # type: ignore[no-any-return]
         known = ", ".join(sorted(k.__name__ for k in self._entries))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from openpto.errors import PluginError
 from openpto.registry import QUANT_BACKENDS
 
 
@@ -23,6 +24,9 @@ def backend_availability() -> dict[str, dict[str, Any]]:
     """Every quantization backend -> ``{available, reason}`` (for ``opt info``)."""
     report: dict[str, dict[str, Any]] = {}
     for name in QUANT_BACKENDS.names():
-        ok, reason = get_backend(name).availability()
+        try:
+            ok, reason = get_backend(name).availability()
+        except PluginError as exc:  # an installed plugin's backend that cannot be imported
+            ok, reason = False, str(exc)
         report[name] = {"available": ok, "reason": reason}
     return report
