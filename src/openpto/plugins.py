@@ -28,6 +28,7 @@ import pluggy
 
 from openpto import hookspecs, registry
 from openpto.config import MethodConfig
+from openpto.errors import PluginError
 
 ENTRY_POINT_GROUP = "openpto.plugins"
 
@@ -135,11 +136,12 @@ def _fill() -> None:
             for target, key, _ in staged:
                 target.check_new(key, name)
                 if (id(target), key) in seen:
-                    raise registry.PluginError(f"plugin {name!r} registers {key!r} twice")
+                    raise PluginError(f"plugin {name!r} registers {key!r} twice")
                 seen.add((id(target), key))
         except Exception as exc:
+            origin = _distribution(plugin)
             pm.unregister(plugin)
-            report_failure(name, exc, "its hooks", _distribution(plugin))
+            report_failure(name, exc, "its hooks", origin)
             continue
         for target, key, value in staged:
             target.add(key, value, name)
