@@ -8,33 +8,59 @@ import pytest
 from openpto.errors import StoreError
 from openpto.store import RunRecorder, Store
 
+# Every table's columns in order, with their SQLite types and primary keys: a migration that
+# changes any of it must change this too.
 EXPECTED_SCHEMA = {
-    "runs": ["id", "kind", "status", "model", "config", "started_at", "finished_at", "error"],
-    "metrics": ["id", "run_id", "name", "value", "unit", "details"],
-    "traces": ["id", "run_id", "name", "started_at", "duration_ms", "attributes"],
-    "models": [
-        "id", "path", "source_model", "method", "config", "size_bytes", "created_at", "run_id",
-    ],
-    "datasets": ["id", "name", "source", "sha256", "tokens", "created_at"],
-    "prompts": [
-        "id", "conversation_id", "model", "prompt", "response", "tokens_in", "tokens_out",
-        "duration_ms", "created_at",
-    ],
+    "runs": {
+        "id": "TEXT", "kind": "TEXT", "status": "TEXT", "model": "TEXT", "config": "TEXT",
+        "started_at": "TEXT", "finished_at": "TEXT", "error": "TEXT", "pid": "INTEGER",
+        "host": "TEXT", "process_started": "REAL",
+    },
+    "metrics": {
+        "id": "INTEGER", "run_id": "TEXT", "name": "TEXT", "value": "REAL", "unit": "TEXT",
+        "details": "TEXT",
+    },
+    "traces": {
+        "id": "INTEGER", "run_id": "TEXT", "name": "TEXT", "started_at": "TEXT",
+        "duration_ms": "REAL", "attributes": "TEXT",
+    },
+    "models": {
+        "id": "TEXT", "path": "TEXT", "source_model": "TEXT", "method": "TEXT", "config": "TEXT",
+        "size_bytes": "INTEGER", "created_at": "TEXT", "run_id": "TEXT",
+    },
+    "datasets": {
+        "id": "TEXT", "name": "TEXT", "source": "TEXT", "sha256": "TEXT", "tokens": "INTEGER",
+        "created_at": "TEXT",
+    },
+    "prompts": {
+        "id": "INTEGER", "conversation_id": "TEXT", "model": "TEXT", "prompt": "TEXT",
+        "response": "TEXT", "tokens_in": "INTEGER", "tokens_out": "INTEGER",
+        "duration_ms": "REAL", "created_at": "TEXT",
+    },
 }
+PRIMARY_KEYS = {"runs": ["id"], "metrics": ["id"], "traces": ["id"], "models": ["id"],
+                "datasets": ["id"], "prompts": ["id"]}
 
 
 def test_schema_is_pinned(tmp_path: Path) -> None:
     store = Store(tmp_path / "opt.db")
+    assert set(store.db.table_names()) == {*EXPECTED_SCHEMA, "_migrations"}
     for table, columns in EXPECTED_SCHEMA.items():
-        assert list(store.db[table].columns_dict) == columns, table
+        actual = {c.name: c.type for c in store.db[table].columns}
+        assert list(actual.items()) == list(columns.items()), table
+        assert store.db[table].pks == PRIMARY_KEYS[table], table
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.db["metrics"].foreign_keys[0].other_table == "runs"
+    assert [(fk.column, fk.other_table, fk.other_column)
+            for fk in store.db["metrics"].foreign_keys] == [("run_id", "runs", "id")]
+    assert [(fk.column, fk.other_table, fk.other_column)
+            for fk in store.db["traces"].foreign_keys] == [("run_id", "runs", "id")]
 
 
 def test_migrations_run_once(tmp_path: Path) -> None:
     Store(tmp_path / "opt.db")
     store = Store(tmp_path / "opt.db")
-    assert store.db["_migrations"].count == 2
+    assert [row["name"] for row in store.db["_migrations"].rows] == [
+        "m001_initial", "m002_indexes", "m003_run_process"]
 
 
 def test_run_succeeds_with_metrics_and_traces(tmp_path: Path) -> None:

@@ -7,7 +7,15 @@ from typing import Any
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    RichProgress,
+    command_help,
+    emit,
+    progress_for,
+)
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 
@@ -46,6 +54,7 @@ def generate_cmd(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     backend: str = typer.Option("torch", help="Generation engine: torch, llamacpp or mlx."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Generate text from a prompt and stream it to the terminal.
 
@@ -64,11 +73,12 @@ def generate_cmd(
     live = stream and not as_json
     result = generate(model, prompt, params, chat=chat, device=device, dtype=dtype,
                       backend=backend, on_text=write_text if live else None,
-                      progress=RichProgress())
+                      progress=progress_for(progress))
     if live:
         write_text("\n")
-        RichProgress().log(f"{result['tokens']} tokens, {result['tokens_per_second']:.1f} "
-                           f"tokens/s, run {result['run_id']}")
+        RichProgress(progress == ProgressMode.rich).log(
+            f"{result['tokens']} tokens, {result['tokens_per_second']:.1f} tokens/s, "
+            f"run {result['run_id']}")
     elif as_json:
         emit(result, True)
     else:

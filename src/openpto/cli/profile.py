@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
 from openpto.cli.generate import MODEL_HELP
 
 
@@ -26,6 +33,7 @@ def profile_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Measure TTFT, TPOT, inter-token latency percentiles, prefill and decode tokens/s and peak
     memory of one model.
@@ -40,7 +48,7 @@ def profile_cmd(
 
     result = profile(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
                      repeats=repeats, warmup=warmup, modules=modules, device=device, dtype=dtype,
-                     progress=RichProgress())
+                     progress=progress_for(progress))
     emit(result, as_json, title="profile")
 
 
@@ -55,6 +63,7 @@ def bench_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Profile several models or artifacts with one protocol, as a table and a PNG plot.
 
@@ -65,7 +74,8 @@ def bench_cmd(
     from openpto.pipeline.profile import bench
 
     result = bench(models, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
-                   warmup=warmup, plot=plot, device=device, dtype=dtype, progress=RichProgress())
+                   warmup=warmup, plot=plot, device=device, dtype=dtype,
+                   progress=progress_for(progress))
     if as_json:
         emit(result, True)
         return

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
 from openpto.cli.generate import MODEL_HELP, sampling_params
 
 DRAFT_HELP = (
@@ -33,6 +40,7 @@ def speculative_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Generate with a draft proposing tokens and the target verifying them in one pass.
 
@@ -48,5 +56,6 @@ def speculative_cmd(
     params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, min_p=0.0, repetition_penalty=1.0, seed=seed, stop=None)
     result = speculative(model, draft, prompt, params, gamma=gamma, adaptive=adaptive, chat=chat,
-                         baseline=baseline, device=device, dtype=dtype, progress=RichProgress())
+                         baseline=baseline, device=device, dtype=dtype,
+                         progress=progress_for(progress))
     emit(result, as_json, title="speculative")

@@ -37,7 +37,7 @@ from openpto.core.speculative import SpeculativeStats, speculative_stream
 from openpto.errors import UsageError
 from openpto.pipeline.common import Workflow, open_run
 from openpto.profiling import kernel_summary
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from openpto.models import LoadedModel
@@ -82,7 +82,7 @@ def generate(
     dtype: str = "float32",
     backend: str = "torch",
     on_text: OnText | None = None,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Generate from one prompt, calling ``on_text`` with each text delta; recorded as a run.
@@ -274,7 +274,7 @@ def speculative(
     device: str = "cpu",
     dtype: str = "float32",
     on_text: OnText | None = None,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Speculative generation, and (``baseline=True``) the target alone on the same prompt.

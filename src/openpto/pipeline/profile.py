@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from openpto.errors import UsageError
 from openpto.pipeline.common import Workflow, open_run
 from openpto.profiling import profile_generation
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from openpto.store import Store
@@ -66,7 +66,7 @@ def profile(
     modules: bool = False,
     device: str = "cpu",
     dtype: str = "float32",
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Profile one model; returns the ``ProfileResult`` keys plus ``model`` and ``run_id``."""
@@ -91,7 +91,7 @@ def bench(
     plot: str | Path | None = None,
     device: str = "cpu",
     dtype: str = "float32",
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Profile several models in one ``bench`` run (same protocol) and optionally plot them.

@@ -6,12 +6,21 @@ The transforms (``rtn``, ``gptq_calibration``, ``awq``) are registered by the bu
 
 from __future__ import annotations
 
-from openpto.core.quant.configs import AWQConfig, GPTQConfig, QuantConfig, RTNConfig
+from openpto.core.quant.configs import (
+    AWQConfig,
+    GPTQConfig,
+    LLMInt8Config,
+    NF4Config,
+    QuantConfig,
+    RTNConfig,
+)
 from openpto.core.quant.tensor import QuantizedWeight, quantize_weight
 
 __all__ = [
     "AWQConfig",
     "GPTQConfig",
+    "LLMInt8Config",
+    "NF4Config",
     "QuantConfig",
     "QuantizedWeight",
     "RTNConfig",
