@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from openpto.hookspecs import hookimpl
 from openpto.plugins import PluginLoadWarning, plugin_report
@@ -177,6 +178,53 @@ def _configs_of_type(data: Any, type_name: str) -> list[dict[str, Any]]:
     if isinstance(data, list):
         return [c for v in data for c in _configs_of_type(v, type_name)]
     return []
+
+
+def test_installed_plugin_adds_a_quantization_method(
+    plugin_sites: dict[str, Path], tiny_folder: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from openpto.models.artifact_loaders import read_packed_weights
+    from openpto.store import Store
+
+    db, out = tmp_path / "opt.db", tmp_path / "pow2-artifact"
+    done = _opt(["quantize", str(tiny_folder), "--method", "pow2", "--bits", "4",
+                 "--group-size", "32", "--sym", "--samples", "2", "--calib-seq-len", "16",
+                 "--output", str(out), "--json"], plugin_sites["good"], db)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["method"], result["bits"], result["group_size"]) == ("pow2", 4, 32)
+    assert "PluginLoadWarning" not in done.stderr
+
+    float_weights = load_file(tiny_folder / "model.safetensors")
+    packed = read_packed_weights(out, None)
+    assert len(packed) == 2 * 7  # every Linear of both decoder layers
+    for name, qw in packed.items():
+        assert (qw.bits, qw.group_size, qw.symmetric) == (4, 32, True)
+        # The grid's step is a power of two exactly (RTN's max/7 step almost never is) ...
+        assert torch.equal(qw.scale, torch.exp2(torch.round(torch.log2(qw.scale)))), name
+        # ... sized so that nothing clips: every weight within half a step of its grid point.
+        w = float_weights[f"{name}.weight"].float()
+        step = qw.scale.repeat_interleave(32, dim=1)
+        assert ((w - qw.dequantize()).abs() <= step / 2 * (1 + 1e-6)).all(), name
+        assert int(qw.q.max()) <= 15
+
+    [run] = Store(db).query_readonly("select kind, status, config from runs where id = ?",
+                                     [result["run_id"]])
+    assert (run["kind"], run["status"]) == ("quantize", "succeeded")
+    stored = json.loads(run["config"])
+    assert stored["method"] == "pow2"
+    method_configs = _configs_of_type(stored, "pow2")  # as asked for, and as resolved
+    assert method_configs and all(
+        (c["bits"], c["group_size"], c["symmetric"]) == (4, 32, True) for c in method_configs)
+    assert _configs_of_type(json.loads((out / "openpto.json").read_text()), "pow2")
+
+    listed = _opt(["plugins", "--json"], plugin_sites["good"], db)
+    report = json.loads(listed.stdout)
+    [pow2] = [p for p in report["plugins"] if p["name"] == "pow2"]
+    assert pow2 == {"name": "pow2", "builtin": False, "distribution": "openpto-pow2 0.1",
+                    "registered": {"methods": ["pow2"]}}
 
 
 def test_broken_plugins_warn_once_and_the_cli_keeps_working(
