@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -121,38 +120,46 @@ def test_packed_sparse_artifact_is_measured_from_its_stored_weights(
     assert result["nm_compliant"]["2:4"] is True
 
 
-def test_sparse24_is_asked_for_only_on_cuda_with_a_24_artifact(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from openpto.kernels import sparse24
-    from openpto.models.artifact_loaders import use_sparse24, wants_sparse24
+def test_sparse24_is_asked_for_only_on_cuda_with_a_24_artifact() -> None:
+    from openpto.models.artifact_loaders import wants_sparse24
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     p24 = {"sparsity": {"pattern": "2:4", "layers": {"0": 0.5, "1": 0.5}}}
-    p50 = {"sparsity": {"pattern": "unstructured"}}
     assert wants_sparse24(p24, cuda)
     assert not wants_sparse24(p24, cpu)
-    assert not wants_sparse24(p50, cuda)
+    assert not wants_sparse24({"sparsity": {"pattern": "unstructured"}}, cuda)
     assert not wants_sparse24({}, cuda)
 
-    calls: list[dict[str, Any]] = []
 
-    def fake_swap(model: nn.Module, metadata: dict[str, Any]) -> dict[str, str]:
-        calls.append(metadata)
-        return {"0": sparse24.KERNEL_NAME, "1": "dense: measured no faster than dense"}
+def test_swap_artifact_on_cpu_swaps_nothing_and_says_why_for_each_24_linear() -> None:
+    from openpto.core.sparsity.masks import nm_mask
+    from openpto.kernels.sparse24 import swap_artifact
 
-    monkeypatch.setattr(sparse24, "swap_artifact", fake_swap)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
-    for metadata, device in ((p24, cpu), (p50, cuda), ({}, cuda)):
-        stand_in: Any = SimpleNamespace(model=model, metadata=metadata, device=device)
-        assert use_sparse24(stand_in).metadata is metadata  # untouched
-    assert calls == []
-    stand_in = SimpleNamespace(model=model, metadata=p24, device=cuda)
-    loaded = use_sparse24(stand_in)  # type: ignore[arg-type]
-    assert calls == [p24]
-    assert loaded.metadata["kernel"] == sparse24.KERNEL_NAME
-    assert loaded.metadata["kernels"] == {"dense": 3, sparse24.KERNEL_NAME: 1}
-    assert loaded.metadata["sparse24"]["1"].startswith("dense: ")
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():
+        for layer in model[:2]:
+            layer.weight.mul_(nm_mask(layer.weight.abs(), 2, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p24 = {"sparsity": {"pattern": "2:4", "layers": {"0": 0.5, "1": 0.5}}}
+    outcome = swap_artifact(model, p24)
+    # Only the Linears the artifact names are considered, and none can run sparse on CPU.
+    assert set(outcome) == {"0", "1"}
+    assert all(v == "dense: 2:4 semi-structured kernels need CUDA, the weight is on cpu"
+               for v in outcome.values())
+    assert swap_artifact(model, {"sparsity": {"pattern": "unstructured"}}) == {}
+    assert swap_artifact(model, {}) == {}
+    assert all(type(m) is nn.Linear for m in model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_use_sparse24_leaves_a_cpu_model_untouched(artifact_24: Path) -> None:
+    from openpto.models import load_model
+    from openpto.models.artifact_loaders import use_sparse24
+
+    loaded = load_model(str(artifact_24))
+    metadata = loaded.metadata
+    assert metadata["sparsity"]["pattern"] == "2:4" and loaded.device.type == "cpu"
+    assert use_sparse24(loaded) is loaded and loaded.metadata is metadata
 
 
 def test_a_24_artifact_loads_dense_on_cpu(artifact_24: Path) -> None:

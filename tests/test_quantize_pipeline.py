@@ -190,15 +190,17 @@ def test_unwritable_output_fails_before_loading(tiny_folder: Path, tmp_path: Pat
 def test_failure_while_saving_marks_the_run_failed_and_leaves_no_folder(
     tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from openpto.pipeline import artifacts
-    from openpto.pipeline.backends import torch_backend
+    import safetensors.torch
 
-    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
-        return artifacts.write_artifact(*args, **kwargs, fail_after="weights")
+    real_save = safetensors.torch.save_file
 
-    monkeypatch.setattr(torch_backend, "write_artifact", failing)
+    def save_then_fail(tensors, filename, metadata=None):  # type: ignore[no-untyped-def]
+        real_save(tensors, filename, metadata=metadata)  # the weights are on disk, then
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
     store = Store(tmp_path / "opt.db")
-    with pytest.raises(OSError, match="simulated failure"):
+    with pytest.raises(OSError, match="no space left"):
         quantize(tiny_folder, "rtn", fields={"bits": 4, "group_size": 32},
                  output=tmp_path / "out" / "art", store=store)
     assert list((tmp_path / "out").iterdir()) == []
@@ -364,3 +366,25 @@ def test_both_workflows_report_each_layer_through_progress(tiny_folder: Path,
                                         "mlp.up_proj", "mlp.down_proj"}
         assert all(0 <= v < 1 for v in layers[0].error.values())
         assert isinstance(events[-1], RunFinished) and events[-1].result == result.to_dict()
+
+
+def test_float_dtype_option_sets_how_the_other_tensors_are_stored(tiny_folder: Path,
+                                                                   tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    store = Store(tmp_path / "d.db")
+    sizes = {}
+    for float_dtype, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        out = tmp_path / float_dtype
+        fields = {"bits": 4, "group_size": 32}
+        dry = quantize(tiny_folder, "rtn", fields=fields, output=out, dry_run=True,
+                       float_dtype=float_dtype, store=store)
+        real = quantize(tiny_folder, "rtn", fields=fields, output=out, float_dtype=float_dtype,
+                        store=store)
+        assert abs(dry.size_bytes_after - real.size_bytes_after) < 0.01 * real.size_bytes_after
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype == expected
+        sizes[float_dtype] = real.size_bytes_after
+        run = json.loads(_run(store, real.run_id)["config"])
+        assert run["float_dtype"] == float_dtype
+    assert sizes["bfloat16"] < sizes["float32"]

@@ -130,3 +130,75 @@ def test_store_module_imports_no_torch() -> None:
     code = "import sys, openpto.store; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_runs_record_their_process(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    import psutil
+
+    store = Store(tmp_path / "opt.db")
+    with RunRecorder(store, "eval", "m"):
+        row = store.rows("runs")[0]
+    assert (row["pid"], row["host"]) == (os.getpid(), socket.gethostname())
+    assert row["process_started"] == pytest.approx(psutil.Process().create_time(), abs=1.0)
+
+
+def _running_row(store: Store, run_id: str, **process: object) -> None:
+    store.insert("runs", {"id": run_id, "kind": "eval", "status": "running", "model": "m",
+                          "config": {}, "started_at": "2026-01-01T00:00:00.000+00:00",
+                          "finished_at": None, "error": None, **process})
+
+
+def test_only_runs_whose_process_is_gone_are_closed(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    store = Store(tmp_path / "opt.db")
+    host = socket.gethostname()
+    me = psutil.Process()
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead_pid = int(child.stdout)  # exited and reaped: no such process any more
+    _running_row(store, "alive", pid=os.getpid(), host=host, process_started=me.create_time())
+    _running_row(store, "dead", pid=dead_pid, host=host, process_started=None)
+    # This pid is alive, but it is not the process that started the run (pid reuse).
+    _running_row(store, "reused", pid=os.getpid(), host=host,
+                 process_started=me.create_time() - 3600)
+    _running_row(store, "elsewhere", pid=dead_pid, host=host + "-other", process_started=None)
+
+    reopened = Store(tmp_path / "opt.db")  # what the next command does
+    assert reopened.close_stale_runs() == []  # opening it closed them; nothing is left
+    rows = {r["id"]: r for r in store.rows("runs")}
+    assert rows["alive"]["status"] == "running" and rows["elsewhere"]["status"] == "running"
+    for run_id, pid in (("dead", dead_pid), ("reused", os.getpid())):
+        assert rows[run_id]["status"] == "failed" and rows[run_id]["finished_at"]
+        assert rows[run_id]["error"].startswith(f"stale: process {pid} on {host} ended")
+
+
+def test_migrating_closes_runs_left_running_before_processes_were_recorded(
+        tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from openpto.store.migrations import m001_initial, m002_indexes
+
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(path)
+    old["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+    for fn in (m001_initial, m002_indexes):
+        fn(old)
+        old["_migrations"].insert({"name": fn.__name__, "applied_at": "2026-01-01"})
+    for run_id, status in (("left", "running"), ("done", "succeeded")):
+        old["runs"].insert({"id": run_id, "kind": "eval", "status": status, "model": "m",
+                            "config": "{}", "started_at": "2026-01-01", "finished_at": None,
+                            "error": None})
+    old.close()
+    rows = {r["id"]: r for r in Store(path).rows("runs")}
+    assert rows["left"]["status"] == "failed" and rows["left"]["error"].startswith("stale:")
+    assert rows["done"]["status"] == "succeeded" and rows["done"]["error"] is None
+    assert rows["left"]["pid"] is None

@@ -14,6 +14,8 @@ _EXPORT = "openpto.pipeline.export"
 @hookimpl
 def register_artifact_loaders(register: Any) -> None:
     register("pack-quantized", f"{_LOADERS}:load_pack_quantized")
+    register("sparse-bitmask", f"{_LOADERS}:load_sparse")
+    register("sparse-24-bitmask", f"{_LOADERS}:load_sparse")
     register("bitsandbytes", f"{_LOADERS}:load_bitsandbytes")
     register("quanto", f"{_LOADERS}:load_quanto")
     register("mlx", f"{_LOADERS}:load_mlx")

@@ -4,8 +4,10 @@
 device). The ``pack-quantized`` loader has the float parts loaded with transformers (packed
 Linears as placeholders), reads each Linear's packed tensors and swaps in a ``QuantLinear`` that
 keeps them packed and runs a real kernel, so resident memory is the packed size, not the float
-one. Only their own library reads bitsandbytes, quanto and MLX weights, so those loaders build
-the model themselves, without a float load first.
+one. The ``sparse-bitmask`` and ``sparse-24-bitmask`` loader decompresses each pruned weight into
+its Linear (in the dtype asked for) and, for 2:4 on CUDA, tries the semi-structured kernel. Only
+their own library reads bitsandbytes, quanto and MLX weights, so those loaders build the model
+themselves, without a float load first.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def wants_sparse24(metadata: dict[str, Any], device: torch.device) -> bool:
 
 
 def use_sparse24(loaded: LoadedModel) -> LoadedModel:
-    """Put a ``dense`` 2:4 artifact's pruned Linears on the semi-structured path when on CUDA.
+    """Put a 2:4 artifact's pruned Linears on the semi-structured path when on CUDA.
 
     ``swap_artifact`` times each weight shape dense against cuSPARSELt and swaps only the shapes
     where it measured sparse faster (float32 weights, which cuSPARSELt does not take, stay
@@ -159,6 +161,26 @@ def use_sparse24(loaded: LoadedModel) -> LoadedModel:
     loaded.metadata = {**loaded.metadata, "kernel": KERNEL_NAME if swapped else "dense",
                        "kernels": kernels, "sparse24": outcome}
     return loaded
+
+
+def load_sparse(request: ArtifactRequest) -> LoadedModel:
+    """Decompress every pruned Linear of a ``sparse-bitmask``/``sparse-24-bitmask`` artifact
+    into the loaded model, at the model's dtype and device; then the 2:4 path where it runs."""
+    from openpto.models.sparse_format import read_sparse_weights
+
+    loaded = request.float_model()
+    folder = Path(loaded.path)
+    model = loaded.model
+    for name, dense in read_sparse_weights(folder).items():
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name)
+        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != tuple(dense.shape):
+            raise UnsupportedModel(f"{folder}: {module_name} is stored sparse with shape "
+                                   f"{tuple(dense.shape)} but the model has no such Linear")
+        weight = module.weight
+        weight.data = dense.to(weight.device, weight.dtype)
+    _release_freed_memory()
+    return use_sparse24(loaded)
 
 
 def load_bitsandbytes(request: ArtifactRequest) -> LoadedModel:

@@ -5,7 +5,12 @@ An artifact is a Hugging Face folder: ``config.json`` (with compressed-tensors'
 ``openpto.json`` (method configs, source model and its sha256, openpto version, metrics at
 creation, ``format``). Quantized Linears are stored in compressed-tensors' ``pack-quantized``
 layout — ``weight_packed`` (int32, dense bit packing), ``weight_scale``, ``weight_zero_point``
-(asymmetric only, packed along the output dim) and ``weight_shape`` — every other tensor as it is.
+(asymmetric only, packed along the output dim) and ``weight_shape``. Pruned Linears that are not
+quantized are stored in compressed-tensors' sparse layouts (``sparse-bitmask``, or
+``sparse-24-bitmask`` for 2:4; see ``openpto.models.sparse_format``), described by the
+``sparsity_config`` inside ``quantization_config``. Every other float tensor is stored in
+``float_dtype`` (bfloat16 unless asked otherwise: a float32 embedding would otherwise be most of
+an int4 artifact), recorded as ``config.json``'s ``dtype``.
 
 Writing is atomic: everything goes into a hidden sibling folder that is renamed into place only
 once complete, so an interrupted or failed run never leaves a folder that looks like an artifact.
@@ -30,6 +35,7 @@ from torch import nn
 from openpto.core.quant.primitives import pack_int32
 from openpto.core.quant.tensor import QuantizedWeight
 from openpto.errors import UsageError
+from openpto.models import sparse_format
 from openpto.models.resolve import ARTIFACT_FILE
 
 if TYPE_CHECKING:
@@ -38,6 +44,55 @@ if TYPE_CHECKING:
 FORMAT_PACKED = "pack-quantized"
 FORMAT_DENSE = "dense"
 WEIGHTS_FILE = "model.safetensors"
+#: what ``float_dtype`` may name; ``None`` or ``"keep"`` stores each tensor in its own dtype
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+#: bfloat16 rather than float16: on the default model's RTN int4 g64 artifact both scored the same
+#: perplexity on English text (docs/benchmarks.md), and bfloat16 keeps float32's range, so no
+#: checkpoint overflows (float16 tops out at 65504)
+DEFAULT_FLOAT_DTYPE = "bfloat16"
+
+
+def stored_float_dtype(float_dtype: str | torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a float tensor of ``dtype`` is stored in under ``float_dtype``."""
+    if float_dtype is None or float_dtype == "keep":
+        return dtype
+    if isinstance(float_dtype, torch.dtype) and float_dtype.is_floating_point:
+        return float_dtype
+    if float_dtype in FLOAT_DTYPES:
+        return getattr(torch, str(float_dtype))  # type: ignore[no-any-return]
+    raise UsageError(f"unknown float_dtype {float_dtype!r} (choose from "
+                     f"{', '.join(FLOAT_DTYPES)}, or keep)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """Which Linears were pruned and how, for storing them in a compressed-tensors sparse layout.
+
+    ``structure`` is ``"2:4"``, another ``"N:M"`` or ``"unstructured"``; ``sparsity`` the
+    measured fraction of zeros over ``targets`` (a plan's expected fraction for ``--dry-run``).
+    ``compress=False`` keeps the weights dense and only describes the sparsity (format
+    ``dense``), as a joint sparse + quantized artifact always does: compressed-tensors has no
+    bitmask over packed int4 codes.
+    """
+
+    structure: str
+    targets: tuple[str, ...]
+    sparsity: float
+    compress: bool = True
+
+    def format_for(self, quantized: Iterable[str]) -> str:
+        if not self.compress or set(self.targets) & set(quantized):
+            return FORMAT_DENSE
+        return sparse_format.format_for(self.structure)
+
+    def compressed_targets(self, quantized: Iterable[str]) -> tuple[str, ...]:
+        done = set(quantized)
+        return tuple(t for t in self.targets if t not in done) \
+            if self.format_for(quantized) != FORMAT_DENSE else ()
 
 
 def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
@@ -154,16 +209,41 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _stored(tensor: torch.Tensor, float_dtype: str | torch.dtype | None,
+            name: str = "a tensor") -> torch.Tensor:
+    """``tensor`` in its storage dtype; a value the dtype cannot hold is refused, not made inf."""
+    if not tensor.is_floating_point():
+        return tensor
+    target = stored_float_dtype(float_dtype, tensor.dtype)
+    if target == tensor.dtype:
+        return tensor
+    limit = torch.finfo(target).max
+    if tensor.numel() and float(tensor.detach().abs().max()) > limit:
+        raise UsageError(f"{name} holds values beyond {_dtype_name(target)}'s range "
+                         f"({limit:g}); store it as bfloat16 or float32")
+    return tensor.to(target)
+
+
 def artifact_tensors(
-    model: nn.Module, quantized: Mapping[str, QuantizedWeight], scale_dtype: torch.dtype
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], scale_dtype: torch.dtype,
+    float_dtype: str | torch.dtype | None = DEFAULT_FLOAT_DTYPE,
+    sparsity: SparseLayout | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the artifact: packed Linears, the rest as they are in the model."""
+    """Every tensor of the artifact: packed Linears, compressed sparse Linears, and the rest
+    in ``float_dtype``."""
+    compressed = set(sparsity.compressed_targets(quantized)) if sparsity else set()
+    fmt = sparsity.format_for(quantized) if sparsity else FORMAT_DENSE
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in _unique_state(model).items():
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf == "weight":
             continue
-        tensors[name] = tensor.detach().cpu().contiguous()
+        stored = _stored(tensor.detach().cpu(), float_dtype, name)
+        if module in compressed and leaf == "weight":
+            for part, value in sparse_format.compress(stored, fmt).items():
+                tensors[f"{module}.{part}"] = value
+            continue
+        tensors[name] = stored.contiguous()
     for module, qw in quantized.items():
         for leaf, tensor in packed_tensors(qw.to("cpu"), scale_dtype).items():
             tensors[f"{module}.{leaf}"] = tensor
@@ -178,15 +258,28 @@ _ST_DTYPES = {
 
 
 def planned_tensors(
-    model: nn.Module, plans: Mapping[str, WeightPlan], scale_dtype: torch.dtype
+    model: nn.Module, plans: Mapping[str, WeightPlan], scale_dtype: torch.dtype,
+    float_dtype: str | torch.dtype | None = DEFAULT_FLOAT_DTYPE,
+    sparsity: SparseLayout | None = None,
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Name -> (dtype, shape) of every tensor the artifact will hold, without computing any."""
+    """Name -> (dtype, shape) of every tensor the artifact will hold, without computing any
+    (a sparse layout's kept count is its expected one: ``sparsity.sparsity`` of each weight)."""
+    compressed = set(sparsity.compressed_targets(plans)) if sparsity else set()
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for name, tensor in _unique_state(model).items():
         module, _, leaf = name.rpartition(".")
         if module in plans and leaf == "weight":
             continue
-        specs[name] = (tensor.dtype, tuple(tensor.shape))
+        dtype = stored_float_dtype(float_dtype, tensor.dtype) if tensor.is_floating_point() \
+            else tensor.dtype
+        if module in compressed and leaf == "weight" and sparsity is not None:
+            rows, cols = tensor.shape
+            fmt = sparsity.format_for(plans)
+            for part, spec in sparse_format.planned_tensors(
+                    rows, cols, fmt, dtype, sparsity.sparsity).items():
+                specs[f"{module}.{part}"] = spec
+            continue
+        specs[name] = (dtype, tuple(tensor.shape))
     for module, p in plans.items():
         groups = p.in_features // p.group_size
         words = -(-p.in_features * p.bits // 32)
@@ -214,29 +307,81 @@ def safetensors_size(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -
     return 8 + -(-len(text) // 8) * 8 + offset
 
 
+def compression_config(
+    model: nn.Module, plans: Mapping[str, WeightPlan], sparsity: SparseLayout | None
+) -> dict[str, Any] | None:
+    """``config.json``'s ``quantization_config``: compressed-tensors' quantization config for
+    packed Linears and its ``sparsity_config`` for pruned ones (``None`` for a dense model)."""
+    linears = linear_names(model)
+    qconfig = quantization_config(plans, linears) if plans else None
+    if sparsity is None:
+        return qconfig
+    config = qconfig or {"quant_method": "compressed-tensors"}
+    config["sparsity_config"] = sparse_format.sparsity_config(
+        sparsity.format_for(plans), sparsity.structure, sparsity.targets, linears,
+        sparsity.sparsity)
+    return config
+
+
 def planned_size(
     model: nn.Module, tokenizer: Any, plans: Mapping[str, WeightPlan], scale_dtype: torch.dtype,
-    metadata: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None, *,
+    float_dtype: str | torch.dtype | None = DEFAULT_FLOAT_DTYPE,
+    sparsity: SparseLayout | None = None,
 ) -> int:
-    """The artifact's size on disk before any work: the safetensors file (exact), and the config,
-    tokenizer and ``openpto.json`` files written to a scratch folder (the metrics that
+    """The artifact's size on disk before any work: the safetensors file (exact for packed and
+    dense tensors; a bitmask layout's values assume ``sparsity.sparsity`` zeros), and the
+    config, tokenizer and ``openpto.json`` files written to a scratch folder (the metrics that
     ``openpto.json`` gains at the end are a few hundred bytes)."""
-    qconfig = quantization_config(plans, linear_names(model)) if plans else None
-    small_files = small_files_size(model, tokenizer, qconfig, metadata)
-    return safetensors_size(planned_tensors(model, plans, scale_dtype)) + small_files + 400
+    config = compression_config(model, plans, sparsity)
+    dtype = _float_dtype_of(model, float_dtype)
+    small_files = small_files_size(model, tokenizer, config, metadata, dtype)
+    specs = planned_tensors(model, plans, scale_dtype, float_dtype, sparsity)
+    return safetensors_size(specs) + small_files + 400
+
+
+def _float_dtype_of(model: nn.Module, float_dtype: str | torch.dtype | None) -> torch.dtype:
+    return stored_float_dtype(float_dtype, next(model.parameters()).dtype)
 
 
 def small_files_size(model: nn.Module, tokenizer: Any, qconfig: dict[str, Any] | None,
-                     metadata: dict[str, Any] | None) -> int:
+                     metadata: dict[str, Any] | None, dtype: torch.dtype | None = None) -> int:
     """Bytes of everything but the weights (config, tokenizer, ``openpto.json``), measured by
     writing them to a scratch folder."""
     with tempfile.TemporaryDirectory(prefix="openpto-size-") as scratch:
         folder = Path(scratch)
-        _write_config(model, folder, qconfig)
+        _write_config(model, folder, qconfig, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / ARTIFACT_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str))
         return folder_size(folder)
+
+
+def round_to_stored(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight],
+    float_dtype: str | torch.dtype | None = DEFAULT_FLOAT_DTYPE,
+) -> dict[str, QuantizedWeight]:
+    """Make ``model`` compute with exactly what ``write_artifact`` will store, and return the
+    quantized weights to hand it.
+
+    Scales are rounded to their storage dtype and each quantized Linear's weight becomes its
+    dequantized codes; every other float tensor is rounded to the stored float dtype (keeping
+    the model's dtype), so a perplexity measured in memory is the artifact's. Pruned entries
+    stay exact zeros (a zero code sits on the zero point; a zero rounds to zero).
+    """
+    scale_dtype = scale_dtype_for(next(model.parameters()).dtype)
+    stored = {name: as_stored(qw, scale_dtype) for name, qw in quantized.items()}
+    for name, qw in stored.items():
+        weight = model.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)
+        weight.data = qw.dequantize(weight.dtype).to(weight.device)
+    for name, tensor in model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if (module in stored and leaf == "weight") or not tensor.is_floating_point():
+            continue
+        # In place, so tied tensors (embedding and head) stay one tensor.
+        tensor.copy_(_stored(tensor, float_dtype, name))
+    return stored
 
 
 def folder_size(folder: Path) -> int:
@@ -275,7 +420,8 @@ def check_output(output: Path) -> None:
         raise UsageError(f"cannot write the artifact under {parent}: {reason}") from exc
 
 
-def _write_config(model: nn.Module, folder: Path, qconfig: dict[str, Any] | None) -> None:
+def _write_config(model: nn.Module, folder: Path, qconfig: dict[str, Any] | None,
+                  dtype: torch.dtype | None = None) -> None:
     config = getattr(model, "config", None)
     if config is None:
         raise UsageError("the model has no Hugging Face config; cannot write an artifact folder")
@@ -283,6 +429,9 @@ def _write_config(model: nn.Module, folder: Path, qconfig: dict[str, Any] | None
     data.pop("quantization_config", None)
     if qconfig is not None:
         data["quantization_config"] = qconfig
+    if dtype is not None:
+        # transformers 5 reads ``dtype``; older readers (and vLLM's) read ``torch_dtype``.
+        data["dtype"] = data["torch_dtype"] = _dtype_name(dtype)
     text = json.dumps(data, indent=2, sort_keys=True, default=str)
     (folder / "config.json").write_text(text + "\n")
     generation = getattr(model, "generation_config", None)
@@ -305,43 +454,50 @@ def write_artifact(
     quantized: Mapping[str, QuantizedWeight],
     metadata: dict[str, Any],
     *,
-    fail_after: str | None = None,
+    float_dtype: str | torch.dtype | None = DEFAULT_FLOAT_DTYPE,
+    sparsity: SparseLayout | None = None,
 ) -> ArtifactInfo:
     """Write the artifact folder atomically (temporary sibling, then rename) and return its size.
 
-    ``quantized`` weights must already hold their stored scales (see ``as_stored``); an empty
-    mapping writes a ``dense`` artifact. ``fail_after`` names a stage after which to raise — the
-    tests use it to prove a failure mid-save leaves nothing that looks complete.
+    ``quantized`` weights must already hold their stored scales (see ``round_to_stored``, which
+    also makes the model compute with what is stored). An empty mapping and no ``sparsity``
+    write a ``dense`` artifact; ``sparsity`` alone a ``sparse-bitmask`` or
+    ``sparse-24-bitmask`` one. ``float_dtype``: ``"bfloat16"`` (default), ``"float16"``,
+    ``"float32"``, or ``None``/``"keep"`` for each tensor's own dtype.
     """
     from safetensors.torch import save_file
 
     output = Path(output)
     check_output(output)
     model_dtype = next(model.parameters()).dtype
+    dtype = stored_float_dtype(float_dtype, model_dtype)
     scale_dtype = scale_dtype_for(model_dtype)
-    fmt = FORMAT_PACKED if quantized else FORMAT_DENSE
+    sparse_fmt = sparsity.format_for(quantized) if sparsity else None
+    fmt = FORMAT_PACKED if quantized else (sparse_fmt or FORMAT_DENSE)
+    if fmt == FORMAT_DENSE and sparse_fmt == FORMAT_DENSE:
+        sparsity = None  # dense weights say their sparsity in openpto.json only
     plans = {name: WeightPlan.of(qw) for name, qw in quantized.items()}
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        qconfig = quantization_config(plans, linear_names(model)) if quantized else None
-        _write_config(model, tmp, qconfig)
+        _write_config(model, tmp, compression_config(model, plans, sparsity), dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tensors = artifact_tensors(model, quantized, scale_dtype)
+        tensors = artifact_tensors(model, quantized, scale_dtype, float_dtype, sparsity)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         # safetensors creates the file owner-only; give it the mode the other files get.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~umask)
-        if fail_after == "weights":
-            raise OSError("simulated failure after writing the weights")
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         info = {
             **metadata,
             "format": fmt,
-            "scale_dtype": str(scale_dtype).removeprefix("torch.") if quantized else None,
+            "float_dtype": _dtype_name(dtype),
+            "scale_dtype": _dtype_name(scale_dtype) if quantized else None,
         }
+        if sparse_fmt is not None:
+            info["sparse_format"] = sparse_fmt
         # openpto.json goes last: its presence is what makes a folder an artifact.
         (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         _replace(tmp, output)

@@ -77,7 +77,8 @@ class Workflow:
         from openpto.models import load_model
 
         self.progress.log(f"loading {spec or 'the default model'} ({dtype}, {device})")
-        with self.run.trace("load", spec=spec, dtype=dtype, device=device) as attrs:
+        with self.run.trace("load", spec=spec, dtype=dtype, device=device) as attrs, \
+                _library_bars_off():
             loaded = load_model(
                 spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                 progress=self.progress,
@@ -117,6 +118,21 @@ class Workflow:
             {f"{role}_data": {"id": dataset_id, "name": source.name, "sha256": source.sha256}}
         )
         return dataset_id
+
+
+@contextmanager
+def _library_bars_off() -> Iterator[None]:
+    """transformers draws its own tqdm bars while it loads weights; a workflow reports through
+    its progress callback alone (and stays silent without one), so they are off meanwhile."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager

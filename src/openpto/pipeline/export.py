@@ -44,6 +44,7 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
     from safetensors import safe_open
 
     from openpto.models.artifact_loaders import read_packed_weights
+    from openpto.models.sparse_format import is_sparse_leaf, read_sparse_weights
 
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -56,12 +57,14 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
     if (config.get("quantization_config") or {}).get("format") == "pack-quantized":
         packed = read_packed_weights(folder, None)
     suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
-    tensors: dict[str, torch.Tensor] = {}
+    # Pruned weights stored in a compressed-tensors sparse layout come back dense.
+    tensors: dict[str, torch.Tensor] = read_sparse_weights(folder)
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                if not key.endswith(suffixes):
-                    tensors[key] = f.get_tensor(key)
+                if key.endswith(suffixes) or (tensors and is_sparse_leaf(key)):
+                    continue
+                tensors[key] = f.get_tensor(key)
     return config, tensors, packed
 
 

@@ -156,7 +156,8 @@ def quantize(
             "calibration": calibration_metadata(options.calibration, needs_data),
         }
         with wf.run.trace("plan") as attrs:
-            planned = engine.planned_size(loaded, resolved, metadata)
+            planned = engine.planned_size(loaded, resolved, metadata,
+                                          float_dtype=options.float_dtype)
             attrs["size_bytes"] = planned
         group = resolved.group_size
         wf.progress.log(

@@ -5,10 +5,11 @@ measured sparsity, peak memory), metrics measured from the pruned weights (overa
 sparsity, N:M compliance, parameter and byte counts, the theoretical speed-up bounds), with
 evaluation options the perplexity before and after, and a ``models`` row for the artifact.
 
-The artifact is a ``dense`` folder whose pruned weights are exact zeros (the mask is the zero
-pattern, so it survives any reload), or — in SparseGPT's joint mode — a ``pack-quantized`` folder
-whose pruned entries hold the zero-point code and dequantize to exactly 0. ``openpto.json``
-records the method, its config, the pattern and the measured sparsity.
+The artifact stores the pruned Linears in compressed-tensors' ``sparse-bitmask`` layout
+(``sparse-24-bitmask`` for 2:4): the kept values and one bit per weight, so the mask is exact and
+the folder shrinks. In SparseGPT's joint mode it is a ``pack-quantized`` folder whose pruned
+entries hold the zero-point code and dequantize to exactly 0. ``openpto.json`` records the
+method, its config, the pattern, the measured sparsity and the ``sparse_format``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from openpto.pipeline.common import Workflow, open_run
 from openpto.pipeline.workflow import (
     SparsifyOptions,
     WorkflowResult,
-    artifact_write_options,
     base_metadata,
     calibration,
     calibration_metadata,
@@ -119,13 +119,18 @@ def sparsify(
         compressed = _prune(wf, loaded, config, batches, options)
         summary = _measure(wf, loaded, config, compressed)
         fields = _summary_fields(config, summary)
+        from openpto.pipeline.artifacts import round_to_stored
+
+        # The model computes with exactly what the artifact stores from here on.
+        stored = round_to_stored(loaded.model, compressed.quantized_weights(),
+                                 options.float_dtype)
         after = None
         if ids is not None and options.evaluation is not None:
             after = perplexity(wf, loaded.model, ids, options.evaluation, "after",
                                "pruned, in memory (dense kernels)")
         metrics = {k: v for k, v in (("perplexity_before", before), ("perplexity_after", after))
                    if v is not None}
-        info = _save(wf, loaded, config, compressed, summary, out, metrics, options)
+        info = _save(wf, loaded, config, compressed, summary, out, metrics, options, stored)
         result = SparsifyResult(
             output=str(out), method=config.type_name, pattern=config.label, **fields,
             seconds=compressed.seconds, size_bytes_after=info.size_bytes, run_id=wf.run_id,
@@ -227,24 +232,13 @@ def _summary_fields(config: SparsityConfig, summary: SparsitySummary) -> dict[st
 
 def _save(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
           compressed: CompressionResult, summary: SparsitySummary, out: Path,
-          metrics: dict[str, float], options: SparsifyOptions) -> Any:
-    from openpto.pipeline.artifacts import (
-        as_stored,
-        record_model,
-        scale_dtype_for,
-        write_artifact,
-    )
+          metrics: dict[str, float], options: SparsifyOptions,
+          quantized: dict[str, Any]) -> Any:
+    from openpto.pipeline.artifacts import SparseLayout, record_model, write_artifact
 
     model = loaded.model
-    quantized = compressed.quantized_weights()
-    if quantized:
-        # The artifact stores scales in a half dtype: compute with exactly what it holds. Pruned
-        # codes sit on the zero-point, so they stay exact zeros whatever the scale.
-        scale_dtype = scale_dtype_for(loaded.dtype)
-        quantized = {name: as_stored(qw, scale_dtype) for name, qw in quantized.items()}
-        for name, qw in quantized.items():
-            weight = model.get_submodule(name).weight
-            weight.data = qw.dequantize(weight.dtype).to(weight.device)
+    layout = SparseLayout(config.label, tuple(r.name for r in compressed.reports),
+                          summary.sparsity)
     metadata = {
         **base_metadata(loaded, config),
         "config": config.to_dict(),
@@ -261,7 +255,7 @@ def _save(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
     started = time.perf_counter()
     with wf.run.trace("save", output=str(out)) as attrs:
         info = write_artifact(model, loaded.tokenizer, out, quantized, metadata,
-                              **artifact_write_options(options.float_dtype))
+                              sparsity=layout, float_dtype=options.float_dtype)
         attrs.update(format=info.format, size_bytes=info.size_bytes,
                      seconds=time.perf_counter() - started)
     wf.run.metric("size_bytes_after", info.size_bytes, "bytes",

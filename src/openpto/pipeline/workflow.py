@@ -9,7 +9,6 @@ artifact (a quantization backend, or the sparsify workflow itself).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import resource
 from dataclasses import dataclass, field
@@ -277,14 +276,3 @@ def base_metadata(loaded: LoadedModel, config: MethodConfig) -> dict[str, Any]:
         "method": config.type_name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def artifact_write_options(float_dtype: str) -> dict[str, Any]:
-    """Keyword arguments for ``write_artifact``: the storage dtype of tensors that are not
-    quantized, where this ``write_artifact`` takes one (until it does, they keep the model's
-    dtype, and the run's options say what was asked)."""
-    from openpto.pipeline.artifacts import write_artifact
-
-    if "float_dtype" in inspect.signature(write_artifact).parameters:
-        return {"float_dtype": float_dtype}
-    return {}

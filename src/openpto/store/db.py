@@ -17,7 +17,7 @@ import sqlite_utils
 
 from openpto.errors import StoreError
 from openpto.store.migrations import migrate
-from openpto.store.process import process_alive
+from openpto.store.process import process_alive, signals_held
 
 TABLES = ("runs", "metrics", "traces", "models", "datasets", "prompts")
 
@@ -82,16 +82,18 @@ class Store:
         return closed
 
     # -- writes -----------------------------------------------------------------------------
+    # Each write holds Ctrl-C and SIGTERM back until it is committed, so that the trace or
+    # status of a stage that a signal interrupts is still recorded (the signal follows).
     def insert(self, table: str, row: dict[str, Any]) -> None:
-        with self.db.conn:
+        with signals_held(), self.db.conn:
             self.db[table].insert(_jsonify(row))  # type: ignore[union-attr]
 
     def upsert(self, table: str, row: dict[str, Any], pk: str = "id") -> None:
-        with self.db.conn:
+        with signals_held(), self.db.conn:
             self.db[table].upsert(_jsonify(row), pk=pk)  # type: ignore[union-attr]
 
     def update(self, table: str, pk: str, values: dict[str, Any]) -> None:
-        with self.db.conn:
+        with signals_held(), self.db.conn:
             self.db[table].update(pk, _jsonify(values))  # type: ignore[union-attr]
 
     def record_dataset(

@@ -111,8 +111,9 @@ class QuantBackend(abc.ABC):
 
     @abc.abstractmethod
     def planned_size(self, loaded: LoadedModel, config: QuantConfig,
-                     metadata: dict[str, Any]) -> int:
-        """The output folder's size in bytes, computed before any work."""
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
+        """The output folder's size in bytes, computed before any work (``float_dtype`` as
+        ``quantize`` takes it)."""
 
     @abc.abstractmethod
     def quantize(

@@ -89,7 +89,7 @@ class BitsAndBytesBackend(QuantBackend):
         return BitsAndBytesConfig(load_in_8bit=True)
 
     def planned_size(self, loaded: LoadedModel, config: QuantConfig,
-                     metadata: dict[str, Any]) -> int:
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
         from openpto.pipeline.backends.torch_backend import parameter_bytes
 
         def stored(w: torch.Tensor) -> int:

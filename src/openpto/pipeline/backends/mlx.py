@@ -72,7 +72,7 @@ class MLXBackend(QuantBackend):
         return config
 
     def planned_size(self, loaded: LoadedModel, config: QuantConfig,
-                     metadata: dict[str, Any]) -> int:
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
         group = int(config.group_size or 64)
         total = 0
         tensors = 0

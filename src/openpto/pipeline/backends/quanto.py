@@ -59,7 +59,7 @@ class QuantoBackend(QuantBackend):
         return dataclasses.replace(config, group_size=group)
 
     def planned_size(self, loaded: LoadedModel, config: QuantConfig,
-                     metadata: dict[str, Any]) -> int:
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
         from openpto.pipeline.backends.torch_backend import parameter_bytes
 
         def stored(w: torch.Tensor) -> int:

@@ -14,8 +14,8 @@ from openpto.errors import UnsupportedModel
 from openpto.pipeline.artifacts import (
     FORMAT_PACKED,
     WeightPlan,
-    as_stored,
     planned_size,
+    round_to_stored,
     scale_dtype_for,
     write_artifact,
 )
@@ -88,11 +88,11 @@ class TorchBackend(QuantBackend):
         return config.needs_calibration
 
     def planned_size(self, loaded: LoadedModel, config: QuantConfig,
-                     metadata: dict[str, Any]) -> int:
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
         model = loaded.model
         return planned_size(
             model, loaded.tokenizer, weight_plans(model, config),
-            scale_dtype_for(loaded.dtype), metadata,
+            scale_dtype_for(loaded.dtype), metadata, float_dtype=float_dtype,
         )
 
     def quantize(
@@ -108,7 +108,6 @@ class TorchBackend(QuantBackend):
         float_dtype: str = "bfloat16",
     ) -> BackendOutput:
         from openpto.api import quantize_
-        from openpto.pipeline.workflow import artifact_write_options
 
         model = loaded.model
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -116,19 +115,13 @@ class TorchBackend(QuantBackend):
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_started
         write_started, write_cpu = time.perf_counter(), time.process_time()
-        scale_dtype = scale_dtype_for(loaded.dtype)
-        stored = {
-            name: as_stored(qw, scale_dtype) for name, qw in result.quantized_weights().items()
-        }
-        # The model keeps computing with exactly what the artifact holds (scales rounded to their
-        # storage dtype), so an evaluation after quantization measures the artifact.
-        for name, qw in stored.items():
-            weight = model.get_submodule(name).weight
-            assert isinstance(weight, torch.Tensor)
-            weight.data = qw.dequantize().to(weight.device, weight.dtype)
+        # The model keeps computing with exactly what the artifact holds (scales and every
+        # float tensor rounded to their storage dtypes), so an evaluation after quantization
+        # measures the artifact.
+        stored = round_to_stored(model, result.quantized_weights(), float_dtype)
         metadata = {**metadata, "method_config": config.to_dict()}
         info = write_artifact(model, loaded.tokenizer, output, stored, metadata,
-                              **artifact_write_options(float_dtype))
+                              float_dtype=float_dtype)
         return BackendOutput(
             format=info.format,
             seconds=seconds,
