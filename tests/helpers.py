@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -83,6 +84,20 @@ def tiny_llama(
     model = LlamaForCausalLM(config).to(dtype)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def registered_plugin(plugin: object, name: str) -> Iterator[None]:
+    """``plugin`` (an object with ``@hookimpl`` methods) on the real plugin manager for the
+    block: the registries refill with its entries, and without them afterwards."""
+    from openpto.plugins import load_plugins, pm
+
+    load_plugins()  # the built-ins first, so they keep their names
+    pm.register(plugin, name)
+    try:
+        yield
+    finally:
+        pm.unregister(name=name)
 
 
 def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],

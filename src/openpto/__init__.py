@@ -45,6 +45,8 @@ _LAZY = {
     "SparsifyOptions": "openpto.pipeline.workflow:SparsifyOptions",
     "MethodConfig": "openpto.config:MethodConfig",
     "config_from_dict": "openpto.config:config_from_dict",
+    # marks a plugin's hook functions (openpto.hookspecs, docs/plugins.md)
+    "hookimpl": "openpto.hookspecs:hookimpl",
     # the registered method configs
     "QuantConfig": "openpto.core.quant:QuantConfig",
     "RTNConfig": "openpto.core.quant:RTNConfig",

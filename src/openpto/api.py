@@ -3,8 +3,8 @@ the registered method configs (``method_config_type``, ``configs``).
 
 Both look the config's type up in ``openpto.registry.TRANSFORMS`` and call the registered
 transform, which modifies ``model`` in place and returns a ``CompressionResult``. A transform is
-any callable ``(model, config, calibration, *, device, on_layer) -> CompressionResult``; each
-method module registers its own with ``@TRANSFORMS.register(ItsConfig)``.
+any callable ``(model, config, calibration, *, device, on_layer) -> CompressionResult``,
+registered with its config through the ``register_methods`` plugin hook (``openpto.plugins``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from openpto.core.calibrate import CompressionResult, LayerCallback
 
-# Importing these packages registers their transforms.
+# Importing these packages defines their configs, those without a transform too (NF4Config).
 _METHOD_PACKAGES = ("openpto.core.quant", "openpto.core.sparsity")
 
 

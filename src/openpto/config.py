@@ -62,9 +62,10 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     data = dict(data)
     type_name = data.pop("type", None)
     version = data.pop("version", None)
-    if type_name not in _CONFIG_TYPES:
-        raise ConfigError(f"unknown config type {type_name!r} (known: {sorted(_CONFIG_TYPES)})")
-    cls = _CONFIG_TYPES[type_name]
+    known = registered_config_types()
+    if type_name not in known:
+        raise ConfigError(f"unknown config type {type_name!r} (known: {sorted(known)})")
+    cls = known[type_name]
     if version is not None and version > cls.version:
         raise ConfigError(
             f"config {type_name!r} has version {version}, newer than this openpto's {cls.version}"
@@ -83,7 +84,12 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
 
 
 def registered_config_types() -> dict[str, type[MethodConfig]]:
-    return dict(_CONFIG_TYPES)
+    """``type_name`` -> config class: every method the plugins registered (and any other
+    ``MethodConfig`` subclass defined so far, such as a method's nested configs)."""
+    from openpto.registry import TRANSFORMS
+
+    methods = {cls.type_name: cls for cls in TRANSFORMS if issubclass(cls, MethodConfig)}
+    return {**_CONFIG_TYPES, **methods}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "openpto.cli.db",
     "openpto.cli.models",
     "openpto.cli.info",
+    "openpto.cli.plugins",
     "openpto.cli.eval",
     "openpto.cli.quantize",
     "openpto.cli.export",

@@ -20,7 +20,7 @@ from openpto.core.sampling import SamplingParams
 from openpto.core.steps import RequestRules, StepRecord
 from openpto.engines.streams import RequestStream
 from openpto.errors import BackendUnavailable, OptError
-from openpto.registry import NameRegistry
+from openpto.registry import GENERATION_BACKENDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +119,9 @@ class Engine(abc.ABC):
         """Stop worker threads; pending requests end with ``finish_reason='cancelled'``."""
 
 
-#: backend name -> Engine class taking ``(model_spec, options)``
-BACKENDS: NameRegistry = NameRegistry("generation backend")
-BACKENDS.register("torch", "openpto.engines.torch_backend:TorchEngine")
-BACKENDS.register("llamacpp", "openpto.engines.llamacpp_backend:LlamaCppEngine")
-BACKENDS.register("mlx", "openpto.engines.mlx_backend:MLXEngine")
+#: backend name -> Engine class taking ``(model_spec, options)``, filled through the
+#: ``register_generation_backends`` plugin hook
+BACKENDS = GENERATION_BACKENDS
 
 
 def served_name(spec: str | None) -> str:

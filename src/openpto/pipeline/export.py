@@ -33,6 +33,7 @@ from openpto.models.resolve import ARTIFACT_FILE
 from openpto.pipeline.artifacts import check_output, folder_size
 from openpto.pipeline.common import open_run
 from openpto.progress import ProgressCallback
+from openpto.registry import EXPORTERS
 
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "f16")
 
@@ -352,13 +353,9 @@ def write_compressed_tensors(folder: Path, output: Path, qtype: str | None,
     return {"compressed_tensors_format": qconfig.get("format")}
 
 
+#: an exporter ``(artifact folder, output path, GGUF type, log) -> details``, looked up by format
+#: in ``openpto.registry.EXPORTERS`` (``openpto.default_plugins.formats`` registers the above)
 _Writer = Callable[[Path, Path, "str | None", Callable[[str], None]], dict[str, Any]]
-#: format -> writer ``(artifact folder, output path, GGUF type, log) -> details``
-EXPORTERS: dict[str, _Writer] = {
-    "gguf": write_gguf,
-    "compressed-tensors": write_compressed_tensors,
-    "mlx": write_mlx,
-}
 
 
 def export_artifact(
@@ -378,6 +375,7 @@ def export_artifact(
             raise UsageError(f"{folder} is not a folder; give an artifact folder written by opt")
         if fmt not in EXPORTERS:
             raise UsageError(f"--format must be one of {', '.join(EXPORTERS)}, not {fmt!r}")
+        writer: _Writer = EXPORTERS.get(fmt)
         if qtype is not None and fmt != "gguf":
             raise UsageError("--type applies to --format gguf only")
         out = Path(output)
@@ -387,7 +385,7 @@ def export_artifact(
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with wf.run.trace("export", format=fmt) as attrs:
-                details = EXPORTERS[fmt](folder, tmp, qtype, wf.progress.log)
+                details = writer(folder, tmp, qtype, wf.progress.log)
                 attrs.update(details)
             tmp.rename(out)
         except BaseException:
