@@ -24,67 +24,29 @@ tokens of each path are compared with our eager path over the first 32 steps (in
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
 from openpto.core.generate import generate_text
 from openpto.core.sampling import SamplingParams
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                 rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False)
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
-            tie_word_embeddings=False)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20) -> float:
-    """(bytes read + bytes written) / time of a device-to-device copy, median of ``repeats``."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 2):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times[2:])
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
 
 def decode_rate(run: Callable[[int], Any], device: torch.device, new: int, repeats: int
                 ) -> dict[str, Any]:
-    run(new)  # warm-up
-    run(1)
-    full, first = [], []
-    for _ in range(repeats):
-        full.append(timed(lambda: run(new), device))
-        first.append(timed(lambda: run(1), device))
-    decode = statistics.median(full) - statistics.median(first)
+    """One warm-up of each, then ``repeats`` rounds of a full run and a 1-token run."""
+    times = harness.time_round_robin({"full": lambda: run(new), "first": lambda: run(1)},
+                                     repeats=repeats, warmup=1, device=device)
+    full, first = times["full"], times["first"]
+    decode = full.median - first.median
     return {"decode_tokens_per_second": (new - 1) / decode,
-            "end_to_end_tokens_per_second": new / statistics.median(full),
-            "ttft_ms": statistics.median(first) * 1e3,
-            "full_seconds": [round(t, 4) for t in full]}
+            "end_to_end_tokens_per_second": new / full.median,
+            "ttft_ms": first.median * 1e3,
+            "full_seconds": [round(t, 4) for t in full.seconds]}
 
 
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
@@ -129,10 +91,9 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated path keys to leave out: "
                         "ours-eager,ours-graph,hf-eager,hf-static,ours-compiled,int4, "
                         "int4-eager,int4-graph,int4-compiled")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_gpu.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("decode_gpu"))
     args = parser.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
-    from transformers import __version__ as hf_version
+    from transformers import LlamaForCausalLM, StaticCache
 
     from openpto.core.static_decode import kept_decoder
 
@@ -141,8 +102,8 @@ def main() -> None:
     # On CPU there is no graph to capture: the smoke run takes the same static cache eagerly.
     graph_mode = "graph" if device.type == "cuda" else "static"
     started, cpu_started = time.perf_counter(), time.process_time()
-    bandwidth = copy_bandwidth(device, 2**24 if args.tiny else 2**30)
-    config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    bandwidth = harness.copy_bandwidth(device, 2**24 if args.tiny else 2**30)
+    config = harness.llama_config(harness.TINY_LLAMA if args.tiny else harness.LLAMA3_8B)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
@@ -155,11 +116,7 @@ def main() -> None:
     floor = bandwidth / read_per_token
     prompt = torch.randint(8, config.vocab_size, (1, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "transformers": hf_version,
-               "python": platform.python_version()}
     report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine,
         "model": "random Llama-3-8B shape, bf16" if not args.tiny else "tiny random Llama",
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "copy_bandwidth_bytes_per_second": bandwidth, "weight_bytes": weight_bytes,
@@ -169,8 +126,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = report["results"]
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        harness.write_json(args.out, report)
 
     def ours(decode: str) -> Callable[[int], Any]:
         def run(new: int) -> Any:
@@ -208,7 +164,7 @@ def main() -> None:
                 reference: str | None = None, decode: str | None = None) -> None:
         if key in skip:
             return
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # warm-up, timed runs and token checks, for the record only
         try:
             row = decode_rate(run, device, args.new_tokens, args.repeats)
             tokens = first_tokens(run)
@@ -252,9 +208,9 @@ def main() -> None:
         measure("ours-compiled", "ours (static cache, torch.compile + CUDA graph)",
                 ours("compiled"), floor, eager, decode="compiled")
     if "int4" not in skip:
-        t0 = time.perf_counter()
-        report["int4_kernels"] = swap_to_int4(model)
-        report["int4_swap_seconds"] = time.perf_counter() - t0
+        with harness.stopwatch() as swap:
+            report["int4_kernels"] = swap_to_int4(model)
+        report["int4_swap_seconds"] = swap.wall
         report["int4_bytes_read_per_token"] = int4_bytes = read_bytes(model)
         report["int4_floor_tokens_per_second"] = int4_floor = bandwidth / int4_bytes
         int4_eager = "ours int4 (eager, DynamicCache)"
@@ -271,18 +227,18 @@ def main() -> None:
     save()
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s, {read_per_token / 1e9:.2f} GB read per "
           f"token -> floor {floor:.1f} tok/s")
-    print("| path | decode tok/s | floor tok/s | % of floor | end-to-end tok/s | TTFT ms | "
-          "first 32 greedy agree |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name} | failed: {r['error'][:100]} | | | | | |")
+            rows.append([name, f"failed: {r['error'][:100]}", "", "", "", "", ""])
             continue
         agree = (f"{r['first_32_agreeing_prefix']}/32" if "first_32_agreeing_prefix" in r
                  else "reference")
-        print(f"| {name} | {r['decode_tokens_per_second']:.1f} | "
-              f"{r['floor_tokens_per_second']:.0f} | {100 * r['fraction_of_floor']:.0f}% | "
-              f"{r['end_to_end_tokens_per_second']:.1f} | {r['ttft_ms']:.1f} | {agree} |")
+        rows.append([name, f"{r['decode_tokens_per_second']:.1f}",
+                     f"{r['floor_tokens_per_second']:.0f}", f"{100 * r['fraction_of_floor']:.0f}%",
+                     f"{r['end_to_end_tokens_per_second']:.1f}", f"{r['ttft_ms']:.1f}", agree])
+    print(harness.markdown_table(["path", "decode tok/s", "floor tok/s", "% of floor",
+                                  "end-to-end tok/s", "TTFT ms", "first 32 greedy agree"], rows))
     print(f"total {report['total_seconds']:.0f}s wall, {report['cpu_seconds']:.0f}s CPU")
 
 

@@ -26,18 +26,12 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+import harness
 
 #: GPTQConfig fields per variant (the default variant changes nothing)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -47,9 +41,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "two-pass-fp32": {"true_sequential": False, "calib_dtype": "float32", "float_targets": False},
 }
 PHASES = ("forward", "float", "hessian", "solve", "pack")
-#: llm-compressor 0.14 GPTQ w4 g64 on the same model and calibration, 2 threads, idle machine
-#: (/work/shared/notes/default-model-and-peers.md)
-LLM_COMPRESSOR_SECONDS = 420.0
+#: llm-compressor 0.14 GPTQ w4 g64 asymmetric (``oneshot``) on the same model and calibration ids,
+#: 2 threads, under the lock (docs/benchmarks.md, Calibration time)
+LLM_COMPRESSOR_SECONDS = 490.2
 
 
 def run_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -145,7 +139,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/gptq_cpu_time.json"))
+    parser.add_argument("--json", default=str(harness.result_path("gptq_cpu_time")))
     args = parser.parse_args()
 
     rows = []
@@ -167,37 +161,30 @@ def main() -> None:
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = ("variant", "load", "wall s", "CPU s", *(f"{p} s (CPU)" for p in PHASES),
             "write s", "ppl before", "ppl after", "vs float")
-    print(" | ".join(head))
-    for r in rows:
-        phases = [f"{r['phases_wall_seconds'][p]:.1f} ({r['phases_cpu_seconds'][p]:.1f})"
-                  for p in PHASES]
-        print(" | ".join([
-            r["variant"], f"{r['load_average_start'][0]:.1f}",
-            f"{r['calibration_wall_seconds']:.1f}", f"{r['calibration_cpu_seconds']:.1f}",
-            *phases, f"{r['artifact_write_wall_seconds']:.1f}",
-            f"{r['perplexity_before']:.3f}", f"{r['perplexity_after']:.3f}",
-            f"{r['delta_percent']:+.2f} %",
-        ]))
-    print(f"llm-compressor 0.14 GPTQ w4 g64, same model and calibration, idle machine: "
-          f"{LLM_COMPRESSOR_SECONDS:.0f} s wall")
+    print(harness.markdown_table(head, ([
+        r["variant"], f"{r['load_average_start'][0]:.1f}",
+        f"{r['calibration_wall_seconds']:.1f}", f"{r['calibration_cpu_seconds']:.1f}",
+        *(f"{r['phases_wall_seconds'][p]:.1f} ({r['phases_cpu_seconds'][p]:.1f})"
+          for p in PHASES),
+        f"{r['artifact_write_wall_seconds']:.1f}",
+        f"{r['perplexity_before']:.3f}", f"{r['perplexity_after']:.3f}",
+        f"{r['delta_percent']:+.2f} %",
+    ] for r in rows)))
+    print(f"llm-compressor 0.14 GPTQ w4 g64, same model and calibration ids: "
+          f"{LLM_COMPRESSOR_SECONDS:.1f} s wall")
 
 
 def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     from openpto.data import CALIBRATION_DEFAULT, EVALUATION_DEFAULT
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-        "command": " ".join(sys.argv),
         "calibration": {"text": CALIBRATION_DEFAULT, "samples": args.samples,
                         "seq_len": args.calib_seq_len, "seed": 0},
         "evaluation": {"text": EVALUATION_DEFAULT, "seq_len": 512, "tokens": args.eval_tokens},
         "llm_compressor_seconds": LLM_COMPRESSOR_SECONDS,
         "rows": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    harness.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
+import harness
 import torch
 import torch.nn.functional as F
 
 from openpto.kernels import gpu_dispatch as gd
 
-HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB, HEAD_DIM = 4096, 14336, 32, 32, 8, 128256, 128
+_L = harness.LLAMA3_8B
+HIDDEN, INTER, LAYERS = _L["hidden_size"], _L["intermediate_size"], _L["num_hidden_layers"]
+HEADS, KV_HEADS, VOCAB = _L["num_attention_heads"], _L["num_key_value_heads"], _L["vocab_size"]
+HEAD_DIM = harness.head_dim(_L)
 PROMPT, NEW = 128, 128
 MAX_LEN = PROMPT + NEW
 GROUP = 128
@@ -117,7 +120,8 @@ class Model:
         shape = (LAYERS, 1, KV_HEADS, MAX_LEN, HEAD_DIM)
         self.k_cache = torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
         self.v_cache = torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
-        inv = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
+        steps = torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM
+        inv = 1.0 / (_L["rope_theta"] ** steps)
         ang = torch.arange(MAX_LEN, device="cuda").float()[:, None] * inv[None, :]
         self.cos, self.sin = ang.cos(), ang.sin()
 
@@ -184,17 +188,13 @@ def run_variant(kind: str, compiled: bool, copy_bw: float) -> dict[str, Any]:
         return model.step(tok, pos, layer_fn)
 
     prompt = torch.randint(0, VOCAB, (PROMPT,), device="cuda")
-    t0 = time.perf_counter()
-    nxt = model.step(prompt, torch.arange(PROMPT, device="cuda"))[-1:]
-    torch.cuda.synchronize()
-    prefill_s = time.perf_counter() - t0
+    with harness.stopwatch("cuda") as prefill:
+        nxt = model.step(prompt, torch.arange(PROMPT, device="cuda"))[-1:]
     tok = nxt.clone()
     pos = torch.tensor([PROMPT], device="cuda")
-    t0 = time.perf_counter()
-    for _ in range(3):  # warm-up (and compilation) outside the graph, on throwaway positions
-        step(tok, pos)
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
+    with harness.stopwatch("cuda") as warm:
+        for _ in range(3):  # warm-up (and compilation) outside the graph, on throwaway positions
+            step(tok, pos)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -204,15 +204,13 @@ def run_variant(kind: str, compiled: bool, copy_bw: float) -> dict[str, Any]:
     with torch.cuda.graph(graph):
         out = step(tok, pos)
     out_tokens = []
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(NEW):
-        pos.fill_(PROMPT + i)
-        graph.replay()
-        tok.copy_(out)
-        out_tokens.append(out)  # views of the graph output; kept only to force the copy order
-    torch.cuda.synchronize()
-    decode_s = time.perf_counter() - t0
+    with harness.stopwatch("cuda") as decode:
+        for i in range(NEW):
+            pos.fill_(PROMPT + i)
+            graph.replay()
+            tok.copy_(out)
+            out_tokens.append(out)  # views of the graph output; kept only to force the copy order
+    decode_s = decode.wall
     tok_per_s = NEW / decode_s
     kv_bytes = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2 * (PROMPT + NEW / 2)
     step_bytes = model.linear_bytes() + model.head.numel() * 2 + kv_bytes
@@ -226,15 +224,15 @@ def run_variant(kind: str, compiled: bool, copy_bw: float) -> dict[str, Any]:
         "frac_of_floor": tok_per_s / floor_tok_s,
         "linear_weight_gb": model.linear_bytes() / 1e9,
         "step_gb": step_bytes / 1e9,
-        "prefill_s": prefill_s,
-        "warmup_compile_s": warm_s,
+        "prefill_s": prefill.wall,
+        "warmup_compile_s": warm.wall,
     }
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", default="gpu_decode_e2e.json")
+    ap.add_argument("--json", default=str(harness.result_path("gpu_decode_e2e")))
     ap.add_argument("--compile", action="store_true", help="also run torch.compile'd steps")
     ap.add_argument("--variants", default="bf16,int4,sp24")
     ap.add_argument("--w4a16-json", default=None, help="gpu_w4a16.py output: use its launches")
@@ -246,10 +244,9 @@ def main() -> None:
             for key, launch in json.load(f)["chosen"].items():
                 n, k, bucket = (int(v) for v in key.split(","))
                 tuned.W4A16[(n, k, bucket)] = gd.Launch(**launch)
-    from openpto.kernels.triton.timing import copy_bandwidth, environment
+    from openpto.kernels.triton.timing import copy_bandwidth
 
     _register_ops()
-    env = environment()
     copy_bw = copy_bandwidth()
     results = []
     modes = [False, True] if args.compile else [False]
@@ -262,19 +259,13 @@ def main() -> None:
             torch.cuda.empty_cache()
             results.append(r)
             print(json.dumps(r), flush=True)
-    with open(args.json, "w") as f:
-        json.dump({"env": env, "copy_bw_bytes_per_s": copy_bw, "results": results}, f, indent=1)
-    print("| variant | compiled | tokens/s | ms/token | floor tokens/s | of floor |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        if "error" in r:
-            print(f"| {r['variant']} | {r['compiled']} | failed: {r['error'][:80]} | | | |")
-        else:
-            print(
-                f"| {r['variant']} | {r['compiled']} | {r['tokens_per_s']:.0f} | "
-                f"{r['ms_per_token']:.2f} | {r['floor_tokens_per_s']:.0f} | "
-                f"{100 * r['frac_of_floor']:.0f}% |"
-            )
+    harness.write_json(args.json, {"copy_bw_bytes_per_s": copy_bw, "results": results})
+    print(harness.markdown_table(
+        ["variant", "compiled", "tokens/s", "ms/token", "floor tokens/s", "of floor"],
+        ([r["variant"], r["compiled"], f"failed: {r['error'][:80]}", "", "", ""] if "error" in r
+         else [r["variant"], r["compiled"], f"{r['tokens_per_s']:.0f}", f"{r['ms_per_token']:.2f}",
+               f"{r['floor_tokens_per_s']:.0f}", f"{100 * r['frac_of_floor']:.0f}%"]
+         for r in results)))
 
 
 if __name__ == "__main__":

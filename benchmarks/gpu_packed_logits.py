@@ -20,18 +20,12 @@ by their dequantized weights, so all variants compute with the same codes:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -52,27 +46,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=2.0)
     parser.add_argument("--kernels", default="triton-w4a16,tinygemm-int4-cuda")
-    parser.add_argument("--json", default="packed_logits.json")
+    parser.add_argument("--json", default=str(harness.result_path("gpu_packed_logits")))
     args = parser.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from openpto.core.quant.tensor import quantize_weight
     from openpto.kernels import model_kernel_summary, swap_to_packed
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = args.shrink
-    config = LlamaConfig(
-        vocab_size=128256 // s,
-        hidden_size=4096 // s,
-        intermediate_size=14336 // s,
-        num_hidden_layers=args.layers,
-        num_attention_heads=32 // min(s, 4),
-        num_key_value_heads=8 // min(s, 4),
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
+    config = harness.llama_config(harness.llama3_8b(s, num_hidden_layers=args.layers))
     torch.manual_seed(0)
     started = time.perf_counter()
     with torch.device(device):
@@ -108,28 +92,21 @@ def main() -> None:
         if "relative_l2_error" in row and name != "bf16 dequantized":
             row["within_bf16_tolerance"] = row["relative_l2_error"] <= bound
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}",
-        "command": " ".join(sys.argv),
+        "device": str(device),
         "model": f"random Llama-3-8B shape / {s}, {args.layers} decoder layers",
         "quantization": f"RTN int4 asymmetric, group {args.group_size}",
         "tolerance": f"packed relative L2 error <= {args.tolerance} x bf16's",
         "seconds": time.perf_counter() - started,
         "results": rows,
     }
-    print("| logits of | max abs diff / max logit | relative L2 | argmax agreement | ok |")
-    print("|---|---|---|---|---|")
-    for name, row in rows.items():
-        if "error" in row:
-            print(f"| {name} | {row['error']} | | | |")
-            continue
-        print(
-            f"| {name} | {row['max_abs_diff_over_max_logit']:.4f} | "
-            f"{row['relative_l2_error']:.4f} | {row['argmax_agreement']:.3f} | "
-            f"{row.get('within_bf16_tolerance', '-')} |"
-        )
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(harness.markdown_table(
+        ["logits of", "max abs diff / max logit", "relative L2", "argmax agreement", "ok"],
+        ([name, row["error"], "", "", ""] if "error" in row
+         else [name, f"{row['max_abs_diff_over_max_logit']:.4f}",
+               f"{row['relative_l2_error']:.4f}", f"{row['argmax_agreement']:.3f}",
+               row.get("within_bf16_tolerance", "-")]
+         for name, row in rows.items())))
+    harness.write_json(args.json, report)
 
 
 if __name__ == "__main__":

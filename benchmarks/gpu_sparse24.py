@@ -19,13 +19,15 @@ import os
 from functools import partial
 from typing import Any
 
+import harness
 import torch
 import torch.nn.functional as F
 
 from openpto.kernels import gpu_dispatch as gd
 from openpto.kernels.gpu_dispatch import Launch
 
-SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]
+_FUSED = harness.linear_shapes(harness.LLAMA3_8B, fused=True)
+SHAPES = [_FUSED[name] for name in ("o", "qkv", "gate/up", "down")]  # (out N, in K)
 TOKENS = [1, 2, 4, 8, 16]
 GROUP = 128
 ERR_LIMIT = 1e-2
@@ -113,20 +115,20 @@ def precompile(jobs: list[tuple[int, int, int, str, Launch]], workers: int) -> N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true")
-    ap.add_argument("--json", default="gpu_sparse24.json")
+    ap.add_argument("--json", default=str(harness.result_path("gpu_sparse24")))
     ap.add_argument("--w4a16-json", default=None, help="gpu_w4a16.py output: its chosen launches")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     args = ap.parse_args()
 
     from openpto.kernels.triton import tuned, w4a16
-    from openpto.kernels.triton.timing import Timer, copy_bandwidth, environment, rel_error
+    from openpto.kernels.triton.timing import copy_bandwidth, rel_error
 
-    env = environment()
-    sms = int(env["sms"])  # type: ignore[call-overload]
-    timer = Timer()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timer = harness.device_timer()
     copy_bw = copy_bandwidth()
-    print(f"{env}\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s",
+          flush=True)
     dense_launch: dict[str, Launch] = {}
     if args.w4a16_json:
         with open(args.w4a16_json) as f:
@@ -219,28 +221,16 @@ def main() -> None:
                     flush=True,
                 )
         torch.cuda.empty_cache()
-        with open(args.json, "w") as f:  # after each shape: a timeout keeps these
-            json.dump(
-                {"env": env, "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results},
-                f,
-                indent=1,
-            )
-    with open(args.json, "w") as f:
-        json.dump(
-            {"env": env, "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results},
-            f,
-            indent=1,
-        )
-    print(
-        "| values | layer | tokens | ours (us) | baseline | baseline (us) | speedup |"
-        " bytes / copy BW | rel. error |\n|---|---|---|---|---|---|---|---|---|"
-    )
-    for r in results:
-        print(
-            f"| {r['values']} | {r['out']}x{r['in']} | {r['tokens']} | "
-            f"{r['ours']['device_us']:.1f} | {r['baseline']} | {r['base']['device_us']:.1f} | "
-            f"{r['speedup']:.2f}x | {100 * r['bw_frac']:.0f}% | {r['rel_error']:.1e} |"
-        )
+        harness.write_json(args.json, {  # after each shape: a timeout keeps these
+            "copy_bw_bytes_per_s": copy_bw, "chosen": chosen, "results": results})
+    harness.write_json(args.json, {"copy_bw_bytes_per_s": copy_bw, "chosen": chosen,
+                                   "results": results})
+    print(harness.markdown_table(
+        ["values", "layer", "tokens", "ours (us)", "baseline", "baseline (us)", "speedup",
+         "bytes / copy BW", "rel. error"],
+        ([r["values"], f"{r['out']}x{r['in']}", r["tokens"], f"{r['ours']['device_us']:.1f}",
+          r["baseline"], f"{r['base']['device_us']:.1f}", f"{r['speedup']:.2f}x",
+          f"{100 * r['bw_frac']:.0f}%", f"{r['rel_error']:.1e}"] for r in results)))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
+import harness
 import torch
 
 
@@ -26,11 +26,11 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--json", default="sparse24_artifact.json")
+    parser.add_argument("--json", default=str(harness.result_path("gpu_sparse24_artifact")))
     args = parser.parse_args()
 
     from tests.helpers import tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from openpto.api import sparsify_
     from openpto.core.sparsity import nm_compliant
@@ -39,16 +39,10 @@ def main() -> None:
     from openpto.models.loader import load_model
     from openpto.pipeline.artifacts import write_artifact
 
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=2,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+    # Llama-3-8B's widths; two layers and a small vocabulary: the Linears are what matter
+    # (transformers' default rope_theta, as in the measured runs)
+    config = harness.llama_config(harness.llama3_8b(
+        num_hidden_layers=2, vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     result = sparsify_(model, MagnitudeConfig(pattern="2:4"))
@@ -66,9 +60,8 @@ def main() -> None:
     out = Path(tempfile.mkdtemp()) / "artifact"
     write_artifact(model, tiny_tokenizer(), out, {}, metadata)
 
-    started = time.perf_counter()
-    loaded = load_model(str(out), device="cuda", dtype="bfloat16")
-    load_seconds = time.perf_counter() - started
+    with harness.stopwatch() as load:
+        loaded = load_model(str(out), device="cuda", dtype="bfloat16")
     verdicts = loaded.metadata.get("sparse24", {})
     print("tuned load:", loaded.metadata.get("kernels"), dict(Counter(verdicts.values())))
 
@@ -85,11 +78,8 @@ def main() -> None:
     rel = ((got - reference).norm() / reference.norm()).item()
     cos = torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), 0).item()
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
         "tokens": args.tokens,
-        "load_seconds": load_seconds,
+        "load_seconds": load.wall,
         "tuned_load_kernels": loaded.metadata.get("kernels"),
         "tuned_load_verdicts": verdicts,
         "forced_swap": {
@@ -102,7 +92,7 @@ def main() -> None:
         },
     }
     print(json.dumps(report["forced_swap"], indent=2))
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    harness.write_json(args.json, report)
 
 
 if __name__ == "__main__":

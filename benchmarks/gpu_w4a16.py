@@ -21,13 +21,15 @@ import os
 from functools import partial
 from typing import Any
 
+import harness
 import torch
 import torch.nn.functional as F
 
 from openpto.kernels import gpu_dispatch as gd
 from openpto.kernels.gpu_dispatch import Launch
 
-SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]  # (out N, in K)
+_FUSED = harness.linear_shapes(harness.LLAMA3_8B, fused=True)
+SHAPES = [_FUSED[name] for name in ("o", "qkv", "gate/up", "down")]  # (out N, in K)
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 2048]
 GROUP = 128
 ERR_LIMIT = 1e-2
@@ -137,7 +139,7 @@ def probe(path: str) -> None:
     import triton.language as tl
 
     from openpto.kernels.triton import tuned, w4a16
-    from openpto.kernels.triton.timing import Timer, copy_bandwidth
+    from openpto.kernels.triton.timing import copy_bandwidth
 
     @triton.jit
     def read_only(qw_ptr, out_ptr, N, stride, KBP, BN: tl.constexpr):
@@ -152,7 +154,7 @@ def probe(path: str) -> None:
             acc += w.to(tl.float32)
         tl.store(out_ptr + pid_k * N + offs_n, tl.sum(acc, axis=0), mask=offs_n < N)
 
-    timer = Timer()
+    timer = harness.device_timer()
     copy_bw = copy_bandwidth()
     rows: list[dict[str, Any]] = []
     for n, k in SHAPES:
@@ -191,8 +193,7 @@ def probe(path: str) -> None:
             row[key.replace("_us", "_bw_frac")] = n * k / 2 / (row[key] * 1e-6) / copy_bw
         rows.append(row)
         print(json.dumps(row), flush=True)
-    with open(path, "w") as f:
-        json.dump({"copy_bw_bytes_per_s": copy_bw, "rows": rows}, f, indent=1)
+    harness.write_json(path, {"copy_bw_bytes_per_s": copy_bw, "rows": rows})
 
 
 def ncu_target() -> None:
@@ -210,7 +211,8 @@ def ncu_target() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true", help="time candidate launches, keep the best")
-    ap.add_argument("--json", default="gpu_w4a16.json", help="where to write the results")
+    ap.add_argument("--json", default=str(harness.result_path("gpu_w4a16")),
+                    help="where to write the results")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
@@ -223,14 +225,14 @@ def main() -> None:
         return ncu_target()
 
     from openpto.kernels.triton import tuned, w4a16
-    from openpto.kernels.triton.timing import Timer, copy_bandwidth, environment, rel_error
+    from openpto.kernels.triton.timing import copy_bandwidth, rel_error
 
     tokens = [int(t) for t in args.tokens.split(",")]
-    env = environment()
-    sms = int(env["sms"])  # type: ignore[call-overload]
-    timer = Timer()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timer = harness.device_timer()
     copy_bw = copy_bandwidth()
-    print(f"{env}\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs\ncopy bandwidth {copy_bw / 1e12:.2f} TB/s",
+          flush=True)
 
     if args.tune:
         jobs = [(n, k, m, c) for n, k in SHAPES for m in tokens for c in candidates(n, k, m, sms)]
@@ -314,22 +316,13 @@ def main() -> None:
             print(_line(row), flush=True)
         torch.cuda.empty_cache()
 
-        _save(
-            args.json, env, copy_bw, chosen, results, tried
-        )  # after each shape: a timeout keeps these
+        _save(args.json, copy_bw, chosen, results, tried)  # after each shape: a timeout keeps these
     print(_table(results))
 
 
-def _save(path: str, env: Any, copy_bw: float, chosen: Any, results: Any, tried: Any) -> None:
-    report = {
-        "env": env,
-        "copy_bw_bytes_per_s": copy_bw,
-        "chosen": chosen,
-        "results": results,
-        "candidates": tried,
-    }
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+def _save(path: str, copy_bw: float, chosen: Any, results: Any, tried: Any) -> None:
+    harness.write_json(path, {"copy_bw_bytes_per_s": copy_bw, "chosen": chosen,
+                              "results": results, "candidates": tried})
 
 
 def _tinygemm_buffers(wt: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,23 +345,21 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    head = (
-        "| layer (out x in) | tokens | ours (us) | bf16 F.linear (us) | tinygemm (us) | vs bf16 |"
-        " int4 bytes / copy BW | host us/call | rel. error | launch |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
-    )
     rows = []
     for r in results:
         tg = r.get("tinygemm", {}).get("device_us")
         la = r["launch"]
-        rows.append(
-            f"| {r['out']}x{r['in']} | {r['tokens']} | {r['ours']['device_us']:.1f} | "
-            f"{r['bf16']['device_us']:.1f} | {'-' if tg is None else f'{tg:.1f}'} | "
-            f"{r['speedup_vs_bf16']:.2f}x | {100 * r['int4_bytes_bw_frac']:.0f}% | "
-            f"{r['ours']['host_us']:.0f} | {r['rel_error']:.1e} | {la['path']} bn{la['block_n']} "
-            f"bm{la['block_m']} s{la['split_k']} w{la['num_warps']} st{la['num_stages']} |"
-        )
-    return "\n".join([head, *rows])
+        rows.append([
+            f"{r['out']}x{r['in']}", r["tokens"], f"{r['ours']['device_us']:.1f}",
+            f"{r['bf16']['device_us']:.1f}", "-" if tg is None else f"{tg:.1f}",
+            f"{r['speedup_vs_bf16']:.2f}x", f"{100 * r['int4_bytes_bw_frac']:.0f}%",
+            f"{r['ours']['host_us']:.0f}", f"{r['rel_error']:.1e}",
+            f"{la['path']} bn{la['block_n']} bm{la['block_m']} s{la['split_k']} "
+            f"w{la['num_warps']} st{la['num_stages']}",
+        ])
+    return harness.markdown_table(
+        ["layer (out x in)", "tokens", "ours (us)", "bf16 F.linear (us)", "tinygemm (us)",
+         "vs bf16", "int4 bytes / copy BW", "host us/call", "rel. error", "launch"], rows)
 
 
 if __name__ == "__main__":

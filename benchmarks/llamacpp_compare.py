@@ -28,28 +28,22 @@ lock for timed runs); medians are reported with CPU time and the load average at
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import harness
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-LOCK = "/tmp/openpto-bench.lock"
 PROMPT = "Explain what a Python decorator is, with an example."
-DEFAULT = "smollm2-135m"
+DEFAULT = harness.DEFAULT_MODEL
 
 
 # -- llama.cpp -------------------------------------------------------------------------------------
@@ -78,16 +72,16 @@ def llamacpp_perplexity(path: Path, windows: Any, threads: int) -> dict[str, Any
     n, seq_len = windows.shape
     llm = open_llama(path, threads, seq_len, logits_all=True, n_batch=seq_len, n_ubatch=seq_len)
     total = 0.0
-    start = time.perf_counter()
-    for row in windows.tolist():
-        llm.reset()
-        llm.eval(row)  # the window alone: no BOS, no earlier context, as in opt eval
-        logits = torch.from_numpy(np.array(llm.scores[:seq_len], dtype=np.float32))
-        target = torch.tensor(row[1:])
-        total += float(F.cross_entropy(logits[:-1], target, reduction="sum").double())
-    seconds = time.perf_counter() - start
+    with harness.stopwatch() as scoring:
+        for row in windows.tolist():
+            llm.reset()
+            llm.eval(row)  # the window alone: no BOS, no earlier context, as in opt eval
+            logits = torch.from_numpy(np.array(llm.scores[:seq_len], dtype=np.float32))
+            target = torch.tensor(row[1:])
+            total += float(F.cross_entropy(logits[:-1], target, reduction="sum").double())
     scored = n * (seq_len - 1)
-    return {"perplexity": math.exp(total / scored), "scored_tokens": scored, "seconds": seconds}
+    return {"perplexity": math.exp(total / scored), "scored_tokens": scored,
+            "seconds": scoring.wall}
 
 
 def llamacpp_decode(path: Path, text: str, ids: list[int], new_tokens: int,
@@ -151,7 +145,7 @@ def _cumulative(steps: list[float]) -> Iterator[float]:
 
 def timed_runs(run: Any, new_tokens: int, detokenize: Any, repeats: int = 3) -> dict[str, Any]:
     """A warm-up, then ``repeats`` timed runs under the lock; medians of each rate."""
-    with bench_lock() as load:
+    with harness.machine_lock() as load:
         run(16)  # warm-up: first-call allocations, thread pools, page faults of the weights
         runs = [run(new_tokens) for _ in range(repeats)]
     tokens = runs[0][0]
@@ -170,18 +164,6 @@ def timed_runs(run: Any, new_tokens: int, detokenize: Any, repeats: int = 3) -> 
         "text_start": detokenize(tokens[:40]),
         "load_average_at_start": load,
     }
-
-
-@contextlib.contextmanager
-def bench_lock() -> Iterator[list[float]]:
-    """The shared machine's exclusive lock for timed runs (the same flock(2) lock the ``flock``
-    command takes); yields the load average once it is held."""
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield [round(x, 2) for x in os.getloadavg()]
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -- the comparison --------------------------------------------------------------------------------
@@ -211,10 +193,10 @@ def torch_perplexity(spec: str, seq_len: int, max_tokens: int) -> dict[str, Any]
 
     loaded = load_model(spec)
     ids = tokenize_text(loaded.tokenizer, load_text(EVALUATION_DEFAULT))
-    start, cpu = time.perf_counter(), time.process_time()
-    result = perplexity(loaded.model, ids, seq_len, max_tokens=max_tokens)
+    with harness.stopwatch() as scoring:
+        result = perplexity(loaded.model, ids, seq_len, max_tokens=max_tokens)
     return {"perplexity": result.perplexity, "scored_tokens": result.scored_tokens,
-            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "seconds": scoring.wall, "cpu_seconds": scoring.cpu,
             "kernel": loaded.metadata.get("kernel", "dense")}
 
 
@@ -268,8 +250,7 @@ def main() -> None:
                         help="thread counts of the decode rows (others already saved are kept)")
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
-    parser.add_argument("--json", type=Path,
-                        default=ROOT / "benchmarks/results/llamacpp_compare.json")
+    parser.add_argument("--json", type=Path, default=harness.result_path("llamacpp_compare"))
     parser.add_argument("--one", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -284,10 +265,6 @@ def main() -> None:
     common = ["--seq-len", str(args.seq_len), "--max-tokens", str(args.max_tokens),
               "--new-tokens", str(args.new_tokens), "--ppl-threads", str(args.ppl_threads)]
     result: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "perplexity": [], "decode": [],
     }
@@ -296,8 +273,7 @@ def main() -> None:
         result["perplexity"], result["decode"] = old.get("perplexity", []), old.get("decode", [])
 
     def save() -> None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        harness.write_json(args.json, result)
 
     if not args.skip_ppl:
         _, protocol = eval_windows(args.seq_len, args.max_tokens)
@@ -343,18 +319,21 @@ def main() -> None:
 
 def print_tables(result: dict[str, Any]) -> None:
     if result["perplexity"]:
-        print("\n| weights | llama.cpp | torch | llama.cpp vs torch |\n|---|---|---|---|")
-        for row in result["perplexity"]:
-            print(f"| {row['weights']} | {row['llamacpp']['perplexity']:.3f} | "
-                  f"{row['torch']['perplexity']:.3f} | {row['llamacpp_vs_torch']:+.2%} |")
+        print()
+        print(harness.markdown_table(
+            ["weights", "llama.cpp", "torch", "llama.cpp vs torch"],
+            ([row["weights"], f"{row['llamacpp']['perplexity']:.3f}",
+              f"{row['torch']['perplexity']:.3f}", f"{row['llamacpp_vs_torch']:+.2%}"]
+             for row in result["perplexity"])))
     if result["decode"]:
-        print("\n| runtime | model | threads | decode tok/s | tok/s incl. prefill | "
-              "tok/CPU-s | load at start |\n|---|---|---|---|---|---|---|")
-        for row in result["decode"]:
-            print(f"| {row['runtime']} | {row['model']} | {row['threads']} | "
-                  f"{row['decode_tokens_per_second']:.1f} | {row['tokens_per_second']:.1f} | "
-                  f"{row['tokens_per_cpu_second']:.1f} | {row['load_average_at_start'][0]} |")
-
+        print()
+        print(harness.markdown_table(
+            ["runtime", "model", "threads", "decode tok/s", "tok/s incl. prefill", "tok/CPU-s",
+             "load at start"],
+            ([row["runtime"], row["model"], row["threads"],
+              f"{row['decode_tokens_per_second']:.1f}", f"{row['tokens_per_second']:.1f}",
+              f"{row['tokens_per_cpu_second']:.1f}", row["load_average_at_start"][0]]
+             for row in result["decode"])))
 
 if __name__ == "__main__":
     main()

@@ -27,24 +27,19 @@ import copy
 import fcntl
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+ROOT = harness.ROOT
 
 #: setting -> (openpto config type, its keyword arguments, calibration samples). AWQ uses 32
-#: samples: llm-compressor's AWQ on this CPU takes about 48 minutes with 128.
+#: samples: llm-compressor's AWQ took 1155 s wall with 32 on this CPU (docs/benchmarks.md).
 SETTINGS: dict[str, tuple[str, dict[str, Any], int]] = {
     "gptq-w4g64-asym": ("gptq", dict(bits=4, group_size=64, symmetric=False), 128),
     "awq-w4g64-asym": ("awq", dict(bits=4, group_size=64, symmetric=False), 32),
@@ -73,18 +68,6 @@ SEQ_LEN = 512
 #: evaluation tokens per family: those of the reference runs (quant_quality.py scores 8,192
 #: tokens, sparsity_quality.py's 128-sample runs 4,096), so openpto rows measured there compare
 EVAL_TOKENS = {"gptq": 8192, "awq": 8192, "sparsegpt": 4096, "wanda": 4096}
-LOCK = "/tmp/openpto-bench.lock"
-
-
-@contextmanager
-def bench_lock() -> Iterator[None]:
-    """The machine-wide lock every timed benchmark takes, so timed runs do not share the CPU."""
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def calib_path(work: Path, samples: int, seed: int = 0) -> Path:
@@ -126,12 +109,11 @@ def run_llmc(name: str, args: argparse.Namespace, result: dict) -> None:
            "--calib", str(calib_path(args.work, samples, args.seed)),
            "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    with bench_lock():
-        load = os.getloadavg()
+    with harness.machine_lock() as load:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        wall = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - wall
+        with harness.stopwatch() as process:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = process.wall
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
@@ -198,11 +180,9 @@ def run_ours(name: str, args: argparse.Namespace, scorer: Scorer, result: dict) 
     calib = torch.load(calib_path(args.work, samples, args.seed))
     model = copy.deepcopy(scorer.loaded.model)
     apply = sparsify_ if kind in ("sparsegpt", "wanda") else quantize_
-    with bench_lock():
-        load = os.getloadavg()
-        wall, cpu = time.perf_counter(), time.process_time()
+    with harness.machine_lock() as load, harness.stopwatch() as calibration:
         apply(model, config, calib, device="cpu")
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = calibration.wall, calibration.cpu
     row = {"config": config.to_dict(), "samples": samples, "wall_s": wall, "cpu_s": cpu,
            "load_average_start": load, "eval_tokens": EVAL_TOKENS[kind],
            "perplexity": scorer(model, EVAL_TOKENS[kind]),
@@ -312,22 +292,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0,
                         help="calibration windows drawn with this seed (0: the default windows)")
-    parser.add_argument("--json", type=Path,
-                        default=ROOT / "benchmarks/results/llmcompressor_compare.json")
+    parser.add_argument("--json", type=Path, default=harness.result_path("llmcompressor_compare"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = json.loads(args.json.read_text()) if args.json.exists() else {}
     result.setdefault("rows", {})
     result.update(
-        machine=f"{platform.machine()} {os.cpu_count()} cpus, {args.threads} threads",
-        torch=torch.__version__, eval=f"stdlib-docstrings, first N tokens (eval_tokens), "
+        threads=args.threads, eval=f"stdlib-docstrings, first N tokens (eval_tokens), "
         f"windows of {SEQ_LEN}", calibration=f"pydoc-topics, N x {SEQ_LEN}, seed 0 (rows "
         f"named @seedN: seed N)")
     saved: list[bool] = []
     touched: set[tuple[str, str]] = set()
+    run = harness.run_info()
     result.setdefault("commands", []).append(
-        {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "command": " ".join([Path(sys.executable).name, *sys.argv])})
+        {"date": run["date"], "command": run["command"], "commit": run["commit"]})
     names = args.only or list(SETTINGS)
 
     def save() -> None:
@@ -340,10 +318,11 @@ def main() -> None:
                 for tool, row in tools.items():
                     if (name, tool) in touched:
                         disk["rows"].setdefault(name, {})[tool] = row
-            disk.update({k: v for k, v in result.items() if k not in ("rows", "commands")})
+            disk.update({k: v for k, v in result.items() if k not in ("rows", "commands", "run")})
             if not saved:
                 disk.setdefault("commands", []).append(result["commands"][-1])
-            args.json.write_text(json.dumps(disk, indent=2))
+            disk.pop("run", None)  # write_json puts this process's run first
+            harness.write_json(args.json, disk)
             saved.append(True)
 
     scorer = None

@@ -20,9 +20,9 @@ import json
 import os
 import resource
 import shutil
-import time
 from pathlib import Path
 
+import harness  # stdlib only at import: it runs in llm-compressor's environment too
 import torch
 
 RECIPES = ("gptq-w4g64-asym", "gptq-w4g64-sym", "awq-w4g64-asym",
@@ -103,11 +103,10 @@ def main() -> None:
                                  "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     recipe = build_recipe(args.recipe)
-    wall, cpu = time.perf_counter(), time.process_time()
-    load = os.getloadavg()
-    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    with harness.stopwatch() as elapsed:
+        oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=ids.shape[0],
+                max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    wall, cpu, load = elapsed.wall, elapsed.cpu, elapsed.load_average
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
 
     probe = ids[:1]

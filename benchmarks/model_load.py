@@ -13,38 +13,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
 
 CHILD = """
-import json, sys, time
-start = time.perf_counter()
-import torch
-imported = time.perf_counter()
-from openpto.models import load_model
-loaded = load_model()
-done = time.perf_counter()
-print(json.dumps({"import_torch_s": imported - start, "load_model_s": done - imported,
+import json
+import harness  # stdlib only: it costs nothing measured here
+with harness.stopwatch() as imported:
+    import torch
+with harness.stopwatch() as loading:
+    from openpto.models import load_model
+    loaded = load_model()
+print(json.dumps({"import_torch_s": imported.wall, "load_model_s": loading.wall,
                   "parameters": loaded.num_parameters, "weight_bytes": loaded.weight_bytes}))
 """
 
 
 def _one_load(home: Path) -> dict[str, float]:
     env = {**os.environ, "OPT_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT / "src")}
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    wall = time.perf_counter() - start
-    return {**json.loads(out.strip().splitlines()[-1]), "process_s": wall}
+           "PYTHONPATH": os.pathsep.join([str(harness.ROOT / "src"),
+                                          str(harness.ROOT / "benchmarks")])}
+    with harness.stopwatch() as process:
+        out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
+                             text=True, check=True).stdout
+    return {**json.loads(out.strip().splitlines()[-1]), "process_s": process.wall}
 
 
 def main() -> None:
@@ -75,20 +72,13 @@ def main() -> None:
           f"1-minute load average {load_before} before, {load_after} after")
 
     if args.json:
-        import torch
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "torch": torch.__version__, "python": platform.python_version()},
-            "command": " ".join(sys.argv),
+        harness.write_json(args.json, {
             "first": first,
             "cached": cached,
             "cached_median": median,
             "cache_bytes": cache_bytes,
             "load_average_1min": [load_before, load_after],
-        }, indent=1))
+        })
 
 
 if __name__ == "__main__":

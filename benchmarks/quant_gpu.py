@@ -15,29 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
-import time
-from datetime import datetime, timezone
-from pathlib import Path
 
+import harness
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-
-def llama3_8b_config(layers: int, shrink: int = 1):  # type: ignore[no-untyped-def]
-    """Llama-3-8B's shape; ``shrink`` divides every width (a CPU smoke test of this script)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256 // shrink, hidden_size=4096 // shrink,
-        intermediate_size=14336 // shrink, num_hidden_layers=layers,
-        num_attention_heads=32 // min(shrink, 4), num_key_value_heads=8 // min(shrink, 4),
-        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
 
 
 def main() -> None:
@@ -46,7 +26,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--json", default="quant_gpu.json")
+    parser.add_argument("--json", default=str(harness.result_path("quant_gpu")))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shrink", type=int, default=1, help="divide widths (CPU smoke test)")
     args = parser.parse_args()
@@ -60,12 +40,13 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)
-    config_hf = llama3_8b_config(args.layers, args.shrink)
-    model = LlamaForCausalLM(config_hf).eval()
-    torch.set_default_dtype(torch.float32)
-    build_seconds = time.perf_counter() - t0
+    with harness.stopwatch() as build:
+        torch.set_default_dtype(torch.bfloat16)
+        config_hf = harness.llama_config(
+            harness.llama3_8b(args.shrink, num_hidden_layers=args.layers, rms_norm_eps=1e-5))
+        model = LlamaForCausalLM(config_hf).eval()
+        torch.set_default_dtype(torch.float32)
+    build_seconds = build.wall
     vocab = config_hf.vocab_size
     calib = torch.randint(0, vocab, (args.samples, args.seq_len))
 
@@ -81,11 +62,9 @@ def main() -> None:
     config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    result = quantize_(model, config, calib, device=device, on_layer=on_layer)
-    if cuda:
-        torch.cuda.synchronize()
-    quant_seconds = time.perf_counter() - t0
+    with harness.stopwatch(device) as quantization:
+        result = quantize_(model, config, calib, device=device, on_layer=on_layer)
+    quant_seconds = quantization.wall
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
 
     # Reference: the model with its dequantized bf16 weights, all on the GPU.
@@ -101,11 +80,6 @@ def main() -> None:
     scale = ref.abs().max().item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
-                   f"torch {torch.__version__}, "
-                   f"Python {platform.python_version()}",
-        "command": " ".join(sys.argv),
         "model": f"random Llama-3-8B shape / {args.shrink}, {args.layers} of 32 decoder layers, "
                  "bfloat16",
         "method": config.to_dict(),
@@ -124,7 +98,7 @@ def main() -> None:
         "packed_kernels": model_kernel_summary(model),
     }
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    harness.write_json(args.json, report)
 
 
 if __name__ == "__main__":

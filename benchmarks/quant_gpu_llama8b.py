@@ -16,31 +16,21 @@ import argparse
 import copy
 import json
 import statistics
-import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def build_model(layers: int, hidden: int, intermediate: int, vocab: int):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Llama-3-8B's shape with these widths (head dim 128, 4 query heads per KV head)."""
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 128, 1),
-        num_key_value_heads=max(hidden // 512, 1),
+    config = harness.llama_config(harness.llama3_8b(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 128, 1), num_key_value_heads=max(hidden // 512, 1),
         vocab_size=vocab,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
+    ))
     torch.manual_seed(0)
     init = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(init):  # random init is much faster on the GPU
@@ -51,10 +41,11 @@ def build_model(layers: int, hidden: int, intermediate: int, vocab: int):  # typ
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--vocab", type=int, default=128256)
+    shape = harness.LLAMA3_8B
+    parser.add_argument("--layers", type=int, default=shape["num_hidden_layers"])
+    parser.add_argument("--hidden", type=int, default=shape["hidden_size"])
+    parser.add_argument("--intermediate", type=int, default=shape["intermediate_size"])
+    parser.add_argument("--vocab", type=int, default=shape["vocab_size"])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=128)
@@ -70,9 +61,9 @@ def main() -> None:
     from openpto.kernels import swap_to_packed
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.perf_counter()
-    model = build_model(args.layers, args.hidden, args.intermediate, args.vocab)
-    print(f"built in {time.perf_counter() - started:.1f}s", flush=True)
+    with harness.stopwatch() as build:
+        model = build_model(args.layers, args.hidden, args.intermediate, args.vocab)
+    print(f"built in {build.wall:.1f}s", flush=True)
     calib = torch.randint(
         0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0)
     )
@@ -91,9 +82,9 @@ def main() -> None:
         if args.method == "gptq"
         else RTNConfig(bits=4, group_size=args.group_size, symmetric=False)
     )
-    started = time.perf_counter()
-    result = quantize_(model, config, calib, device=device, on_layer=on_layer)
-    total = time.perf_counter() - started
+    with harness.stopwatch() as quantization:
+        result = quantize_(model, config, calib, device=device, on_layer=on_layer)
+    total = quantization.wall
     layer_seconds = [e.seconds for e in events]
     phases: dict[str, float] = {}
     for event in events:
@@ -138,9 +129,7 @@ def main() -> None:
     for label, row in comparison.items():
         print(f"{label:32s} {row}", flush=True)
     record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__,
         "shape": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "vocab")},
         "calibration": f"{args.samples} x {args.seq_len} random tokens",
         "config": config.to_dict(),
@@ -156,7 +145,7 @@ def main() -> None:
     }
     print(json.dumps(record, indent=2))
     if args.json is not None:
-        args.json.write_text(json.dumps(record, indent=2))
+        harness.write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -12,49 +12,24 @@ median of repeated calls after warm-up, and labelled with the kernel that actual
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import sys
-import time
-from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from openpto.core.quant.tensor import quantize_weight
+from openpto.kernels import QuantLinear
 
-from openpto.core.quant.tensor import quantize_weight  # noqa: E402
-from openpto.kernels import QuantLinear  # noqa: E402
-
-SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152)]
+_SHAPES = harness.linear_shapes(harness.SMOLLM2_135M)
+SHAPES = [_SHAPES[name][::-1] for name in ("q/o", "gate/up", "down", "lm_head")]  # (in, out)
 TOKENS = [1, 128]
 
 
 def resident_bytes(module: nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def time_call(fn: Callable[[], object], min_seconds: float, max_calls: int) -> tuple[float, float]:
-    """Median and minimum seconds per call, after warm-up."""
-    for _ in range(3):
-        fn()
-    samples = []
-    spent = 0.0
-    calls = 0
-    while (spent < min_seconds or len(samples) < 5) and calls < max_calls:
-        started = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - started
-        samples.append(elapsed)
-        spent += elapsed
-        calls += 1
-    return statistics.median(samples), min(samples)
 
 
 def variants(w: torch.Tensor) -> list[tuple[str, nn.Module, torch.dtype]]:
@@ -92,7 +67,9 @@ def run(min_seconds: float, max_calls: int) -> list[dict[str, object]]:
             base = None
             for label, module, dtype in built:
                 xi = x.to(dtype)
-                seconds, best = time_call(lambda m=module, xi=xi: m(xi), min_seconds, max_calls)
+                timing = harness.time_calls(lambda m=module, xi=xi: m(xi), repeats=5, warmup=3,
+                                            min_seconds=min_seconds, max_calls=max_calls)
+                seconds, best = timing.median, timing.min
                 base = seconds if base is None else base
                 kernel = module.kernel_name if isinstance(module, QuantLinear) else "dense"
                 rows.append(
@@ -117,18 +94,13 @@ def run(min_seconds: float, max_calls: int) -> list[dict[str, object]]:
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    lines = [
-        "| shape in x out | tokens | variant | kernel | us/call (median) | min | vs fp32 "
-        "| resident MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        mib = int(r["resident_bytes"]) / 2**20  # type: ignore[call-overload]
-        lines.append(
-            f"| {r['shape']} | {r['tokens']} | {r['variant']} | {r['kernel']} | "
-            f"{r['microseconds']} | {r['min_microseconds']} | {r['speedup_vs_fp32']}x | {mib:.2f} |"
-        )
-    return "\n".join(lines)
+    return harness.markdown_table(
+        ["shape in x out", "tokens", "variant", "kernel", "us/call (median)", "min", "vs fp32",
+         "resident MiB"],
+        ([r["shape"], r["tokens"], r["variant"], r["kernel"], r["microseconds"],
+          r["min_microseconds"], f"{r['speedup_vs_fp32']}x",
+          f"{int(r['resident_bytes']) / 2**20:.2f}"]  # type: ignore[call-overload]
+         for r in rows))
 
 
 def main() -> None:
@@ -144,19 +116,13 @@ def main() -> None:
     print()
     print(markdown(rows))
     meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
         "threads": args.threads,
-        "torch": torch.__version__,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "timing": "wall time per call (median and min) after 3 warm-up calls, one process",
-        "command": " ".join(sys.argv),
     }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        harness.write_json(args.json, {"meta": meta, "rows": rows})
         print(f"\nwrote {args.json}")
 
 

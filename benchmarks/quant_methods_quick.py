@@ -15,14 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
-import time
-from pathlib import Path
 
+import harness
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 
 def main() -> None:
@@ -70,9 +65,9 @@ def main() -> None:
     )
     for name in args.settings.split(","):
         model = copy.deepcopy(loaded.model)
-        started = time.perf_counter()
-        quantize_(model, settings[name], calib)
-        seconds = time.perf_counter() - started
+        with harness.stopwatch() as quantization:
+            quantize_(model, settings[name], calib)
+        seconds = quantization.wall
         value = ppl(model)
         print(
             f"{name:8s} ppl {value:.3f} ({100 * (value / base - 1):+.2f}%) quantize {seconds:.1f}s",

@@ -18,17 +18,14 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+ROOT = harness.ROOT
 
 # The targets first (the machine is shared: partial results are saved after every row).
 CONFIGS = [
@@ -47,8 +44,9 @@ REFERENCE = "on-grid"
 ARTIFACT_ROW = "GPTQ int4 g64 asym"
 
 DECODE_SCRIPT = r"""
-import json, resource, sys, time, torch
-sys.path.insert(0, {src!r})
+import json, sys, torch
+sys.path.insert(0, {benchmarks!r})
+import harness  # puts the checkout's src first on the path
 from openpto.models import load_model
 torch.set_num_threads({threads})
 loaded = load_model({spec!r})
@@ -63,13 +61,13 @@ def greedy(n):
     out = model(ids, use_cache=True)
     past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     tokens = [int(nxt)]
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(n - 1):
-        out = model(nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        tokens.append(int(nxt))
+    with harness.stopwatch() as decode:
+        for _ in range(n - 1):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tokens.append(int(nxt))
     # CPU time is the steadier figure on a shared machine: wall time counts other jobs' turns.
-    return (n - 1) / (time.perf_counter() - start), tokens, (n - 1) / (time.process_time() - cpu)
+    return (n - 1) / decode.wall, tokens, (n - 1) / decode.cpu
 
 greedy(8)  # warm-up
 runs = [greedy({new_tokens}) for _ in range({repeats})]
@@ -90,7 +88,8 @@ print(json.dumps({{"rss_bytes": rss, "weight_bytes": loaded.weight_bytes,
 
 def decode_in_subprocess(spec: str, threads: int, new_tokens: int, repeats: int) -> dict:
     code = DECODE_SCRIPT.format(
-        src=str(ROOT / "src"), spec=spec, threads=threads, new_tokens=new_tokens, repeats=repeats
+        benchmarks=str(ROOT / "benchmarks"), spec=spec, threads=threads, new_tokens=new_tokens,
+        repeats=repeats,
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
@@ -112,7 +111,7 @@ def main() -> None:
     parser.add_argument("--decode-only", metavar="ARTIFACT",
                         help="only measure memory and decode: the float model against ARTIFACT")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/quant_quality.json"))
+    parser.add_argument("--json", default=str(harness.result_path("quant_quality")))
     args = parser.parse_args()
     if args.decode_only:
         threads = torch.get_num_threads()
@@ -148,10 +147,10 @@ def main() -> None:
     def ppl(model: torch.nn.Module) -> float:
         return perplexity(model, eval_ids, 512, max_tokens=args.eval_tokens).perplexity
 
-    start = time.perf_counter()
-    base = args.float_ppl if args.float_ppl else ppl(loaded.model)
+    with harness.stopwatch() as evaluation:
+        base = args.float_ppl if args.float_ppl else ppl(loaded.model)
     rows.append({"setting": "float32 (no quantization)", "perplexity": base, "seconds": 0.0,
-                 "eval_seconds": time.perf_counter() - start, "reused": bool(args.float_ppl)})
+                 "eval_seconds": evaluation.wall, "reused": bool(args.float_ppl)})
     print(f"{'float32':45s} ppl {base:8.3f}", flush=True)
     import openpto.core.quant  # noqa: F401  (registers the method configs)
 
@@ -163,9 +162,9 @@ def main() -> None:
             continue
         model = copy.deepcopy(loaded.model)
         config = types[method](**kwargs)
-        t0 = time.perf_counter()
-        result = quantize_(model, config, None if method == "rtn" else calib, device="cpu")
-        seconds = time.perf_counter() - t0
+        with harness.stopwatch() as quantization:
+            result = quantize_(model, config, None if method == "rtn" else calib, device="cpu")
+        seconds = quantization.wall
         value = ppl(model)
         rows.append({"setting": label, "method": method, **kwargs, "perplexity": value,
                      "delta_percent": 100 * (value / base - 1), "seconds": seconds,
@@ -198,19 +197,15 @@ def save(args: argparse.Namespace, rows: list[dict], decode: dict, threads: int)
     from openpto.data import CALIBRATION_DEFAULT, EVALUATION_DEFAULT
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{threads} threads",
+        "threads": threads,
         "load_average": os.getloadavg(),
-        "command": " ".join(sys.argv),
         "calibration": {"text": CALIBRATION_DEFAULT, "samples": args.samples,
                         "seq_len": args.calib_seq_len, "seed": 0},
         "evaluation": {"text": EVALUATION_DEFAULT, "seq_len": 512, "tokens": args.eval_tokens},
         "rows": rows,
         "decode": decode,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    harness.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -42,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
 
 PROMPTS = [
@@ -82,7 +82,7 @@ def server_command(name: str, args: argparse.Namespace, port: int) -> list[str]:
         if args.threads:
             command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
         return command + shlex.split(args.llama_cpp_args)
-    model = (args.gguf or "smollm2-135m") if name == "llamacpp" else args.model
+    model = (args.gguf or harness.DEFAULT_MODEL) if name == "llamacpp" else args.model
     command = [sys.executable, "-m", "openpto", "serve", model, "--port", str(port),
                "--backend", name, "--max-batch", str(max(args.batched_concurrency,
                                                           args.load_concurrency))]
@@ -183,10 +183,6 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
             "ttft_s": (first or ended) - started, "latency_s": ended - started}
 
 
-def percentile(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-
-
 async def phase(url: str, model: str, requests: int, concurrency: int, max_tokens: int,
                 references: list[dict[str, Any]], server_pid: int | None) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -199,9 +195,9 @@ async def phase(url: str, model: str, requests: int, concurrency: int, max_token
             async with gate:
                 return await one_request(client, url, model, i, max_tokens, references)
 
-        started = time.perf_counter()
-        results = await asyncio.gather(*(guarded(i) for i in range(requests)))
-        wall = time.perf_counter() - started
+        with harness.stopwatch() as elapsed:
+            results = await asyncio.gather(*(guarded(i) for i in range(requests)))
+        wall = elapsed.wall
     client_after = resource.getrusage(resource.RUSAGE_SELF)
     ok = [r for r in results if r["ok"]]
     tokens = sum(r["tokens"] for r in ok)
@@ -210,8 +206,10 @@ async def phase(url: str, model: str, requests: int, concurrency: int, max_token
     return {"requests": requests, "concurrency": concurrency, "failed": len(results) - len(ok),
             "failures": [r for r in results if not r["ok"]][:5],
             "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
-            "latency_p50_s": percentile(latency, 0.5), "latency_p95_s": percentile(latency, 0.95),
+            "ttft_p50_s": harness.percentile(ttft, 0.5),
+            "ttft_p95_s": harness.percentile(ttft, 0.95),
+            "latency_p50_s": harness.percentile(latency, 0.5),
+            "latency_p95_s": harness.percentile(latency, 0.95),
             "tokens_from": sorted({r["tokens_from"] for r in ok}),
             "chunks_differ": sum(r["chunks"] != r["tokens"] for r in ok),
             "text_differs": sum(r["same_text"] is False for r in ok),
@@ -290,7 +288,7 @@ def main() -> None:
                         help=f"comma-separated, run in this order: {', '.join(SERVERS)}")
     parser.add_argument("--url", default=None,
                         help="drive this running OpenAI-compatible server instead")
-    parser.add_argument("--model", default="smollm2-135m", help="the torch server's model")
+    parser.add_argument("--model", default=harness.DEFAULT_MODEL, help="the torch server's model")
     parser.add_argument("--gguf", default=None, help="the GGUF (default: the default model's)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--single-requests", type=int, default=8)
@@ -302,7 +300,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="every server's CPU threads")
     parser.add_argument("--llama-cpp-args", default="",
                         help="extra arguments for llama_cpp.server (they come last and win)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    parser.add_argument("--json", type=Path, default=harness.result_path("serve_load"))
     args = parser.parse_args()
 
     names = [args.url] if args.url else [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -318,10 +316,6 @@ def main() -> None:
             results[name] = run_server(name, args)
 
     payload = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor(), "python": platform.python_version()},
-        "command": shlex.join([sys.executable, *sys.argv]),
         "workload": {"max_tokens": args.max_tokens, "temperature": 0, "prompts": PROMPTS,
                      "single_requests": args.single_requests,
                      "batched_requests": args.batched_requests,
@@ -331,8 +325,7 @@ def main() -> None:
                      "threads": args.threads or "server default"},
         "servers": results,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    harness.write_json(args.json, payload)
     print_table(results, args)
     print(f"JSON: {args.json}")
 

@@ -16,20 +16,18 @@ Usage: python benchmarks/sparsity_cpu.py [--threads 1] [--out sparsity_cpu.json]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 import torch.nn.functional as F
 
 from openpto.core.sparsity import layer_mask, nm_mask
 
-SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576),
-          "gate/up 1536x576": (1536, 576), "down 576x1536": (576, 1536)}
+SHAPES = {f"{name} {out}x{width}": (out, width)
+          for name, (out, width) in harness.linear_shapes(harness.SMOLLM2_135M).items()
+          if name != "lm_head"}
 TOKENS = (1, 16, 128, 512)
 
 
@@ -37,23 +35,15 @@ def interleaved_us(fns: dict[str, Any], repeats: int) -> dict[str, float]:
     """Fastest microseconds per call of each function, timed round-robin. On a shared machine a
     call that spans a preemption is slower by the time slice (milliseconds); the minimum is the
     uninterrupted cost, and round-robin lets the load hit every variant alike."""
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e6)
-    return {name: min(t) for name, t in times.items()}
+    times = harness.time_round_robin(fns, repeats=repeats, warmup=3)
+    return {name: timing.min * 1e6 for name, timing in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path("sparsity_cpu.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("sparsity_cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,12 +73,10 @@ def main() -> None:
                   f"x{row['speedup_masked_2_4']:.2f} x{row['speedup_csr_50']:.2f} "
                   f"x{row['speedup_csr_90']:.2f}", flush=True)
     result = {
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "threads": args.threads,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "dtype": "float32",
+        "threads": args.threads, "dtype": "float32",
         "timing": "perf_counter, minimum after 3 warm-up calls, variants round-robin", "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2))
+    harness.write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

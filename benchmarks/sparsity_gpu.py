@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,44 +33,37 @@ from torch import nn
 from openpto.core.sparsity import nm_mask, speedup_bounds
 from openpto.kernels import sparse24
 
+_LLAMA = harness.LLAMA3_8B
+_NAMES = {"q/o": "q_proj/o_proj", "k/v": "k_proj/v_proj", "gate/up": "gate/up", "down": "down"}
 SHAPES = {  # name: (out_features, in_features) of Llama-3-8B
-    "q_proj/o_proj 4096x4096": (4096, 4096),
-    "k_proj/v_proj 1024x4096": (1024, 4096),
-    "gate/up 14336x4096": (14336, 4096),
-    "down 4096x14336": (4096, 14336),
+    f"{_NAMES[key]} {out}x{width}": (out, width)
+    for key, (out, width) in harness.linear_shapes(_LLAMA).items() if key in _NAMES
 }
 TOKENS = (1, 16, 128, 256, 512, 1024, 2048, 4096)
-PEAK_FLOPS = 750e12  # measured bf16 dense matmul ceiling on this H200 (shared notes)
+PEAK_FLOPS = 750e12  # measured bf16 dense matmul ceiling on the H200 (docs/benchmarks.md, 2:4)
 BANDWIDTH = 4.25e12  # measured device copy ceiling, bytes/s
 
 
 class Timer:
+    """Device time per call from the library's event timer, with a spin of about 1 ms queued
+    before each call (eager cuSPARSELt calls cost 0.5-0.75 ms of host time, which a shorter
+    spin would let into the measured interval); host time per call measured apart."""
+
     def __init__(self) -> None:
-        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-        self.sink = torch.empty((), device="cuda")
+        self.timer = harness.device_timer()
 
     def device_us(self, fn: Any, repeats: int) -> float:
-        times = []
-        for _ in range(repeats):
-            torch.cuda._sleep(2_000_000)  # ~1 ms of spin: the host runs ahead of the device
-            self.sink.copy_(self.flush.sum(dtype=torch.float32))  # read 256 MB: L2 is cold
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1000.0)
-        return statistics.median(times)
+        median, _ = self.timer.device_time(fn, reps=repeats, warmup=0, spin_cycles=2_000_000)
+        return float(median * 1e6)
 
     @staticmethod
     def host_us(fn: Any, calls: int = 20) -> float:
         torch.cuda._sleep(100_000_000)  # keep the device busy so only enqueueing is timed
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = (time.perf_counter() - started) / calls * 1e6
+        with harness.stopwatch() as enqueue:  # no device synchronisation: host time only
+            for _ in range(calls):
+                fn()
         torch.cuda.synchronize()
-        return host
+        return enqueue.wall / calls * 1e6
 
 
 def pruned_weight(out: int, width: int, gen: torch.Generator) -> torch.Tensor:
@@ -169,8 +161,10 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, layers: int, vocab: int = 128256, hidden: int = 4096, inter: int = 14336,
-                 heads: int = 32, kv_heads: int = 8) -> None:
+    def __init__(self, layers: int, vocab: int = _LLAMA["vocab_size"],
+                 hidden: int = _LLAMA["hidden_size"], inter: int = _LLAMA["intermediate_size"],
+                 heads: int = _LLAMA["num_attention_heads"],
+                 kv_heads: int = _LLAMA["num_key_value_heads"]) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden, device="cuda", dtype=torch.bfloat16)
         self.layers = nn.ModuleList(Block(hidden, inter, heads, kv_heads) for _ in range(layers))
@@ -182,7 +176,7 @@ class Decoder(nn.Module):
         t = ids.shape[1]
         pos = torch.arange(t, device=ids.device, dtype=torch.float32)
         steps = torch.arange(0, self.head_dim, 2, device=ids.device) / self.head_dim
-        inv = 1.0 / (500000.0**steps)
+        inv = 1.0 / (_LLAMA["rope_theta"] ** steps)
         freqs = torch.outer(pos, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
@@ -193,17 +187,10 @@ class Decoder(nn.Module):
 
 
 def time_prefill(fn: Any, ids: torch.Tensor, repeats: int) -> float:
-    fn(ids)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(ids)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of ``fn(ids)`` after one warm-up call, synchronised (milliseconds of work, so
+    the host clock and CUDA events agree)."""
+    timing = harness.time_calls(lambda: fn(ids), repeats=repeats, warmup=1, device="cuda")
+    return timing.median * 1e3
 
 
 def timed(fn: Any, ids: torch.Tensor, mode: str, repeats: int) -> tuple[float | None, str | None]:
@@ -232,18 +219,18 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any], deadline: f
     dense_ms: dict[tuple[int, str], tuple[float | None, str | None]] = {}
     with torch.no_grad():
         for tokens in args.prefill_tokens:
-            ids = torch.randint(0, 128256, (1, tokens), device="cuda", generator=gen)
+            ids = torch.randint(0, _LLAMA["vocab_size"], (1, tokens), device="cuda", generator=gen)
             for mode in ("eager", "graph"):
                 dense_ms[(tokens, mode)] = timed(model, ids, mode, args.repeats)
                 print(f"dense prefill {tokens} {mode}: {dense_ms[(tokens, mode)]}", flush=True)
-        reference = {t: model(torch.randint(0, 128256, (1, t), device="cuda",
+        reference = {t: model(torch.randint(0, _LLAMA["vocab_size"], (1, t), device="cuda",
                                             generator=torch.Generator(device="cuda").manual_seed(t)))
                      for t in args.prefill_tokens}
-        started = time.perf_counter()
         decoder_linears = [f"layers.{i}.{n}" for i, layer in enumerate(model.layers)
                            for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        outcome = sparse24.swap_to_sparse24(model, args.min_tokens, decoder_linears)
-        info["swap_seconds"] = time.perf_counter() - started
+        with harness.stopwatch() as swap:
+            outcome = sparse24.swap_to_sparse24(model, args.min_tokens, decoder_linears)
+        info["swap_seconds"] = swap.wall
         info["swapped"] = sum(v == sparse24.KERNEL_NAME for v in outcome.values())
         info["outcome_by_kind"] = {
             kind: sorted({v for n, v in outcome.items() if n.endswith(kind)})
@@ -258,7 +245,7 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any], deadline: f
             if time.perf_counter() > deadline:
                 results.setdefault("skipped", []).append(f"prefill {tokens}: budget")
                 continue
-            ids = torch.randint(0, 128256, (1, tokens), device="cuda",
+            ids = torch.randint(0, _LLAMA["vocab_size"], (1, tokens), device="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(tokens))
             logits = model(ids)
             agree = float(F.cosine_similarity(logits.float().flatten(),
@@ -277,7 +264,7 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any], deadline: f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("sparsity_gpu.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("sparsity_gpu"))
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (Llama-3-8B: 32)")
     parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[128, 512, 2048, 4096])
@@ -288,10 +275,10 @@ def main() -> None:
         sys.exit("this benchmark needs CUDA; benchmarks/sparsity_cpu.py covers the CPU")
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(),
         "cusparselt": torch.backends.cusparselt.version(), "dtype": "bfloat16",
-        "timing": "CUDA events, median; L2 flushed by reading 256 MB; host cost hidden by a spin",
+        "timing": "layers: CUDA events, median; L2 flushed by reading 256 MB; host cost hidden by "
+                  "a spin. prefill: synchronised wall clock, median",
     }
     for name, bench, share in (("layers", bench_layers, 0.45), ("prefill", bench_prefill, 1.0)):
         deadline = started + args.budget_s * share
@@ -301,10 +288,10 @@ def main() -> None:
             results.setdefault("errors", {})[name] = "".join(
                 traceback.format_exception_only(type(exc), exc)).strip()
             traceback.print_exc()
-        args.out.write_text(json.dumps(results, indent=2))
+        harness.write_json(args.out, results)
         torch.cuda.empty_cache()
     results["seconds"] = time.perf_counter() - started
-    args.out.write_text(json.dumps(results, indent=2))
+    harness.write_json(args.out, results)
     print(f"wrote {args.out} in {results['seconds']:.0f} s")
 
 

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
 from openpto.api import sparsify_
@@ -62,16 +59,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these type names (e.g. wanda)")
     parser.add_argument("--pattern", choices=("unstructured", "2:4"),
                         help="run only the 50%% unstructured or only the 2:4 settings")
-    parser.add_argument("--out", type=Path, default=Path("sparsity_quality.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("sparsity_quality"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(None, dtype="float32", device="cpu")
     eval_ids = tokenize_text(loaded.tokenizer, load_text(None, default=EVALUATION_DEFAULT))
     calib = calibration_batches(loaded.tokenizer, None, args.samples, args.calib_seq_len, seed=0)
     result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {args.threads} threads",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "threads": args.threads,
         "load_average_start": os.getloadavg(),
         "model": loaded.name, "calibration": f"{CALIBRATION_DEFAULT}, {args.samples}x"
         f"{args.calib_seq_len}, seed 0", "eval": f"{EVALUATION_DEFAULT}, first "
@@ -81,9 +76,9 @@ def main() -> None:
     def score(model: torch.nn.Module) -> float:
         return perplexity(model, eval_ids, args.seq_len, max_tokens=args.eval_tokens).perplexity
 
-    started = time.perf_counter()
-    result["float_perplexity"] = score(loaded.model)
-    result["float_seconds_eval"] = time.perf_counter() - started
+    with harness.stopwatch() as evaluation:
+        result["float_perplexity"] = score(loaded.model)
+    result["float_seconds_eval"] = evaluation.wall
     print(f"float perplexity {result['float_perplexity']:.3f}", flush=True)
     print(f"{'method':10s} {'pattern':13s} {'sparsity':>9s} {'ppl':>9s} {'x float':>8s} {'s':>7s}")
     for config in SETTINGS:
@@ -92,9 +87,9 @@ def main() -> None:
         if args.pattern and config.label != args.pattern:
             continue
         model = copy.deepcopy(loaded.model)
-        cpu_started = time.process_time()
-        pruned = sparsify_(model, config, calib)
-        cpu_seconds = time.process_time() - cpu_started
+        with harness.stopwatch() as pruning:
+            pruned = sparsify_(model, config, calib)
+        cpu_seconds = pruning.cpu
         params = dict(model.named_parameters())
         summary = summarize(((r.name, params[f"{r.name}.weight"]) for r in pruned.reports),
                             config.nm)
@@ -105,11 +100,11 @@ def main() -> None:
                "seconds": pruned.seconds, "cpu_seconds": cpu_seconds,
                "config": config.to_dict()}
         result["rows"].append(row)
-        args.out.write_text(json.dumps(result, indent=2))
+        harness.write_json(args.out, result)
         print(f"{row['method']:10s} {row['pattern']:13s} {row['sparsity']:9.4f} {ppl:9.3f} "
               f"{row['ratio_to_float']:8.3f} {row['seconds']:7.1f}", flush=True)
         del model, pruned
-    args.out.write_text(json.dumps(result, indent=2))
+    harness.write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -55,12 +54,6 @@ PROMPTS = {
 DRAFTS = ["lookup", "self:int4", "self:int8", "self:layers=10"]
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
-
-
 def hf_generate(model: Any, ids: list[int], new: int, **kwargs: Any) -> list[int]:
     config = copy.deepcopy(model.generation_config)
     # Exactly ``new`` tokens, as with ignore_eos in our engine. The prompts are long enough that
@@ -83,7 +76,7 @@ def main() -> None:
                         help="torch intra-op threads (1 is far steadier on a shared CPU)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--drafts", nargs="+", default=DRAFTS, help="draft kinds to run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speculative_cpu.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("speculative_cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -114,7 +107,7 @@ def main() -> None:
             reference: list[int] | None = None
             base_seconds = 0.0
             for name, fn in methods.items():
-                value, seconds = timed(fn)
+                value, seconds = harness.timed_call(fn)
                 if name == "plain (ours)":
                     reference, base_seconds = value.token_ids, seconds
                 tokens = value if isinstance(value, list) else (
@@ -141,22 +134,22 @@ def main() -> None:
             "mean_acceptance_length": stats.get("mean_acceptance_length"),
             "acceptance_per_position": stats.get("acceptance_per_position"),
         })
-    print("\n| prompt | method | tokens/s | speed-up | identical | acceptance rate | "
-          "mean acceptance length |\n|---|---|---|---|---|---|---|")
-    for r in results:
-        rate = "" if r["draft_acceptance_rate"] is None else f"{r['draft_acceptance_rate']:.2f}"
-        mal = "" if r["mean_acceptance_length"] is None else f"{r['mean_acceptance_length']:.2f}"
-        print(f"| {r['prompt']} | {r['method']} | {r['tokens_per_second']:.2f} | "
-              f"{r['speedup']:.2f}x | {r['identical_to_plain_greedy']} | {rate} | {mal} |")
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
-               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                    "machine": machine, "rounds": args.rounds,
-                                    "new_tokens": args.new_tokens, "gamma": args.gamma,
-                                    "results": results}, indent=2))
-    print(f"\nwrote {args.out}; load average {load_before} -> {machine['loadavg_after']}")
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    print()
+    print(harness.markdown_table(
+        ["prompt", "method", "tokens/s", "speed-up", "identical", "acceptance rate",
+         "mean acceptance length"],
+        ([r["prompt"], r["method"], f"{r['tokens_per_second']:.2f}", f"{r['speedup']:.2f}x",
+          r["identical_to_plain_greedy"], cell(r["draft_acceptance_rate"]),
+          cell(r["mean_acceptance_length"])] for r in results)))
+    load_after = os.getloadavg()
+    harness.write_json(args.out, {"threads": args.threads, "loadavg_before": load_before,
+                                  "loadavg_after": load_after, "rounds": args.rounds,
+                                  "new_tokens": args.new_tokens, "gamma": args.gamma,
+                                  "results": results})
+    print(f"\nwrote {args.out}; load average {load_before} -> {load_after}")
 
 
 if __name__ == "__main__":

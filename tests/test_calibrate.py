@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from openpto.core.calibrate import (
@@ -8,6 +9,7 @@ from openpto.core.calibrate import (
     decoder_layers,
     find_linears,
     run_layer_sequential,
+    run_linear_sequential,
 )
 from openpto.core.hessian import HessianAccumulator, inverse_cholesky
 from tests.helpers import tiny_llama
@@ -90,3 +92,53 @@ def test_inverse_cholesky_handles_dead_and_singular_columns() -> None:
     H += factor.damp * H.diagonal().mean() * torch.eye(16, dtype=torch.float64)
     inverse = factor.upper.double().T @ factor.upper.double()
     torch.testing.assert_close(inverse, torch.linalg.inv(H), rtol=1e-3, atol=1e-3)
+
+
+class FailingAt:
+    """A layer compressor and a group compressor that round like ``RecordingCompressor`` until
+    decoder layer ``index``, where they raise."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def compress_layer(self, index, prefix, layer, run_layer):  # type: ignore[no-untyped-def]
+        if index == self.index:
+            raise RuntimeError(f"layer {index} failed")
+        return RecordingCompressor().compress_layer(index, prefix, layer, run_layer)
+
+    def compress_group(self, index, prefix, linears, inputs, clock, float_inputs=None):  # type: ignore[no-untyped-def]
+        if index == self.index:
+            raise RuntimeError(f"layer {index} failed")
+        return []
+
+
+@pytest.mark.parametrize("driver", [run_layer_sequential, run_linear_sequential])
+def test_a_failing_layer_leaves_the_model_as_it_was_set(driver) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_llama(num_hidden_layers=3)
+    model.train()
+    calib = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="layer 1 failed"):
+        driver(model, calib, FailingAt(1))
+    # The training flag the drivers switched off is restored, down to every submodule.
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_wrong_input_groups_in_an_adapter_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from openpto.architectures import architecture
+    from openpto.core import calibrate
+    from openpto.errors import UnsupportedModel
+    from tests.helpers import RoundingCompressor
+
+    # q/k/v and o in one group: o_proj reads the attention output, not the norm's.
+    llama = architecture("llama")
+    wrong = dataclasses.replace(llama, input_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        *llama.input_groups[2:],
+    ))
+    monkeypatch.setattr(calibrate, "architecture_of", lambda model: wrong)
+    model = tiny_llama()
+    with pytest.raises(UnsupportedModel, match=r"model.layers.0.self_attn.o_proj does not read "
+                                               r"the input of its group"):
+        run_linear_sequential(model, torch.randint(0, 512, (2, 8)), RoundingCompressor())

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from openpto.api import quantize_
+from openpto.architectures import architecture
 from openpto.config import config_from_dict
 from openpto.core.calibrate import decoder_layers, find_linears
 from openpto.core.quant import AWQConfig, GPTQConfig, RTNConfig
-from openpto.core.quant.awq import ADAPTERS, AWQCompressor, channel_maps, fold_scale
+from openpto.core.quant.awq import channel_maps, fold_scale
 from openpto.core.quant.gptq import GPTQ
 from openpto.core.quant.primitives import compute_qparams, sqnr_db
 from openpto.core.quant.tensor import quantize_weight
@@ -161,12 +162,11 @@ def test_awq_fold_keeps_the_model_function() -> None:
     ids = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
         ref = model(ids).logits
-    adapter = ADAPTERS["llama"]
     _, layers = decoder_layers(model)
     folded = 0
     for layer in layers:
         linears = find_linears(layer)
-        for group in adapter.groups:
+        for group in architecture("llama").scale_pairs:
             prev = layer.get_submodule(group.prev)
             members = [linears[n] for n in group.linears]
             channels = int(prev.get_parameter("weight").shape[0])
@@ -214,9 +214,9 @@ def test_awq_lowers_output_error_vs_rtn_on_outlier_activations(duo: bool) -> Non
 def test_awq_refuses_unknown_model_types() -> None:
     model = tiny_llama()
     model.config.model_type = "mystery"
-    with pytest.raises(UnsupportedModel, match="no adapter for model type 'mystery'"):
+    with pytest.raises(UnsupportedModel, match="no architecture adapter for model type 'mystery'"):
         quantize_(model, AWQConfig(), torch.randint(0, 512, (2, 8)))
-    assert AWQCompressor(AWQConfig(), ADAPTERS["qwen2"]).adapter is ADAPTERS["llama"]
+    assert architecture("qwen2").scale_pairs == architecture("llama").scale_pairs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from openpto.architectures import architecture_of
 from openpto.errors import UnsupportedModel
 
 
@@ -134,19 +135,8 @@ class _Captured(Exception):
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layer list and its module path (``model.layers`` for Llama-like models)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "layers"):
-        module: Any = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return path, module
-    raise UnsupportedModel(
-        f"cannot find the decoder layers of {type(model).__name__} "
-        "(looked for model.layers, model.decoder.layers, transformer.h)"
-    )
+    """The decoder layer list and its module path, from the model's architecture adapter."""
+    return architecture_of(model).decoder_layers(model)
 
 
 def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
@@ -229,42 +219,44 @@ def run_layer_sequential(
     ``device`` only while the layer-0 inputs are captured. The model ends where it started.
     """
     run = _SequentialRun.start(model, device)
-    exec_device, prefix, layers, layer_home = run.device, run.prefix, run.layers, run.layer_home
-    ((hidden, kwargs_list),) = run.capture(model, [(calibration, batch_size)])
+    try:
+        exec_device, prefix, layers, layer_home = run.device, run.prefix, run.layers, run.layer_home
+        ((hidden, kwargs_list),) = run.capture(model, [(calibration, batch_size)])
 
-    reports: list[LinearReport] = []
-    total = len(layers)
-    for index, layer in enumerate(layers):
-        started = time.perf_counter()
-        layer.to(exec_device)
-        layer_kwargs = [_move_kwargs(kw, exec_device) for kw in kwargs_list]
+        reports: list[LinearReport] = []
+        total = len(layers)
+        for index, layer in enumerate(layers):
+            started = time.perf_counter()
+            layer.to(exec_device)
+            layer_kwargs = [_move_kwargs(kw, exec_device) for kw in kwargs_list]
 
-        def run_layer(
-            layer: nn.Module = layer,
-            inputs: list[torch.Tensor] = hidden,
-            layer_kwargs: list[dict[str, Any]] = layer_kwargs,
-        ) -> None:
-            for states, kwargs in zip(inputs, layer_kwargs, strict=True):
-                layer(states, **kwargs)
+            def run_layer(
+                layer: nn.Module = layer,
+                inputs: list[torch.Tensor] = hidden,
+                layer_kwargs: list[dict[str, Any]] = layer_kwargs,
+            ) -> None:
+                for states, kwargs in zip(inputs, layer_kwargs, strict=True):
+                    layer(states, **kwargs)
 
-        layer_reports = compressor.compress_layer(index, f"{prefix}.{index}", layer, run_layer)
-        reports.extend(layer_reports)
-        hidden = [
-            _first_output(layer(states, **kwargs))
-            for states, kwargs in zip(hidden, layer_kwargs, strict=True)
-        ]
-        layer.to(layer_home[index])
-        if on_layer is not None:
-            on_layer(
-                LayerEvent(
-                    index=index,
-                    total=total,
-                    seconds=time.perf_counter() - started,
-                    reports=layer_reports,
-                    peak_memory_bytes=_peak_memory(exec_device),
+            layer_reports = compressor.compress_layer(index, f"{prefix}.{index}", layer, run_layer)
+            reports.extend(layer_reports)
+            hidden = [
+                _first_output(layer(states, **kwargs))
+                for states, kwargs in zip(hidden, layer_kwargs, strict=True)
+            ]
+            layer.to(layer_home[index])
+            if on_layer is not None:
+                on_layer(
+                    LayerEvent(
+                        index=index,
+                        total=total,
+                        seconds=time.perf_counter() - started,
+                        reports=layer_reports,
+                        peak_memory_bytes=_peak_memory(exec_device),
+                    )
                 )
-            )
-    run.finish(model)
+    finally:
+        run.finish(model)
     return reports
 
 
@@ -279,11 +271,13 @@ class _SequentialRun:
     layers: nn.ModuleList
     layer_home: list[torch.device]
     was_training: bool
+    input_groups: tuple[tuple[str, ...], ...]
 
     @classmethod
     def start(cls, model: nn.Module, device: str | torch.device | None) -> _SequentialRun:
         home = _infer_device(model)
-        prefix, layers = decoder_layers(model)
+        arch = architecture_of(model)
+        prefix, layers = arch.decoder_layers(model)
         run = cls(
             device=torch.device(device) if device is not None else home,
             home=home,
@@ -291,6 +285,7 @@ class _SequentialRun:
             layers=layers,
             layer_home=[next(layer.parameters()).device for layer in layers],
             was_training=model.training,
+            input_groups=arch.input_groups,
         )
         model.eval()
         if run.device.type == "cuda":
@@ -304,15 +299,20 @@ class _SequentialRun:
         layers on the compute device only meanwhile."""
         if self.device != self.home:
             _to_device_except_layers(model, self.layers, self.device)
-        captured = [
-            capture_layer_inputs(model, calibration, self.device, batch_size)
-            for calibration, batch_size in batches
-        ]
-        if self.device != self.home:
-            _to_device_except_layers(model, self.layers, self.home)
-        return captured
+        try:
+            return [
+                capture_layer_inputs(model, calibration, self.device, batch_size)
+                for calibration, batch_size in batches
+            ]
+        finally:
+            if self.device != self.home:
+                _to_device_except_layers(model, self.layers, self.home)
 
     def finish(self, model: nn.Module) -> None:
+        """Put every layer back where it lived and restore the training flag; the drivers call
+        this in a ``finally``, so a layer that fails leaves the model as usable as it was."""
+        for layer, home in zip(self.layers, self.layer_home, strict=True):
+            layer.to(home)
         if self.was_training:
             model.train()
 
@@ -366,35 +366,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None, model_dtype: torc
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _input_groups(
-    layer: nn.Module, linears: dict[str, nn.Linear], states: torch.Tensor, kwargs: dict[str, Any]
-) -> list[list[str]]:
-    """The Linears in call order, those fed the very same tensor (q/k/v, gate/up) grouped."""
-    calls: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        linear.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, args[0])))
-        for name, linear in linears.items()
-    ]
-    try:
-        layer(states, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    seen: set[str] = set()
-    previous: torch.Tensor | None = None
-    for name, x in calls:
-        if name in seen:
-            continue
-        seen.add(name)
-        if previous is not None and x is previous:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        previous = x
-    return groups
-
-
 def _one_pass(
     layer: nn.Module,
     index: int,
@@ -403,25 +374,34 @@ def _one_pass(
     clock: PhaseClock,
     cast: Any,
     inputs: tuple[torch.Tensor, dict[str, Any]],
-    probe: tuple[torch.Tensor, dict[str, Any]],
+    input_groups: tuple[tuple[str, ...], ...],
     float_inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[LinearReport]]:
-    """Run ``layer`` once on ``inputs``, compressing each input group of Linears as it is reached;
-    the layer's output and the reports. ``float_inputs``: each Linear's input in the float model
+    """Run ``layer`` once on ``inputs``, compressing each input group of Linears (from the
+    architecture adapter; a Linear in none is a group of its own) as it is reached; the layer's
+    output and the reports. ``float_inputs``: each Linear's input in the float model
     (``_float_pass``), handed on to the compressor."""
     linears = find_linears(layer)
-    with cast:
-        groups = _input_groups(layer, linears, *probe)
-    group_of = {name: group for group in groups for name in group}
+    group_of = {name: group for group in input_groups for name in group if name in linears}
+    # What each Linear of an already compressed group must be fed: the very tensor its group
+    # was compressed for. Anything else means the adapter's groups are wrong for this model.
+    expected: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     reports: list[LinearReport] = []
 
     def hook(name: str, x: torch.Tensor) -> None:
+        if name in expected:
+            if expected.pop(name) is not x:
+                raise UnsupportedModel(
+                    f"{prefix}.{name} does not read the input of its group "
+                    f"{list(group_of[name])}: the architecture adapter's input groups are wrong"
+                )
+            return
         if name in done:
             return
-        # The probe's grouping, or this Linear alone if the real pass calls it differently.
-        group = [n for n in group_of.get(name, [name]) if n not in done] or [name]
+        group = [n for n in group_of.get(name, (name,)) if n in linears and n not in done]
         done.update(group)
+        expected.update({n: x for n in group if n != name})
         members = {n: linears[n] for n in group}
         reports.extend(compressor.compress_group(
             index, prefix, members, x, clock,
@@ -478,8 +458,8 @@ def run_linear_sequential(
 ) -> list[LinearReport]:
     """Compress every decoder layer with one forward pass of all samples per layer.
 
-    A probe of 8 tokens first finds each layer's Linears in call order and which share an input;
-    then, in the real pass, the first Linear of each group hands the group and its input to
+    The architecture adapter says which Linears of a layer share an input; in the pass, the
+    first Linear of each such group to be called hands the group and its input to
     ``compressor`` from a forward pre-hook, before the Linear computes. So every Linear sees
     inputs produced by the compressed Linears before it (errors propagate as at inference) and
     the layer's output, already compressed, feeds the next layer. ``dtype`` (e.g. bfloat16) runs
@@ -493,61 +473,61 @@ def run_linear_sequential(
     """
     model_dtype = next(model.parameters()).dtype
     run = _SequentialRun.start(model, device)
-    exec_device, prefix, layers, layer_home = run.device, run.prefix, run.layers, run.layer_home
-    samples = calibration.shape[0]
-    float_samples = min(float_samples, samples)
-    captures = [(calibration, samples), (calibration[:1, :8], 1)]
-    if 0 < float_samples < samples:
-        captures.append((calibration[:float_samples], float_samples))
-    (hidden_list, kwargs_list), (probe_states, probe_kwargs), *subset = run.capture(
-        model, captures
-    )
-    hidden = hidden_list[0]
-    kwargs = kwargs_list[0]
-    del hidden_list
-    # Layer 0's inputs are the same in both models.
-    float_hidden: torch.Tensor | None = None
-    float_kwargs = kwargs
-    if subset:
-        float_hidden, float_kwargs = subset[0][0][0], subset[0][1][0]
-    elif float_samples:
-        float_hidden = hidden
+    try:
+        exec_device, prefix, layers, layer_home = run.device, run.prefix, run.layers, run.layer_home
+        samples = calibration.shape[0]
+        float_samples = min(float_samples, samples)
+        captures = [(calibration, samples)]
+        if 0 < float_samples < samples:
+            captures.append((calibration[:float_samples], float_samples))
+        (hidden_list, kwargs_list), *subset = run.capture(model, captures)
+        hidden = hidden_list[0]
+        kwargs = kwargs_list[0]
+        del hidden_list
+        # Layer 0's inputs are the same in both models.
+        float_hidden: torch.Tensor | None = None
+        float_kwargs = kwargs
+        if subset:
+            float_hidden, float_kwargs = subset[0][0][0], subset[0][1][0]
+        elif float_samples:
+            float_hidden = hidden
 
-    reports: list[LinearReport] = []
-    clock = PhaseClock()
-    reuse = _reuse_freed_memory() if exec_device.type == "cpu" else contextlib.nullcontext()
-    with reuse:
-        for index, layer in enumerate(layers):
-            started = time.perf_counter()
-            started_cpu = time.process_time()
-            layer.to(exec_device)
-            cast = _autocast(exec_device, dtype, model_dtype)
-            float_inputs = None
-            if float_hidden is not None:
-                with clock("float"):
-                    float_hidden, float_inputs = _float_pass(
-                        layer, cast, (float_hidden, float_kwargs))
-            hidden, layer_reports = _one_pass(
-                layer, index, f"{prefix}.{index}", compressor, clock, cast,
-                (hidden, kwargs), (probe_states[0], probe_kwargs[0]), float_inputs,
-            )
-            del float_inputs
-            reports.extend(layer_reports)
-            layer.to(layer_home[index])
-            wall, cpu = clock.take()
-            wall["forward"] = time.perf_counter() - started - sum(wall.values())
-            cpu["forward"] = time.process_time() - started_cpu - sum(cpu.values())
-            if on_layer is not None:
-                on_layer(
-                    LayerEvent(
-                        index=index,
-                        total=len(layers),
-                        seconds=time.perf_counter() - started,
-                        reports=layer_reports,
-                        peak_memory_bytes=_peak_memory(exec_device),
-                        phases=wall,
-                        phases_cpu=cpu,
-                    )
+        reports: list[LinearReport] = []
+        clock = PhaseClock()
+        reuse = _reuse_freed_memory() if exec_device.type == "cpu" else contextlib.nullcontext()
+        with reuse:
+            for index, layer in enumerate(layers):
+                started = time.perf_counter()
+                started_cpu = time.process_time()
+                layer.to(exec_device)
+                cast = _autocast(exec_device, dtype, model_dtype)
+                float_inputs = None
+                if float_hidden is not None:
+                    with clock("float"):
+                        float_hidden, float_inputs = _float_pass(
+                            layer, cast, (float_hidden, float_kwargs))
+                hidden, layer_reports = _one_pass(
+                    layer, index, f"{prefix}.{index}", compressor, clock, cast,
+                    (hidden, kwargs), run.input_groups, float_inputs,
                 )
-    run.finish(model)
+                del float_inputs
+                reports.extend(layer_reports)
+                layer.to(layer_home[index])
+                wall, cpu = clock.take()
+                wall["forward"] = time.perf_counter() - started - sum(wall.values())
+                cpu["forward"] = time.process_time() - started_cpu - sum(cpu.values())
+                if on_layer is not None:
+                    on_layer(
+                        LayerEvent(
+                            index=index,
+                            total=len(layers),
+                            seconds=time.perf_counter() - started,
+                            reports=layer_reports,
+                            peak_memory_bytes=_peak_memory(exec_device),
+                            phases=wall,
+                            phases_cpu=cpu,
+                        )
+                    )
+    finally:
+        run.finish(model)
     return reports

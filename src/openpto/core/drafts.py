@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from openpto.architectures import architecture_of
 from openpto.core.kvcache import cache_length, crop_cache, forward_logits, new_cache
 from openpto.core.sampling import SamplingParams, probabilities
 from openpto.errors import UnsupportedModel, UsageError
@@ -162,13 +163,16 @@ class LookupDraft(Draft):
 
 def early_exit_model(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     """A view of ``model`` that runs only its first ``layers`` decoder layers, then the final norm
-    and the shared head; it shares every weight with ``model`` (no copy)."""
-    inner = getattr(model, "model", None)
-    decoder = getattr(inner, "layers", None)
-    if inner is None or decoder is None or not hasattr(inner, "norm"):
+    and the shared head; it shares every weight with ``model`` (no copy). Where the layers and
+    the final norm live comes from the model's architecture adapter."""
+    arch = architecture_of(model)
+    path, decoder = arch.decoder_layers(model)
+    parent_path, _, attr = path.rpartition(".")
+    norm_parent, _, norm_attr = arch.final_norm.rpartition(".")
+    if parent_path != norm_parent or not hasattr(model.get_submodule(parent_path), norm_attr):
         raise UnsupportedModel(
-            f"self:layers=K needs a decoder with .model.layers and .model.norm; "
-            f"{type(model).__name__} has none"
+            f"self:layers=K needs the final norm beside the decoder layers; "
+            f"{type(model).__name__} has {path} and {arch.final_norm}"
         )
     total = len(decoder)
     if not 1 <= layers < total:
@@ -178,15 +182,23 @@ def early_exit_model(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     for key in ("layer_types",):  # per-layer lists must match the shorter depth
         if isinstance(getattr(config, key, None), list):
             setattr(config, key, getattr(config, key)[:layers])
-    # Shallow copies with their own child dicts: swapping ``layers`` here leaves the target intact.
-    view_inner = copy.copy(inner)
-    view_inner._modules = dict(inner._modules)
-    view_inner.layers = torch.nn.ModuleList(list(decoder)[:layers])
-    view_inner.config = config
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    view.model = view_inner
-    view.config = config
+    # Shallow copies with their own child dicts, from the model down to the layers' parent:
+    # swapping the layer list there leaves the target intact.
+    view = _shallow_view(model, config)
+    inner = view
+    for part in parent_path.split(".") if parent_path else []:
+        child = _shallow_view(inner.get_submodule(part), config)
+        setattr(inner, part, child)
+        inner = child
+    setattr(inner, attr, torch.nn.ModuleList(list(decoder)[:layers]))
+    return view
+
+
+def _shallow_view(module: torch.nn.Module, config: Any) -> torch.nn.Module:
+    view = copy.copy(module)
+    view._modules = dict(module._modules)
+    if hasattr(module, "config"):
+        view.config = config
     return view
 
 

@@ -1,7 +1,7 @@
 """Batch-1 decoding over a preallocated (static) KV cache, replayed as one CUDA graph per token.
 
 Why: eager decoding of an 8B model on an H200 spends longer launching several hundred small
-kernels from Python than the GPU spends reading the weights (46 tokens/s eager against a 285
+kernels from Python than the GPU spends reading the weights (37.6 tokens/s eager against a 275
 tokens/s bandwidth floor, docs/benchmarks.md). A decode step whose shapes never change -- the token
 id in a fixed buffer, its position in another, keys and values written in place into a cache sized
 for the whole request -- can be captured once as a CUDA graph and replayed with one launch.

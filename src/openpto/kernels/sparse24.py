@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 KERNEL_NAME = "sparse24-cusparselt"
 #: token count from which the compressed weight is used: the smallest measured count at which
-#: every large Llama-3-8B layer shape ran faster sparse than dense on an H200 (1.20–1.45x)
+#: every large Llama-3-8B layer shape ran faster sparse than dense on an H200 (1.20–1.45x with
+#: torch's column-major output; row-major, as here, 0.66–1.05x at 1024–2048 tokens, so
+#: swap_to_sparse24 times each shape before swapping it)
 DEFAULT_MIN_TOKENS = 1024
 _HALF = (torch.float16, torch.bfloat16)
 # cuSPARSELt's shape rules for 16-bit weights: both dims multiples of 16; dense operand of 8.

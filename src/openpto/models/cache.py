@@ -1,7 +1,7 @@
 """The on-disk cache under ``OPT_HOME/cache``: file hashes and converted models.
 
-Hashing a 500 MB weights file costs about a second, so each file's sha256 is remembered next to
-its size and modification time and recomputed only when either changes. Converted models are
+Hashing a large weights file on every load would be slow, so each file's sha256 is remembered
+next to its size and modification time and recomputed only when either changes. Converted models are
 written to a temporary folder and renamed into place, so an interrupted conversion never leaves a
 folder that looks complete.
 """

@@ -3,8 +3,9 @@
 transformers reads a GGUF file with ``from_pretrained(folder, gguf_file=...)`` and dequantizes it,
 but the model it returns carries a GGUF quantizer and refuses ``save_pretrained``. So we rebuild a
 plain model of the same class from its config (without ``quantization_config``) on the meta device,
-move the dequantized tensors into it, and save that. The conversion (about 30 s for the default
-model on two cores) happens once per file content; later loads read the cached safetensors.
+move the dequantized tensors into it, and save that. The conversion (the default model's first
+load took 24.4 s on an idle 2-core machine, docs/benchmarks.md) happens once per file content;
+later loads read the cached safetensors.
 """
 
 from __future__ import annotations

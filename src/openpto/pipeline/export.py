@@ -1,8 +1,10 @@
 """``export_artifact``: an artifact folder -> GGUF (llama.cpp/Ollama), compressed-tensors (vLLM)
 or MLX (mlx-lm), recorded as an ``export`` run.
 
-GGUF: llama architecture metadata, the tokenizer, llama.cpp tensor names and the Q/K row
-permutation llama.cpp expects. A 4-bit group-32 artifact maps onto Q4_0 (symmetric: ``d = s``,
+GGUF: the llama.cpp architecture the model's adapter names (``openpto.architectures``), its
+metadata, tensor names from ``gguf``'s own map, the tokenizer, and what llama.cpp expects of the
+tensors (the Q/K row permutation of its llama architecture, Gemma's norms stored as ``1 + w``).
+A 4-bit group-32 artifact maps onto Q4_0 (symmetric: ``d = s``,
 codes as they are) or Q4_1 (asymmetric: ``d = s``, ``m = -z s`` rounded to float16) without
 re-rounding a single code, and an 8-bit symmetric group-32 one onto Q8_0 — so GPTQ/AWQ quality
 reaches llama.cpp, whose own quantizer only rounds to nearest. Any other grid is dequantized and
@@ -24,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from openpto.errors import ConfigError, UsageError
+from openpto.architectures import Architecture, GGUFLayout, architecture
+from openpto.errors import ConfigError, UnsupportedModel, UsageError
 from openpto.models.resolve import ARTIFACT_FILE
 from openpto.pipeline.artifacts import check_output, folder_size
 from openpto.pipeline.common import open_run
@@ -77,30 +80,21 @@ def _permutation(rows: int, heads: int) -> torch.Tensor:
 # GGUF
 
 
-_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_TOP_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+def gguf_names(layout: GGUFLayout, blocks: int) -> Callable[[str], str | None]:
+    """``hf_name -> llama.cpp name`` for ``layout``'s architecture, from ``gguf``'s own map;
+    ``None`` for a tensor that architecture does not store."""
+    import gguf
 
+    arch = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == layout.arch), None)
+    if arch is None:
+        raise ConfigError(f"this gguf package does not know the {layout.arch!r} architecture")
+    names = gguf.get_tensor_name_map(arch, blocks)
 
-def gguf_name(hf_name: str) -> str | None:
-    """llama.cpp's name for a Llama tensor (``None`` for tensors it does not store)."""
-    if hf_name in _TOP_NAMES:
-        return _TOP_NAMES[hf_name]
-    parts = hf_name.split(".")
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[-1] == "weight":
-        key = ".".join(parts[3:-1])
-        if key in _LAYER_NAMES:
-            return f"blk.{parts[2]}.{_LAYER_NAMES[key]}.weight"
-    if hf_name.endswith("rotary_emb.inv_freq"):
-        return None
-    raise ConfigError(f"no GGUF name for tensor {hf_name!r} (only Llama-architecture models)")
+    def name(hf_name: str) -> str | None:
+        found: str | None = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        return found
+
+    return name
 
 
 def q4_blocks(qw: Any, symmetric_type: bool) -> np.ndarray:
@@ -195,15 +189,23 @@ def _pre_tokenizer(source_gguf: Path | None) -> str:
     return "default"
 
 
+def _gguf_layout(config: dict[str, Any]) -> tuple[Architecture, GGUFLayout]:
+    try:
+        arch = architecture(config.get("model_type"))
+    except UnsupportedModel as exc:
+        raise ConfigError(f"GGUF export: {exc}") from exc
+    if arch.gguf is None:
+        raise ConfigError(f"GGUF export: llama.cpp has no architecture for {arch.model_type!r}")
+    return arch, arch.gguf
+
+
 def write_gguf(folder: Path, output: Path, qtype: str | None,
                progress: Callable[[str], None]) -> dict[str, Any]:
     """Write ``folder`` as one GGUF file; returns what was mapped exactly and what was not."""
     import gguf
 
     config, tensors, packed = read_folder(folder)
-    if config.get("model_type") != "llama":
-        raise ConfigError(f"GGUF export writes the llama architecture; this is "
-                          f"{config.get('model_type')!r}")
+    arch, layout = _gguf_layout(config)
     exact = {exact_gguf_type(qw) for qw in packed.values()}
     if qtype is None:
         qtype = exact.pop() if len(exact) == 1 and None not in exact else "q8_0"
@@ -215,37 +217,50 @@ def write_gguf(folder: Path, output: Path, qtype: str | None,
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // heads)
     rope = config.get("rope_parameters") or {}
-    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope = rope.get("full_attention", rope)  # Gemma 3: local and global bases; llama.cpp wants
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))  # the global one
+    rotary = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    layer_count = int(config["num_hidden_layers"])
     meta_path = folder / ARTIFACT_FILE
     metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     source = metadata.get("source_path")
 
-    writer = gguf.GGUFWriter(str(output), "llama")
+    writer = gguf.GGUFWriter(str(output), layout.arch)
     writer.add_name(str(metadata.get("source_model") or folder.name))
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
-    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_block_count(layer_count)
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rotary)
+    if config.get("head_dim"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if layout.metadata is not None:
+        layout.metadata(writer, config)
     writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_file_type({"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[qtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, folder, Path(source) if source else None)
 
+    gguf_name = gguf_names(layout, layer_count)
+    skip = set(layout.skip) | ({"lm_head.weight"} if config.get("tie_word_embeddings") else set())
     mapped = requantized = 0
     for name in sorted(set(tensors) | {f"{m}.weight" for m in packed}):
+        if name in skip or name.endswith("rotary_emb.inv_freq"):
+            continue
         target = gguf_name(name)
         if target is None:
-            continue
+            raise ConfigError(f"no GGUF name for tensor {name!r} in llama.cpp's {layout.arch} "
+                              "architecture")
         module = name.removesuffix(".weight")
         perm = None
-        if module.endswith("self_attn.q_proj"):
+        if layout.permute_qk and module.endswith("self_attn.q_proj"):
             perm = _permutation(heads * head_dim, heads)
-        elif module.endswith("self_attn.k_proj"):
+        elif layout.permute_qk and module.endswith("self_attn.k_proj"):
             perm = _permutation(kv_heads * head_dim, kv_heads)
         qw = packed.get(module)
         if qw is not None and exact_gguf_type(qw) == qtype:
@@ -257,6 +272,8 @@ def write_gguf(folder: Path, output: Path, qtype: str | None,
         w = qw.dequantize() if qw is not None else tensors[name].float()
         if perm is not None:
             w = w[perm]
+        if arch.norm_offset and name.endswith("norm.weight"):
+            w = w + arch.norm_offset  # llama.cpp multiplies by the stored weight as it is
         array = w.contiguous().numpy()
         if w.dim() == 1:
             writer.add_tensor(target, array.astype(np.float32))  # norms stay float32

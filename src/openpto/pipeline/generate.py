@@ -247,8 +247,8 @@ def _self_quantized(spec: str, target: LoadedModel) -> tuple[Draft, dict[str, An
 
 def _pack_head(model: Any, config: Any) -> None:
     """Quantize the draft's lm_head too: in a small model the vocabulary projection is a large
-    share of each step (49152 x 576 in SmolLM2-135M, 41 ms of ~120 ms per int4 draft token on
-    this CPU), and a draft only needs its argmax to agree often, not exact logits."""
+    share of each step (49152 x 576 in SmolLM2-135M), and a draft only needs its argmax to agree
+    often, not exact logits."""
     from openpto.core.quant import quantize_weight
     from openpto.kernels import QuantLinear
 

@@ -1,8 +1,9 @@
 """AWQ (Lin et al., 2023): protect the weights that meet large activations by scaling them up
 before rounding, and fold the inverse scale into the op that produces those activations.
 
-Per group of Linears sharing one input (q/k/v after the input norm, gate/up after the
-post-attention norm, o after v, down after up), a per-channel scale ``s = x_mean^a`` (or, with
+Per group of Linears sharing one input (the architecture adapter's scale pairs: for Llama q/k/v
+after the input norm, gate/up after the post-attention norm, o after v, down after up), a
+per-channel scale ``s = x_mean^a`` (or, with
 ``duo``, ``x_mean^a / w_mean^(1-a)``) is searched over ``a`` in a grid. Then a clipping ratio per
 row and group shrinks the quantization range where that lowers the output error.
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from openpto.architectures import Architecture, ScalePair, architecture_of
 from openpto.core.calibrate import (
     CompressionResult,
     LayerCallback,
@@ -47,46 +49,6 @@ CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 
 
-@dataclass(frozen=True)
-class ScaleGroup:
-    prev: str  # the module whose output channels are the Linears' inputs (a norm or a Linear)
-    linears: tuple[str, ...]
-    # When ``prev`` is v_proj and the Linear is o_proj under grouped-query attention, each v
-    # channel feeds one channel of every query head in its group: read head_dim here.
-    attention: str | None = None
-
-
-@dataclass(frozen=True)
-class AWQAdapter:
-    groups: tuple[ScaleGroup, ...]
-    # AutoAWQ leaves q/k unclipped: their output error is a poor proxy for the attention scores.
-    no_clip: tuple[str, ...] = ()
-
-
-_LLAMA = AWQAdapter(
-    groups=(
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), attention="self_attn"),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
-)
-
-#: model_type -> which op feeds which Linears (Mistral and Qwen2 use Llama's module names)
-ADAPTERS: dict[str, AWQAdapter] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
-
-
-def adapter_for(model: nn.Module) -> AWQAdapter:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        known = ", ".join(sorted(ADAPTERS))
-        raise UnsupportedModel(
-            f"AWQ has no adapter for model type {model_type!r} (supported: {known})"
-        )
-    return ADAPTERS[model_type]
-
-
 class ActStats:
     """Input Hessian and mean absolute activation per channel for one (shared) Linear input."""
 
@@ -109,7 +71,7 @@ Expand = Callable[[torch.Tensor], torch.Tensor]
 
 
 def channel_maps(
-    layer: nn.Module, group: ScaleGroup, channels: int, width: int
+    layer: nn.Module, group: ScalePair, channels: int, width: int
 ) -> tuple[Expand, Expand] | None:
     """Maps between ``prev``'s ``channels`` outputs and the Linears' ``width`` inputs: expand a
     scale to the inputs, and reduce a per-input statistic to the channels. ``None`` when the
@@ -203,28 +165,44 @@ def search_clip(
 
 
 @torch.no_grad()
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, expand: Expand) -> None:
-    """Divide ``prev``'s output channels by ``s`` and multiply the Linears' inputs by it: the
-    layer computes the same function, with the salient weights now larger."""
+def fold_scale(
+    prev: nn.Module,
+    linears: list[nn.Linear],
+    s: torch.Tensor,
+    expand: Expand,
+    rows: slice = slice(None),
+    norm_offset: float = 0.0,
+) -> None:
+    """Divide ``prev``'s output channels (its ``rows``, for part of a fused Linear) by ``s`` and
+    multiply the Linears' inputs by it: the layer computes the same function, with the salient
+    weights now larger. A norm computing ``x_hat * (norm_offset + w)`` gets
+    ``w' = (norm_offset + w) / s - norm_offset`` (Gemma's ``1 + w``)."""
     weight = getattr(prev, "weight", None)
     if isinstance(prev, nn.Linear):
-        prev.weight.data = (prev.weight.data.float() / s.unsqueeze(1)).to(prev.weight.dtype)
+        w = prev.weight.data.float()
+        w[rows] = w[rows] / s.unsqueeze(1)
+        prev.weight.data = w.to(prev.weight.dtype)
     elif isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        weight.data = (weight.data.float() / s).to(weight.dtype)
+        # Computed in float32; stored in a 16-bit dtype, a w' near -1 keeps fewer significant
+        # bits of 1 + w' than a Llama norm keeps of w', so bfloat16 Gemma folds round more.
+        weight.data = ((weight.data.float() + norm_offset) / s - norm_offset).to(weight.dtype)
     else:
         raise UnsupportedModel(f"cannot fold an AWQ scale into a {type(prev).__name__}")
     bias = getattr(prev, "bias", None)
     if isinstance(bias, torch.Tensor):
-        bias.data = (bias.data.float() / s).to(bias.dtype)
+        b = bias.data.float()
+        b[rows] = b[rows] / s
+        bias.data = b.to(bias.dtype)
     se = expand(s)
     for linear in linears:
         linear.weight.data = (linear.weight.data.float() * se).to(linear.weight.dtype)
 
 
 class AWQCompressor:
-    def __init__(self, config: AWQConfig, adapter: AWQAdapter) -> None:
+    def __init__(self, config: AWQConfig, architecture: Architecture, model_config: Any) -> None:
         self.config = config
-        self.adapter = adapter
+        self.architecture = architecture
+        self.model_config = model_config
 
     def compress_layer(
         self, index: int, prefix: str, layer: nn.Module, run_layer: RunLayer
@@ -246,14 +224,18 @@ class AWQCompressor:
         alphas: dict[str, float | None] = {}
         input_scale: dict[str, torch.Tensor] = {}
         plan = []
-        for group in self.adapter.groups:
+        arch = self.architecture
+        for group in arch.scale_pairs:
             if not all(n in linears for n in group.linears):
                 continue
             started = time.perf_counter()
             members = [linears[n] for n in group.linears]
             prev = layer.get_submodule(group.prev)
-            prev_weight = prev.get_parameter("weight")
-            channels = int(prev_weight.shape[0])
+            rows = (
+                arch.rows(self.model_config, group.prev, group.prev_part)
+                if group.prev_part else slice(None)
+            )
+            channels = len(range(int(prev.get_parameter("weight").shape[0]))[rows])
             maps = channel_maps(layer, group, channels, members[0].in_features)
             if maps is None:
                 continue
@@ -266,15 +248,15 @@ class AWQCompressor:
                 gsize[group.linears[0]],
                 *maps,
             )
-            plan.append((prev, members, s, maps[0]))
+            plan.append((prev, members, s, maps[0], rows))
             for n in group.linears:
                 alphas[n] = alpha
                 input_scale[n] = maps[0](s)
                 seconds[n] += (time.perf_counter() - started) / len(group.linears)
         # Fold only after every search: each search saw the original weights, and scaling a
         # Linear's rows (as prev of the next group) does not change its per-row rounding.
-        for prev, members, s, expand in plan:
-            fold_scale(prev, members, s, expand)
+        for prev, members, s, expand, rows in plan:
+            fold_scale(prev, members, s, expand, rows, arch.norm_offset)
 
         reports = []
         for name, linear in linears.items():
@@ -286,7 +268,7 @@ class AWQCompressor:
                 H = H / (se.unsqueeze(1) * se.unsqueeze(0))
             g = gsize[name]
             ratio = (
-                search_clip(w, H, cfg, g) if cfg.clip and name not in self.adapter.no_clip else None
+                search_clip(w, H, cfg, g) if cfg.clip and name not in arch.no_clip else None
             )
             scale, zero = compute_qparams(w, cfg.bits, g, cfg.symmetric, ratio)
             qw = QuantizedWeight(
@@ -316,5 +298,5 @@ def awq_transform(
     device: str | torch.device | None = None,
     on_layer: LayerCallback | None = None,
 ) -> CompressionResult:
-    compressor = AWQCompressor(config, adapter_for(model))
+    compressor = AWQCompressor(config, architecture_of(model), getattr(model, "config", None))
     return run_calibrated(model, config, calibration, compressor, device=device, on_layer=on_layer)

@@ -4,7 +4,7 @@ Magnitude pruning needs no data and walks the decoder layers directly. Wanda and
 through ``run_layer_sequential``: the calibration samples pass through each layer once with hooks
 on its Linears, every Linear of the layer is pruned from those statistics, and the pruned layer's
 outputs feed the next layer. Linears that read the very same input tensor (q/k/v, gate/up) share
-one set of statistics, which saves a third of the Hessian work on Llama-like layers.
+one set of statistics, which saves the Hessians of k, v and up on Llama-like layers.
 
 ``LinearReport.error`` per method: magnitude — the fraction of the weight's squared norm removed;
 Wanda — ``sum_ij W_ij^2 ||X_j||^2 / tokens`` over pruned weights (the output error if inputs were

@@ -98,23 +98,3 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not bool(torch.isfinite(o).all()):
         return float("inf")
     return float((o - r).norm() / r.norm())
-
-
-def environment() -> dict[str, object]:
-    """Date, GPU, torch and triton versions for a benchmark's JSON."""
-    import datetime
-    import importlib.metadata
-
-    try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-    }
