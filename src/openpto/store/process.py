@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _held = 0  # depth of signals_held() in the main thread
 _deferred: list[int] = []  # signals that arrived while held, raised on leaving
 _received: list[int] = []  # every stop signal this process was sent
+# SIGTERMs this close to the one that raised are one burst (a process group and its parent both
+# forwarding it); they would only interrupt the cleanup that the first one started. A later one
+# raises again, in case the first was swallowed by code that catches everything.
+_BURST_S = 2.0
+_last_raised = -_BURST_S
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
@@ -78,10 +84,16 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _last_raised
     _received.append(signum)
     if _held:
         _deferred.append(signum)
         return
+    now = time.monotonic()
+    if signum == signal.SIGTERM and now - _last_raised < _BURST_S:
+        return  # the same burst: the first one is already unwinding the work
+    if signum == signal.SIGTERM:
+        _last_raised = now
     raise _interrupt(signum)
 
 
