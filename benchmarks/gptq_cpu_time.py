@@ -1,7 +1,7 @@
 """GPTQ calibration time of the default model on the CPU, per phase, with the perplexity it buys.
 
 Runs the path of ``opt quantize smollm2-135m --method gptq --bits 4 --group-size 64``
-(``openpto.pipeline.quantize.quantize_model``: 128 calibration windows of 512 tokens of the
+(``openpto.quantize`` with a ``GPTQConfig``: 128 calibration windows of 512 tokens of the
 default calibration text, the torch backend, an artifact folder written) with perplexity before
 and after on the first ``--eval-tokens`` tokens of the default evaluation text (windows of 512, the
 protocol of ``benchmarks/quant_quality.py``). Prints a table and saves JSON: wall and CPU seconds
@@ -13,7 +13,7 @@ The default fits each Linear to the float model's outputs: a second, float strea
 states, timed as the ``float`` phase. ``--variants`` also runs without it (``no-float-targets``),
 and the earlier calibrations: the one-pass driver in float32 (``one-pass-fp32``) and one float32
 pass to collect the Hessians and one to propagate, per layer (``two-pass-fp32``); they differ
-from the default only in the GPTQ config the torch backend is given (``float_targets``,
+from the default only in the GPTQ config passed to ``openpto.quantize`` (``float_targets``,
 ``true_sequential``, ``calib_dtype``). Time it alone on the machine:
 
     flock -x /tmp/openpto-bench.lock env HF_HUB_OFFLINE=1 .venv/bin/python \
@@ -23,7 +23,6 @@ from the default only in the GPTQ config the torch backend is given (``float_tar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import tempfile
@@ -47,49 +46,32 @@ LLM_COMPRESSOR_SECONDS = 490.2
 
 
 def run_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    import openpto.api
-    from openpto.pipeline.backends.torch_backend import TorchBackend
-    from openpto.pipeline.quantize import quantize_model
+    import openpto
     from openpto.store import Store
 
-    timing: dict[str, float] = {}
-    configure, quantize, calibrate = (
-        TorchBackend.configure, TorchBackend.quantize, openpto.api.quantize_)
-
-    def configured(self: Any, request: Any) -> Any:
-        request = configure(self, request)
-        config = dataclasses.replace(request.config, **VARIANTS[name])
-        return dataclasses.replace(request, config=config)
-
-    def timed(self: Any, *a: Any, **kw: Any) -> Any:
-        wall, cpu = time.perf_counter(), time.process_time()
-        produced = quantize(self, *a, **kw)
-        timing["backend_wall"] = time.perf_counter() - wall
-        timing["backend_cpu"] = time.process_time() - cpu
-        return produced
-
-    def calibrated(*a: Any, **kw: Any) -> Any:
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = calibrate(*a, **kw)
-        timing["calibration_wall"] = time.perf_counter() - wall
-        timing["calibration_cpu"] = time.process_time() - cpu
-        return result
-
+    config = openpto.GPTQConfig(bits=4, group_size=64, **VARIANTS[name])
+    options = openpto.QuantizeOptions(
+        calibration=openpto.CalibrationOptions(samples=args.samples, seq_len=args.calib_seq_len),
+        evaluation=openpto.EvalOptions(text="stdlib-docstrings", max_tokens=args.eval_tokens),
+        output=workdir / name,
+    )
     store = Store(workdir / f"{name}.db")
     load_start = os.getloadavg()
     wall, cpu = time.perf_counter(), time.process_time()
-    TorchBackend.configure, TorchBackend.quantize = configured, timed  # type: ignore[method-assign]
-    openpto.api.quantize_ = calibrated
-    try:
-        result = quantize_model(
-            "smollm2-135m", method="gptq", bits=4, group_size=64, samples=args.samples,
-            calib_seq_len=args.calib_seq_len, output=workdir / name, eval_text="stdlib-docstrings",
-            eval_max_tokens=args.eval_tokens, store=store,
-        )
-    finally:
-        TorchBackend.configure, TorchBackend.quantize = configure, quantize  # type: ignore[method-assign]
-        openpto.api.quantize_ = calibrate
+    result = openpto.quantize("smollm2-135m", config, options, store=store).to_dict()
     total_wall, total_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    # The torch backend's own timing, in the run's "quantize" trace: calibration + quantization
+    # (``seconds``, ``cpu_seconds``), then storing the codes and writing the folder (``write_*``).
+    (row,) = store.query_readonly(
+        "select duration_ms, attributes from traces where run_id = ? and name = 'quantize'",
+        [result["run_id"]])
+    stage = json.loads(row["attributes"]) if isinstance(row["attributes"], str) \
+        else row["attributes"]
+    timing = {
+        "calibration_wall": stage["seconds"], "calibration_cpu": stage["cpu_seconds"],
+        "backend_wall": row["duration_ms"] / 1000.0,
+        "backend_cpu": stage["cpu_seconds"] + stage["write_cpu_seconds"],
+    }
     layers = [
         json.loads(row["attributes"]) if isinstance(row["attributes"], str) else row["attributes"]
         for row in store.query_readonly(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -85,18 +86,40 @@ def tiny_llama(
     return model
 
 
+@contextlib.contextmanager
+def registered_plugin(plugin: object, name: str) -> Iterator[None]:
+    """``plugin`` (an object with ``@hookimpl`` methods) on the real plugin manager for the
+    block: the registries refill with its entries, and without them afterwards."""
+    from openpto.plugins import load_plugins, pm
+
+    load_plugins()  # the built-ins first, so they keep their names
+    pm.register(plugin, name)
+    try:
+        yield
+    finally:
+        pm.unregister(name=name)
+
+
 def run_opt(args: list[str], capsys: pytest.CaptureFixture[str],
             monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
     """The real ``opt`` entry point in this process: exit code, stdout, stderr."""
+    import signal
+
     from openpto.cli.main import run
 
     monkeypatch.setattr(sys, "argv", ["opt", *args])
     capsys.readouterr()
+    # The entry point owns its process's stop signals (it ignores them while it exits); give
+    # the test process its own back.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run()
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -89,10 +89,12 @@ def test_eval_json_on_a_tiny_model(tiny_folder: Path, text_file: Path, tmp_db: P
 
 
 def test_evaluate_library_call(tiny_folder: Path, tmp_path: Path) -> None:
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     store = Store(tmp_path / "lib.db")
-    result = evaluate(str(tiny_folder), "pydoc-topics", seq_len=128, max_tokens=512, store=store)
+    result = evaluate(str(tiny_folder),
+                      EvalConfig(text="pydoc-topics", seq_len=128, max_tokens=512),
+                      store=store).to_dict()
     assert result["tokens"] == 512 and result["text"] == "pydoc-topics"
     assert store.rows("runs")[0]["model"] == str(tiny_folder)
     # A random 512-token model is close to uniform.

@@ -38,11 +38,13 @@ def texts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _prune(folder: Path, out: Path, config: Any, calib: Path | None = None) -> dict[str, Any]:
-    from openpto.pipeline.sparsify import sparsify_model
+    from openpto.pipeline.sparsify import sparsify
+    from openpto.pipeline.workflow import CalibrationOptions, SparsifyOptions
 
-    return sparsify_model(str(folder), config, calib=None if calib is None else str(calib),
-                          samples=4, calib_seq_len=32, output=out,
-                          store=Store(out.parent / "prune.db"))
+    calibration = CalibrationOptions(text=None if calib is None else str(calib), samples=4,
+                                     seq_len=32)
+    return sparsify(str(folder), config, SparsifyOptions(calibration=calibration, output=out),
+                    store=Store(out.parent / "prune.db")).to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +82,20 @@ def test_eval_shows_and_records_the_sparsity_of_a_24_artifact(
 
 def test_unstructured_and_dense_models(tiny_folder: Path, tmp_path: Path) -> None:
     from openpto.core.sparsity import MagnitudeConfig
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     out = tmp_path / "m50"
     _prune(tiny_folder, out, MagnitudeConfig(sparsity=0.5))
     store = Store(tmp_path / "eval.db")
-    pruned = evaluate(str(out), "pydoc-topics", seq_len=64, max_tokens=128, store=store)
+    pruned = evaluate(str(out), EvalConfig(text="pydoc-topics", seq_len=64, max_tokens=128),
+                      store=store).to_dict()
     assert pruned["sparsity"] == 0.5  # round(numel / 2) zeros in every Linear, all even sizes
     assert pruned["nm_compliant"] == {"2:4": False, "4:8": False}
     assert pruned["nonzero_linear_params"] == LINEAR_PARAMS // 2
 
-    dense = evaluate(str(tiny_folder), "pydoc-topics", seq_len=64, max_tokens=128, store=store)
+    dense = evaluate(str(tiny_folder),
+                     EvalConfig(text="pydoc-topics", seq_len=64, max_tokens=128),
+                     store=store).to_dict()
     assert dense["sparsity"] == 0.0
     assert dense["nm_compliant"] == {"2:4": False, "4:8": False}
     assert dense["nonzero_linear_params"] == dense["linear_params"] == LINEAR_PARAMS
@@ -100,14 +105,14 @@ def test_packed_sparse_artifact_is_measured_from_its_stored_weights(
     tiny_folder: Path, texts: tuple[Path, Path], tmp_path: Path,
 ) -> None:
     from openpto.core.sparsity import SparseGPTConfig
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     out = tmp_path / "joint"
     _prune(tiny_folder, out, SparseGPTConfig(pattern="2:4", bits=4, group_size=32), texts[0])
     meta = json.loads((out / "openpto.json").read_text())
     assert meta["format"] == "pack-quantized"
-    result = evaluate(str(out), "pydoc-topics", seq_len=64, max_tokens=128,
-                      store=Store(tmp_path / "eval.db"))
+    result = evaluate(str(out), EvalConfig(text="pydoc-topics", seq_len=64, max_tokens=128),
+                      store=Store(tmp_path / "eval.db")).to_dict()
     # Every Linear is packed: the numbers come from the artifact's codes, dequantized.
     assert result["linear_params"] == LINEAR_PARAMS
     assert result["sparsity"] == pytest.approx(meta["sparsity"]["measured"], abs=1e-12)
@@ -173,7 +178,7 @@ def test_a_24_artifact_on_cuda_takes_the_semi_structured_path(
 ) -> None:
     from openpto.kernels.sparse24 import KERNEL_NAME, Sparse24Linear
     from openpto.models import load_model
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     loaded = load_model(str(artifact_24), device="cuda", dtype="bfloat16")
     verdicts = loaded.metadata["sparse24"]
@@ -187,9 +192,11 @@ def test_a_24_artifact_on_cuda_takes_the_semi_structured_path(
     assert loaded.metadata["kernels"].get(KERNEL_NAME, 0) == swapped
 
     store = Store(tmp_path / "gpu.db")
-    on_gpu = evaluate(str(artifact_24), str(texts[1]), seq_len=64, max_tokens=256,
-                      device="cuda", dtype="bfloat16", store=store)
-    on_cpu = evaluate(str(artifact_24), str(texts[1]), seq_len=64, max_tokens=256, store=store)
+    on_gpu = evaluate(str(artifact_24), EvalConfig(text=str(texts[1]), seq_len=64,
+                                                   max_tokens=256, device="cuda",
+                                                   dtype="bfloat16"), store=store).to_dict()
+    on_cpu = evaluate(str(artifact_24), EvalConfig(text=str(texts[1]), seq_len=64,
+                                                   max_tokens=256), store=store).to_dict()
     assert on_gpu["sparsity"] == on_cpu["sparsity"] == 0.5
     details = json.loads(store.db.execute(
         "select details from metrics where run_id = ? and name = 'perplexity'",

@@ -17,8 +17,10 @@ from openpto.store import Store
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """GPTQ artifacts of one tiny Llama: 4-bit g32 symmetric and asymmetric, 4-bit g64."""
+    from openpto.core.quant import GPTQConfig
     from openpto.models import save_model
-    from openpto.pipeline.quantize import quantize_model
+    from openpto.pipeline.quantize import quantize
+    from openpto.pipeline.workflow import CalibrationOptions, QuantizeOptions
     from tests.helpers import tiny_llama, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("export")
@@ -29,8 +31,9 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                          "g32asym": dict(group_size=32, symmetric=False),
                          "g64": dict(group_size=64, symmetric=False)}.items():
         out[name] = root / name
-        quantize_model(str(folder), method="gptq", bits=4, samples=4, calib_seq_len=32,
-                       output=out[name], store=store, **kwargs)
+        quantize(str(folder), GPTQConfig(bits=4, **kwargs),  # type: ignore[arg-type]
+                 QuantizeOptions(calibration=CalibrationOptions(samples=4, seq_len=32),
+                                 output=out[name]), store=store)
     return out
 
 
@@ -165,9 +168,11 @@ def test_bad_requests_fail_cleanly(artifacts: dict[str, Path], tmp_path: Path) -
 
 
 def _export_per_channel_to_mlx(artifacts: dict[str, Path], tmp_path: Path) -> dict:
-    from openpto.pipeline.quantize import quantize_model
+    from openpto.core.quant import RTNConfig
+    from openpto.pipeline.quantize import quantize
+    from openpto.pipeline.workflow import QuantizeOptions
 
     source = artifacts["g64"].parent / "tiny"
-    quantize_model(str(source), method="rtn", bits=8, output=tmp_path / "per-channel",
-                   store=Store(tmp_path / "q.db"))
+    quantize(str(source), RTNConfig(bits=8),
+             QuantizeOptions(output=tmp_path / "per-channel"), store=Store(tmp_path / "q.db"))
     return _export(tmp_path / "per-channel", "mlx", tmp_path / "mlx")

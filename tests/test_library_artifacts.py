@@ -35,11 +35,18 @@ def eval_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _quantize(tiny64: Path, eval_file: Path | None, out: Path, **kwargs: object) -> dict:
-    from openpto.pipeline.quantize import quantize_model
+def _quantize(tiny64: Path, eval_file: Path | None, out: Path, *, method: str, bits: int,
+              backend: str) -> dict:
+    import openpto
+    from openpto.api import method_config_type
 
-    return quantize_model(str(tiny64), output=out, eval_text=eval_file and str(eval_file),
-                          eval_seq_len=64, store=Store(out.parent / "quantize.db"), **kwargs)
+    config = method_config_type(method, openpto.QuantConfig)(bits=bits, group_size="auto",
+                                                             symmetric=bits >= 8 or method == "nf4")
+    evaluation = None if eval_file is None else openpto.EvalOptions(text=str(eval_file),
+                                                                     seq_len=64)
+    options = openpto.QuantizeOptions(output=out, evaluation=evaluation, backend=backend)
+    return openpto.quantize(str(tiny64), config, options,
+                            store=Store(out.parent / "quantize.db")).to_dict()
 
 
 def _greedy_text(model: torch.nn.Module, tokenizer: object, n: int) -> str:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,10 +24,22 @@ from openpto.errors import (
     UnsupportedModel,
     UsageError,
 )
+from openpto.hookspecs import hookimpl
 from openpto.models import LoadedModel, hf_folder, load_model, resolve_model, save_model
 from openpto.models import cache as model_cache
-from openpto.registry import ARTIFACT_LOADERS
-from tests.helpers import tiny_llama, tiny_tokenizer
+from openpto.models.loader import ArtifactRequest
+from tests.helpers import registered_plugin, tiny_llama, tiny_tokenizer
+
+
+class ArtifactLoaderPlugin:
+    """A plugin registering one artifact loader, as an installed plugin would."""
+
+    def __init__(self, fmt: str, loader: Any) -> None:
+        self.fmt, self.loader = fmt, loader
+
+    @hookimpl
+    def register_artifact_loaders(self, register: Any) -> None:
+        register(self.fmt, self.loader)
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +125,7 @@ def test_dense_artifact_loads_with_its_metadata(copy_of: Path) -> None:
     assert torch.equal(loaded.model.model.embed_tokens.weight, reference)
 
 
-def test_packed_artifact_goes_through_its_registered_loader(
-    copy_of: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_packed_artifact_goes_through_its_registered_loader(copy_of: Path) -> None:
     from safetensors.torch import load_file, save_file
     from transformers.utils import logging as hf_logging
 
@@ -135,15 +146,16 @@ def test_packed_artifact_goes_through_its_registered_loader(
     logging.getLogger("transformers").addHandler(handler)
     calls: list[LoadedModel] = []
 
-    def loader(loaded: LoadedModel) -> LoadedModel:
+    def loader(request: ArtifactRequest) -> LoadedModel:
+        loaded = request.float_model()
         calls.append(loaded)
         loaded.model.train()  # load_model must hand back eval mode whatever the loader does
         return LoadedModel(loaded.model, loaded.tokenizer, "swapped", loaded.kind, loaded.path,
                            loaded.source_sha256, loaded.metadata)
 
-    monkeypatch.setitem(ARTIFACT_LOADERS._entries, "test-packed", loader)
     try:
-        loaded = load_model(str(copy_of))
+        with registered_plugin(ArtifactLoaderPlugin("test-packed", loader), "test-packed"):
+            loaded = load_model(str(copy_of))
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert len(calls) == 1 and calls[0].metadata == {"format": "test-packed"}
@@ -235,18 +247,17 @@ def test_load_on_cuda_matches_cpu(saved: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_artifact_loader_sees_the_target_device(
-    copy_of: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_artifact_loader_sees_the_target_device(copy_of: Path) -> None:
     (copy_of / "openpto.json").write_text(json.dumps({"format": "test-device"}))
     seen: list[str] = []
 
-    def loader(loaded: LoadedModel) -> LoadedModel:
+    def loader(request: ArtifactRequest) -> LoadedModel:
+        loaded = request.float_model()
         seen.append(loaded.device.type)
         return loaded
 
-    monkeypatch.setitem(ARTIFACT_LOADERS._entries, "test-device", loader)
-    assert load_model(str(copy_of), device="cuda").device.type == "cuda"
+    with registered_plugin(ArtifactLoaderPlugin("test-device", loader), "test-device"):
+        assert load_model(str(copy_of), device="cuda").device.type == "cuda"
     assert seen == ["cuda"]
 
 

@@ -50,7 +50,7 @@ class _ModelClock:
 def test_profile_numbers_follow_the_model_clock_exactly(model, monkeypatch, batch) -> None:  # type: ignore[no-untyped-def]
     prompt_len, gen_len, repeats = 24, 10, 2
     clock = _ModelClock(prefill_s_per_token=0.002, decode_s=0.005)
-    monkeypatch.setattr("openpto.core.generate.time", clock)
+    monkeypatch.setattr("openpto.core.steps.time", clock)
     hook = model.register_forward_pre_hook(clock.charge, with_kwargs=True)
     try:
         out = profile_generation(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch,

@@ -223,17 +223,22 @@ def test_awq_refuses_unknown_model_types() -> None:
 # Configs and the API
 
 
-def test_every_registered_quant_config_round_trips() -> None:
-    registered = TRANSFORMS.keys()
-    configs = [k() for k in registered if k in (RTNConfig, GPTQConfig, AWQConfig)]
-    assert {type(c) for c in configs} == {RTNConfig, GPTQConfig, AWQConfig}
+def test_every_registered_config_round_trips() -> None:
+    from openpto.api import load_methods
+    from openpto.config import registered_config_types
+
+    load_methods()
+    registered = registered_config_types()
+    configs = [cls() for cls in registered.values()]
+    assert {RTNConfig, GPTQConfig, AWQConfig} <= {type(c) for c in configs}
+    assert set(TRANSFORMS.keys()) <= set(registered.values())
     configs += [
         RTNConfig(bits=4, group_size=64, symmetric=False),
         AWQConfig(duo=True, group_size=None),
     ]
     for cfg in configs:
         data = cfg.to_dict()
-        assert data["type"] == cfg.type_name and data["version"] == 1
+        assert data["type"] == cfg.type_name and data["version"] == type(cfg).version
         assert config_from_dict(data) == cfg
 
 

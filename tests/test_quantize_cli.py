@@ -75,11 +75,13 @@ def test_dry_run_prints_the_size_and_writes_nothing(tiny_folder: Path, tmp_path:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--group-size", "48"], "group size 48 does not divide"),
+        (["--group-size", "48"], "group size must be one of 32, 64, 128"),
         (["--backend", "bitsandbytes", "--method", "nf4", "--bits", "3"],
          "cannot quantize to 3 bits"),
         (["--group-size", "wide"], "'wide' is not a number"),
-        (["--method", "awq", "--no-float-targets"], "apply to GPTQ on the torch backend only"),
+        (["--method", "awq", "--no-float-targets"], "the awq config has no field 'float_targets'"),
+        (["--method", "sparsegpt"], "unknown quantization method 'sparsegpt'"),
+        (["--backend", "quanto", "--method", "gptq"], "the quanto backend has no method 'gptq'"),
     ],
 )
 def test_bad_options_fail_with_one_line(args: list[str], message: str, tiny_folder: Path,

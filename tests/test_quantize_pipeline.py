@@ -9,12 +9,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from openpto.core.quant import AWQConfig, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig
+from openpto.core.sparsity import SparseGPTConfig
 from openpto.errors import ConfigError, OptError, UnsupportedModel, UsageError
+from openpto.pipeline.workflow import CalibrationOptions, EvalOptions, QuantizeOptions
 from openpto.store import Store
 
 SPEC_KEYS = {"output", "method", "bits", "group_size", "size_bytes_before", "size_bytes_after",
              "seconds", "run_id"}
-FAST = {"samples": 4, "calib_seq_len": 32}
+FAST = CalibrationOptions(samples=4, seq_len=32)
+CONFIGS = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig, "nf4": NF4Config,
+           "int8": LLMInt8Config}
+
+
+def quantize(folder: Path, method: str = "gptq", *, store: Store,
+             progress: object = None, fields: dict | None = None, **options: object):
+    """``openpto.quantize`` with a ``method`` config of ``fields`` and ``QuantizeOptions``."""
+    import openpto
+
+    config = CONFIGS[method](**(fields or {}))
+    options.setdefault("calibration", FAST)
+    return openpto.quantize(str(folder), config, QuantizeOptions(**options),  # type: ignore[arg-type]
+                            progress=progress, store=store)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +64,11 @@ def test_round_trip_quantize_save_load_eval(method: str, tiny_folder: Path, eval
     from openpto.data import tokenize_text
     from openpto.kernels import QuantLinear
     from openpto.models import load_model
-    from openpto.pipeline.quantize import quantize_model
-
     store = Store(tmp_path / "opt.db")
     out = tmp_path / "art"
-    result = quantize_model(str(tiny_folder), method=method, bits=4, group_size=32, **FAST,
-                            output=out, eval_text=str(eval_file), eval_seq_len=64, store=store)
+    result = quantize(tiny_folder, method, fields={"bits": 4, "group_size": 32}, output=out,
+                      evaluation=EvalOptions(text=str(eval_file), seq_len=64),
+                      store=store).to_dict()
     assert set(result) >= SPEC_KEYS | {"perplexity_before", "perplexity_after"}
     assert (result["method"], result["bits"], result["group_size"]) == (method, 4, 32)
     assert result["size_bytes_after"] < 0.6 * result["size_bytes_before"]
@@ -101,67 +116,61 @@ def test_round_trip_quantize_save_load_eval(method: str, tiny_folder: Path, eval
 
 def test_dry_run_size_is_within_one_percent_and_writes_nothing(tiny_folder: Path,
                                                                  tmp_path: Path) -> None:
-    from openpto.pipeline.quantize import quantize_model
-
     store = Store(tmp_path / "opt.db")
     for bits, group, sym in ((4, 32, False), (8, None, True)):
         out = tmp_path / f"art{bits}"
-        dry = quantize_model(str(tiny_folder), method="rtn", bits=bits, group_size=group,
-                             symmetric=sym, output=out, dry_run=True, store=store)
-        assert dry["dry_run"] and not out.exists()
-        real = quantize_model(str(tiny_folder), method="rtn", bits=bits, group_size=group,
-                              symmetric=sym, output=out, store=store)
-        assert abs(dry["size_bytes_after"] - real["size_bytes_after"]) / real[
-            "size_bytes_after"] < 0.01
+        fields = {"bits": bits, "group_size": group, "symmetric": sym}
+        dry = quantize(tiny_folder, "rtn", fields=fields, output=out, dry_run=True, store=store)
+        assert dry.dry_run and not out.exists()
+        real = quantize(tiny_folder, "rtn", fields=fields, output=out, store=store)
+        assert real.dry_run is None and "dry_run" not in real.to_dict()
+        assert abs(dry.size_bytes_after - real.size_bytes_after) / real.size_bytes_after < 0.01
 
 
 def test_automatic_group_size_says_why(tiny_folder: Path, tmp_path: Path) -> None:
-    from openpto.pipeline.quantize import quantize_model
+    from openpto.progress import Message, ProgressEvent
 
     messages: list[str] = []
 
-    class Log:
-        def task(self, description, total=None):  # type: ignore[no-untyped-def]
-            from openpto.progress import NullProgress
+    def log(event: ProgressEvent) -> None:
+        if isinstance(event, Message):
+            messages.append(event.message)
 
-            return NullProgress().task(description, total)
-
-        def log(self, message: str) -> None:
-            messages.append(message)
-
-    result = quantize_model(str(tiny_folder), method="rtn", bits=4, dry_run=True,
-                            output=tmp_path / "a", progress=Log(), store=Store(tmp_path / "d.db"))
-    assert result["group_size"] == 32
+    auto = {"group_size": "auto"}
+    result = quantize(tiny_folder, "rtn", fields={"bits": 4, **auto}, dry_run=True,
+                      output=tmp_path / "a", progress=log, store=Store(tmp_path / "d.db"))
+    assert result.group_size == 32
     assert any("group size 32" in m and "128, 64 does not divide" in m for m in messages)
-    eight = quantize_model(str(tiny_folder), method="rtn", bits=8, dry_run=True,
-                           output=tmp_path / "b", store=Store(tmp_path / "d.db"))
-    assert eight["group_size"] is None and eight["symmetric"] is True
+    eight = quantize(tiny_folder, "rtn", fields={"bits": 8, **auto}, dry_run=True,
+                     output=tmp_path / "b", store=Store(tmp_path / "d.db"))
+    assert eight.group_size is None and eight.symmetric is True
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
+    ("config", "options", "error", "message"),
     [
-        ({"group_size": 64}, ConfigError, "group sizes that divide every width: 32"),
-        ({"bits": 3, "backend": "bitsandbytes", "method": "nf4"}, ConfigError,
-         "cannot quantize to 3 bits"),
-        ({"bits": 3, "backend": "quanto", "method": "rtn"}, ConfigError, "cannot quantize to 3"),
-        ({"backend": "torch", "method": "sparsegpt"}, ConfigError, "has no method 'sparsegpt'"),
-        ({"backend": "nope"}, UsageError, "unknown quantization backend 'nope'"),
-        ({"samples": 0}, UsageError, "--samples must be at least 1"),
-        ({"method": "rtn", "float_targets": True}, ConfigError,
-         "--float-targets/--no-float-targets apply to GPTQ"),
-        ({"backend": "quanto", "method": "rtn", "bits": 8, "float_targets": False}, ConfigError,
-         "--float-targets/--no-float-targets apply to GPTQ"),
+        (GPTQConfig(bits=4, group_size=64), {}, ConfigError,
+         "group sizes that divide every width: 32"),
+        (NF4Config(bits=3), {"backend": "bitsandbytes"}, ConfigError, "cannot quantize to 3 bits"),
+        (RTNConfig(bits=3), {"backend": "quanto"}, ConfigError, "cannot quantize to 3"),
+        (GPTQConfig(), {"backend": "quanto"}, ConfigError, "has no method 'gptq'"),
+        (SparseGPTConfig(), {}, ConfigError, "has no method 'sparsegpt'"),
+        (GPTQConfig(), {"backend": "nope"}, UsageError, "unknown quantization backend 'nope'"),
+        (GPTQConfig(), {"calibration": CalibrationOptions(samples=0)}, UsageError,
+         "--samples must be at least 1"),
+        (GPTQConfig(), {"float_dtype": "int8"}, UsageError, "float_dtype must be one of"),
     ],
 )
-def test_bad_configs_fail_before_any_work(kwargs: dict, error: type, message: str,
-                                          tiny_folder: Path, tmp_path: Path) -> None:
-    from openpto.pipeline.quantize import quantize_model
+def test_bad_configs_fail_before_any_work(config: object, options: dict, error: type,
+                                          message: str, tiny_folder: Path,
+                                          tmp_path: Path) -> None:
+    import openpto
 
     store = Store(tmp_path / "opt.db")
-    args = {"method": "gptq", "bits": 4, **FAST, **kwargs}
+    options = {"calibration": FAST, **options}
     with pytest.raises(error, match=message):
-        quantize_model(str(tiny_folder), output=tmp_path / "art", store=store, **args)
+        openpto.quantize(str(tiny_folder), config,  # type: ignore[arg-type]
+                         QuantizeOptions(output=tmp_path / "art", **options), store=store)
     assert not (tmp_path / "art").exists()
     (run,) = store.rows("runs")
     assert run["status"] == "failed" and message.split("'")[0] in run["error"]
@@ -170,13 +179,10 @@ def test_bad_configs_fail_before_any_work(kwargs: dict, error: type, message: st
 
 
 def test_unwritable_output_fails_before_loading(tiny_folder: Path, tmp_path: Path) -> None:
-    from openpto.pipeline.quantize import quantize_model
-
     (tmp_path / "a-file").write_text("x")
     store = Store(tmp_path / "opt.db")
     with pytest.raises(UsageError, match="not a writable folder"):
-        quantize_model(str(tiny_folder), method="gptq", output=tmp_path / "a-file" / "art",
-                       store=store, **FAST)
+        quantize(tiny_folder, "gptq", output=tmp_path / "a-file" / "art", store=store)
     assert [t["name"] for t in store.rows("traces")] == []
     assert store.rows("runs")[0]["status"] == "failed"
 
@@ -185,8 +191,6 @@ def test_failure_while_saving_marks_the_run_failed_and_leaves_no_folder(
     tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import safetensors.torch
-
-    from openpto.pipeline.quantize import quantize_model
 
     real_save = safetensors.torch.save_file
 
@@ -197,8 +201,8 @@ def test_failure_while_saving_marks_the_run_failed_and_leaves_no_folder(
     monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
     store = Store(tmp_path / "opt.db")
     with pytest.raises(OSError, match="no space left"):
-        quantize_model(str(tiny_folder), method="rtn", bits=4, group_size=32,
-                       output=tmp_path / "out" / "art", store=store)
+        quantize(tiny_folder, "rtn", fields={"bits": 4, "group_size": 32},
+                 output=tmp_path / "out" / "art", store=store)
     assert list((tmp_path / "out").iterdir()) == []
     assert store.rows("runs")[0]["status"] == "failed" and store.rows("models") == []
 
@@ -235,14 +239,14 @@ def test_mlx_backend_writes_a_folder_mlx_lm_runs(tiny_folder: Path, eval_file: P
     pytest.importorskip("mlx_lm")
     from mlx_lm import generate, load
 
-    from openpto.pipeline.quantize import quantize_model
-
     out = tmp_path / "mlx"
-    result = quantize_model(str(tiny_folder), method="rtn", bits=4, backend="mlx", output=out,
-                            eval_text=str(eval_file), eval_seq_len=64,
-                            store=Store(tmp_path / "d.db"))
-    assert (result["format"], result["group_size"], result["symmetric"]) == ("mlx", 32, False)
-    assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.05)
+    result = quantize(tiny_folder, "rtn", fields={"bits": 4, "group_size": "auto",
+                                                  "symmetric": False},
+                      backend="mlx", output=out,
+                      evaluation=EvalOptions(text=str(eval_file), seq_len=64),
+                      store=Store(tmp_path / "d.db"))
+    assert (result.format, result.group_size, result.symmetric) == ("mlx", 32, False)
+    assert result.perplexity_after == pytest.approx(result.perplexity_before, rel=0.05)
     config = json.loads((out / "config.json").read_text())
     assert (config["quantization"]["group_size"], config["quantization"]["bits"]) == (32, 4)
     model, tok = load(str(out))
@@ -255,19 +259,18 @@ def test_bitsandbytes_nf4_round_trip(tiny_folder: Path, eval_file: Path, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from openpto.models import save_model
-    from openpto.pipeline.quantize import quantize_model
     from tests.helpers import tiny_llama, tiny_tokenizer
 
     with pytest.raises(ConfigError, match="divisible by 64; this model has 96"):
-        quantize_model(str(tiny_folder), method="nf4", bits=4, backend="bitsandbytes",
-                       output=tmp_path / "no", store=Store(tmp_path / "d.db"))
+        quantize(tiny_folder, "nf4", backend="bitsandbytes", output=tmp_path / "no",
+                 store=Store(tmp_path / "d.db"))
     folder = save_model(tiny_llama(seed=2), tiny_tokenizer(), tmp_path / "tiny64")
     out = tmp_path / "bnb"
-    result = quantize_model(str(folder), method="nf4", bits=4, backend="bitsandbytes",
-                            output=out, eval_text=str(eval_file), eval_seq_len=64,
-                            store=Store(tmp_path / "d.db"))
-    assert (result["format"], result["group_size"]) == ("bitsandbytes", 64)
-    assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.05)
+    result = quantize(folder, "nf4", backend="bitsandbytes", output=out,
+                      evaluation=EvalOptions(text=str(eval_file), seq_len=64),
+                      store=Store(tmp_path / "d.db"))
+    assert (result.format, result.group_size) == ("bitsandbytes", 64)
+    assert result.perplexity_after == pytest.approx(result.perplexity_before, rel=0.05)
     reloaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     assert type(reloaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     ids = torch.arange(20).reshape(1, 20)
@@ -276,28 +279,25 @@ def test_bitsandbytes_nf4_round_trip(tiny_folder: Path, eval_file: Path, tmp_pat
 
 
 def test_other_backends_refuse_what_they_lack(tiny_folder: Path, tmp_path: Path) -> None:
-    from openpto.pipeline.quantize import quantize_model
-
     store = Store(tmp_path / "d.db")
     with pytest.raises(OptError, match="drop --sym"):
-        quantize_model(str(tiny_folder), method="rtn", bits=4, symmetric=True, backend="mlx",
-                       output=tmp_path / "m", dry_run=True, store=store)
+        quantize(tiny_folder, "rtn", fields={"bits": 4, "group_size": 32, "symmetric": True},
+                 backend="mlx", output=tmp_path / "m", dry_run=True, store=store)
     with pytest.raises(ConfigError, match="pass --bits 8"):
-        quantize_model(str(tiny_folder), method="int8", bits=4, backend="bitsandbytes",
-                       output=tmp_path / "b", dry_run=True, store=store)
+        quantize(tiny_folder, "int8", fields={"bits": 4}, backend="bitsandbytes",
+                 output=tmp_path / "b", dry_run=True, store=store)
 
 
 def test_quanto_qint8_round_trip(tiny_folder: Path, eval_file: Path, tmp_path: Path) -> None:
     pytest.importorskip("optimum.quanto")
     from openpto.models import load_model
-    from openpto.pipeline.quantize import quantize_model
 
     out = tmp_path / "quanto"
-    result = quantize_model(str(tiny_folder), method="rtn", bits=8, backend="quanto",
-                            output=out, eval_text=str(eval_file), eval_seq_len=64,
-                            store=Store(tmp_path / "d.db"))
-    assert (result["format"], result["group_size"], result["symmetric"]) == ("quanto", None, True)
-    assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.01)
+    result = quantize(tiny_folder, "rtn", fields={"bits": 8}, backend="quanto", output=out,
+                      evaluation=EvalOptions(text=str(eval_file), seq_len=64),
+                      store=Store(tmp_path / "d.db"))
+    assert (result.format, result.group_size, result.symmetric) == ("quanto", None, True)
+    assert result.perplexity_after == pytest.approx(result.perplexity_before, rel=0.01)
     assert json.loads((out / "openpto.json").read_text())["format"] == "quanto"
     reloaded = load_model(str(out))
     assert type(reloaded.model.model.layers[0].mlp.down_proj).__name__ == "QLinear"
@@ -305,15 +305,86 @@ def test_quanto_qint8_round_trip(tiny_folder: Path, eval_file: Path, tmp_path: P
         assert torch.isfinite(reloaded.model(torch.arange(16).reshape(1, 16)).logits).all()
 
 
-def test_float_targets_option_reaches_the_gptq_config(tiny_folder: Path, tmp_path: Path) -> None:
-    from openpto.pipeline.quantize import quantize_model
+def test_the_config_given_is_the_config_run_and_stored(tiny_folder: Path, tmp_path: Path) -> None:
+    """A GPTQ field set by the caller reaches the solve (a different damp gives different codes)
+    and the run's stored config, and the artifact's openpto.json."""
+    from safetensors.torch import load_file
 
     store = Store(tmp_path / "opt.db")
-    for option, expected in ((None, True), (False, False)):
-        result = quantize_model(str(tiny_folder), method="gptq", bits=4, group_size=32, **FAST,
-                                output=tmp_path / f"art-{option}", store=store,
-                                float_targets=option)
-        config = json.loads(_run(store, result["run_id"])["config"])
-        assert config["resolved"]["config"]["float_targets"] is expected
-        saved = json.loads((tmp_path / f"art-{option}" / "openpto.json").read_text())
-        assert f'"float_targets": {str(expected).lower()}' in json.dumps(saved)
+    weights = {}
+    for damp in (0.01, 0.2):
+        out = tmp_path / f"art-{damp}"
+        result = quantize(tiny_folder, "gptq",
+                          fields={"bits": 4, "group_size": 32, "damp": damp,
+                                  "float_targets": False}, output=out, store=store)
+        config = json.loads(_run(store, result.run_id)["config"])
+        assert config["method_config"]["damp"] == damp
+        assert config["resolved"]["config"] == {**GPTQConfig(
+            bits=4, group_size=32, damp=damp, float_targets=False).to_dict()}
+        assert json.loads((out / "openpto.json").read_text())["method_config"]["damp"] == damp
+        weights[damp] = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight_packed"
+    assert not torch.equal(weights[0.01][name], weights[0.2][name])
+
+
+def test_a_loaded_model_is_quantized_in_place(tiny_folder: Path, tmp_path: Path) -> None:
+    import openpto
+    from openpto.models import load_model
+
+    loaded = load_model(str(tiny_folder))
+    before = loaded.model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    result = openpto.quantize(loaded, RTNConfig(bits=4, group_size=32),
+                              QuantizeOptions(output=tmp_path / "art"),
+                              store=Store(tmp_path / "d.db"))
+    after = loaded.model.model.layers[0].mlp.down_proj.weight.detach()
+    assert result.method == "rtn" and not torch.equal(before, after)
+    assert torch.unique(after[0, :32]).numel() <= 16  # one group: at most 2^4 levels
+
+
+def test_both_workflows_report_each_layer_through_progress(tiny_folder: Path,
+                                                           tmp_path: Path) -> None:
+    import openpto
+    from openpto.core.sparsity import MagnitudeConfig
+    from openpto.progress import LayerDone, ProgressEvent, RunFinished
+
+    for name, run in (
+        ("quantize", lambda cb: openpto.quantize(
+            str(tiny_folder), RTNConfig(bits=4, group_size=32),
+            QuantizeOptions(output=tmp_path / "q"), progress=cb, store=Store(tmp_path / "d.db"))),
+        ("sparsify", lambda cb: openpto.sparsify(
+            str(tiny_folder), MagnitudeConfig(sparsity=0.5),
+            openpto.SparsifyOptions(output=tmp_path / "s"), progress=cb,
+            store=Store(tmp_path / "d.db"))),
+    ):
+        events: list[ProgressEvent] = []
+        result = run(events.append)
+        layers = [e for e in events if isinstance(e, LayerDone)]
+        assert [(e.index, e.total, e.name) for e in layers] == [
+            (0, 2, "model.layers.0"), (1, 2, "model.layers.1")], name
+        assert set(layers[0].error) == {"self_attn.q_proj", "self_attn.k_proj",
+                                        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                        "mlp.up_proj", "mlp.down_proj"}
+        assert all(0 <= v < 1 for v in layers[0].error.values())
+        assert isinstance(events[-1], RunFinished) and events[-1].result == result.to_dict()
+
+
+def test_float_dtype_option_sets_how_the_other_tensors_are_stored(tiny_folder: Path,
+                                                                   tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    store = Store(tmp_path / "d.db")
+    sizes = {}
+    for float_dtype, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        out = tmp_path / float_dtype
+        fields = {"bits": 4, "group_size": 32}
+        dry = quantize(tiny_folder, "rtn", fields=fields, output=out, dry_run=True,
+                       float_dtype=float_dtype, store=store)
+        real = quantize(tiny_folder, "rtn", fields=fields, output=out, float_dtype=float_dtype,
+                        store=store)
+        assert abs(dry.size_bytes_after - real.size_bytes_after) < 0.01 * real.size_bytes_after
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype == expected
+        sizes[float_dtype] = real.size_bytes_after
+        run = json.loads(_run(store, real.run_id)["config"])
+        assert run["float_dtype"] == float_dtype
+    assert sizes["bfloat16"] < sizes["float32"]

@@ -319,13 +319,14 @@ def test_slow_client_does_not_stall_others(served: Served) -> None:
 
 
 def test_stream_buffer_coalesces_instead_of_blocking() -> None:
-    from openpto.engines.streams import RequestStream, StreamEvent
+    from openpto.core.steps import StepRecord
+    from openpto.engines.streams import RequestStream
 
-    async def run() -> list[StreamEvent]:
+    async def run() -> list[StepRecord]:
         stream = RequestStream(asyncio.get_running_loop(), max_pending=4)
         for i in range(100):  # the engine side never waits, whatever the reader does
-            stream.push(StreamEvent(text=str(i % 10), tokens=1))
-        stream.push(StreamEvent(finish_reason="length"))
+            stream.push(StepRecord(token_id=i, text=str(i % 10), index=i, tokens=1))
+        stream.push(StepRecord(finish_reason="length", index=100))
         return await stream.next_events()
 
     events = asyncio.run(run())
@@ -485,3 +486,34 @@ def test_completion_from_token_ids(served: Served) -> None:
                                                temperature=0)
     assert reply.choices[0].text == served.greedy("def f(x):", 8, chat=False)
     assert reply.usage.prompt_tokens == len(ids)
+
+
+def test_server_greedy_text_is_opt_generates_exactly(served: Served) -> None:
+    """The public ``generate`` (what ``opt generate`` runs) and the server, on one model: the same
+    text and the same number of completion tokens, streamed or not, chat or raw."""
+    from openpto.models import LoadedModel
+    from openpto.pipeline.generate import GenerationConfig, generate
+
+    loaded = LoadedModel(served.model, served.tok, MODEL, "in-memory", served.db.parent)
+    client = served.openai()
+    for prompt, chat in [("Tell me about lists", True), ("def f(x):", False)]:
+        config = GenerationConfig(prompt=prompt, max_new_tokens=32, chat=chat)
+        local = generate(loaded, config).result()
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            reply = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                                   max_tokens=32, temperature=0)
+            text, usage = reply.choices[0].message.content, reply.usage
+            chunks = list(client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=32, temperature=0,  # type: ignore[arg-type]
+                stream=True))
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            raw = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32,
+                                            temperature=0)
+            text, usage = raw.choices[0].text, raw.usage
+            streamed = "".join(c.choices[0].text for c in client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stream=True))
+        assert text == streamed == local.text and local.text
+        assert usage is not None and usage.completion_tokens == local.tokens
+        assert usage.prompt_tokens == local.prompt_tokens

@@ -66,7 +66,7 @@ def test_sparsify_json_round_trip_and_records(
     assert meta["sparsity"]["measured"] == pytest.approx(result["sparsity"])
     from openpto.core.sparsity import nm_compliant
     from openpto.models import load_model
-    from openpto.pipeline.evaluate import evaluate
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
 
     loaded = load_model(str(out))
     stored = _weights(out)
@@ -76,9 +76,9 @@ def test_sparsify_json_round_trip_and_records(
         assert nm_compliant(weight, 2, 4)
         assert torch.equal(weight == 0, stored[f"{name}.weight"] == 0)
         assert (weight == 0).float().mean().item() == pytest.approx(layer, abs=1e-6)
-    again = evaluate(str(out), str(held_out))
+    again = evaluate(str(out), EvalConfig(text=str(held_out)))
     # The in-memory model computed with the stored (bfloat16) weights: the same numbers.
-    assert again["perplexity"] == pytest.approx(result["perplexity_after"], rel=1e-6)
+    assert again.perplexity == pytest.approx(result["perplexity_after"], rel=1e-6)
 
     store = Store()
     run = store.db.execute(
@@ -101,15 +101,18 @@ def test_joint_sparse_quantized_artifact_keeps_zeros(
     from openpto.core.sparsity import SparseGPTConfig
     from openpto.models import load_model
     from openpto.models.artifact_loaders import read_packed_weights
-    from openpto.pipeline.evaluate import evaluate
-    from openpto.pipeline.sparsify import sparsify_model
+    from openpto.pipeline.evaluate import EvalConfig, evaluate
+    from openpto.pipeline.sparsify import sparsify
+    from openpto.pipeline.workflow import CalibrationOptions, EvalOptions, SparsifyOptions
 
     calib, held_out = texts
     out = tmp_path / "joint"
     cfg = SparseGPTConfig(sparsity=0.5, bits=4, group_size=32)
-    result = sparsify_model(str(tiny_folder), cfg, calib=str(calib), samples=8,
-                            calib_seq_len=64, output=out, eval_text=str(held_out))
-    assert result["sparsity"] >= 0.5
+    options = SparsifyOptions(
+        calibration=CalibrationOptions(text=str(calib), samples=8, seq_len=64), output=out,
+        evaluation=EvalOptions(text=str(held_out)))
+    result = sparsify(str(tiny_folder), cfg, options)
+    assert result.sparsity >= 0.5
     meta = json.loads((out / "openpto.json").read_text())
     assert meta["format"] == "pack-quantized"
     loaded = load_model(str(out))
@@ -122,8 +125,9 @@ def test_joint_sparse_quantized_artifact_keeps_zeros(
         assert (deq == 0).float().mean().item() >= 0.5 - 1e-3
     # The packed runtime computes what the in-memory model computed (fp16 scales included).
     assert loaded.metadata["kernels"]
-    again = evaluate(str(out), str(held_out))
-    assert again["perplexity"] == pytest.approx(result["perplexity_after"], rel=1e-3)
+    again = evaluate(str(out), EvalConfig(text=str(held_out)))
+    assert result.perplexity_after is not None
+    assert again.perplexity == pytest.approx(result.perplexity_after, rel=1e-3)
 
 
 def test_magnitude_needs_no_calibration(
@@ -157,7 +161,7 @@ def test_magnitude_needs_no_calibration(
         (["--method", "wanda", "--pattern", "2:3"], "not divisible by M=3"),
         (["--method", "sparsegpt", "--pattern", "2:3"], "M=3 does not divide"),
         (["--method", "prune-it", "--sparsity", "0.5"], "unknown pruning method"),
-        (["--method", "wanda", "--bits", "4"], "sparsegpt only"),
+        (["--method", "wanda", "--bits", "4"], "the wanda config has no field 'bits'"),
         (["--method", "wanda", "--sparsity", "0.5", "--pattern", "2:4"], "not both"),
     ],
 )

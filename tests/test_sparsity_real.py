@@ -11,13 +11,13 @@ def test_wanda_24_on_the_default_model(tmp_path: Path, tmp_db: Path) -> None:
     """The default model pruned 2:4 by Wanda: exact pattern, a usable model, a reloadable mask."""
     from openpto.core.sparsity import WandaConfig, nm_compliant
     from openpto.models import load_model
-    from openpto.pipeline.sparsify import sparsify_model
+    from openpto.pipeline.sparsify import sparsify
+    from openpto.pipeline.workflow import CalibrationOptions, EvalOptions, SparsifyOptions
 
     out = tmp_path / "wanda24"
-    result = sparsify_model(
-        None, WandaConfig(pattern="2:4"), samples=4, calib_seq_len=128, output=out,
-        eval_text="stdlib-docstrings", eval_max_tokens=1024,
-    )
+    result = sparsify(None, WandaConfig(pattern="2:4"), SparsifyOptions(
+        calibration=CalibrationOptions(samples=4, seq_len=128), output=out,
+        evaluation=EvalOptions(text="stdlib-docstrings", max_tokens=1024))).to_dict()
     assert result["nm_compliant"] is True
     assert 0.5 <= result["sparsity"] < 0.5 + 1e-4
     assert result["params_pruned"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)

@@ -169,3 +169,33 @@ def test_cuda_graph_replay_matches_eager_static_decode(tok) -> None:  # type: ig
     again = generate_text(model, tok, PROMPTS[0], params, decode="graph", ignore_eos=True)
     dynamic = generate_text(model, tok, PROMPTS[0], params, decode="dynamic", ignore_eos=True)
     assert again.token_ids == dynamic.token_ids
+
+
+def test_a_full_static_cache_moves_to_a_larger_one(model, tok, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import openpto.core.generate as generate_module
+
+    # Small steps so that the request outgrows its first cache.
+    monkeypatch.setattr("openpto.core.static_decode.CAPACITY_STEP", 16)
+    monkeypatch.setattr(generate_module, "FIRST_ROOM", 8)
+    opened: list[int] = []
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        decoder = open_decoder(*args, **kwargs)
+        if isinstance(decoder, StaticDecoder):
+            opened.append(decoder.capacity)
+        return decoder
+
+    monkeypatch.setattr(generate_module, "open_decoder", spy)
+    release_static_decoders()
+    prompt = tok(PROMPTS[1])["input_ids"]
+    params = SamplingParams(max_tokens=60)
+    dynamic, static = both(model, tok, prompt, params, ignore_eos=True)
+    assert static.token_ids == dynamic.token_ids and len(static.token_ids) == 60
+    # prompt + 8 rounded up to 16s, then twice that, capped by prompt + 60 (rounded up).
+    first = -(-(len(prompt) + 8) // 16) * 16
+    assert opened == [first, min(2 * first, -(-(len(prompt) + 60) // 16) * 16)]
+    # A short request does not reuse a cache more than twice the size it needs.
+    short = open_decoder(model, 20, "static")
+    assert isinstance(short, StaticDecoder) and short.capacity == 32
+    short.close()
+    release_static_decoders()

@@ -8,33 +8,59 @@ import pytest
 from openpto.errors import StoreError
 from openpto.store import RunRecorder, Store
 
+# Every table's columns in order, with their SQLite types and primary keys: a migration that
+# changes any of it must change this too.
 EXPECTED_SCHEMA = {
-    "runs": ["id", "kind", "status", "model", "config", "started_at", "finished_at", "error"],
-    "metrics": ["id", "run_id", "name", "value", "unit", "details"],
-    "traces": ["id", "run_id", "name", "started_at", "duration_ms", "attributes"],
-    "models": [
-        "id", "path", "source_model", "method", "config", "size_bytes", "created_at", "run_id",
-    ],
-    "datasets": ["id", "name", "source", "sha256", "tokens", "created_at"],
-    "prompts": [
-        "id", "conversation_id", "model", "prompt", "response", "tokens_in", "tokens_out",
-        "duration_ms", "created_at",
-    ],
+    "runs": {
+        "id": "TEXT", "kind": "TEXT", "status": "TEXT", "model": "TEXT", "config": "TEXT",
+        "started_at": "TEXT", "finished_at": "TEXT", "error": "TEXT", "pid": "INTEGER",
+        "host": "TEXT", "process_started": "REAL",
+    },
+    "metrics": {
+        "id": "INTEGER", "run_id": "TEXT", "name": "TEXT", "value": "REAL", "unit": "TEXT",
+        "details": "TEXT",
+    },
+    "traces": {
+        "id": "INTEGER", "run_id": "TEXT", "name": "TEXT", "started_at": "TEXT",
+        "duration_ms": "REAL", "attributes": "TEXT",
+    },
+    "models": {
+        "id": "TEXT", "path": "TEXT", "source_model": "TEXT", "method": "TEXT", "config": "TEXT",
+        "size_bytes": "INTEGER", "created_at": "TEXT", "run_id": "TEXT",
+    },
+    "datasets": {
+        "id": "TEXT", "name": "TEXT", "source": "TEXT", "sha256": "TEXT", "tokens": "INTEGER",
+        "created_at": "TEXT",
+    },
+    "prompts": {
+        "id": "INTEGER", "conversation_id": "TEXT", "model": "TEXT", "prompt": "TEXT",
+        "response": "TEXT", "tokens_in": "INTEGER", "tokens_out": "INTEGER",
+        "duration_ms": "REAL", "created_at": "TEXT",
+    },
 }
+PRIMARY_KEYS = {"runs": ["id"], "metrics": ["id"], "traces": ["id"], "models": ["id"],
+                "datasets": ["id"], "prompts": ["id"]}
 
 
 def test_schema_is_pinned(tmp_path: Path) -> None:
     store = Store(tmp_path / "opt.db")
+    assert set(store.db.table_names()) == {*EXPECTED_SCHEMA, "_migrations"}
     for table, columns in EXPECTED_SCHEMA.items():
-        assert list(store.db[table].columns_dict) == columns, table
+        actual = {c.name: c.type for c in store.db[table].columns}
+        assert list(actual.items()) == list(columns.items()), table
+        assert store.db[table].pks == PRIMARY_KEYS[table], table
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.db["metrics"].foreign_keys[0].other_table == "runs"
+    assert [(fk.column, fk.other_table, fk.other_column)
+            for fk in store.db["metrics"].foreign_keys] == [("run_id", "runs", "id")]
+    assert [(fk.column, fk.other_table, fk.other_column)
+            for fk in store.db["traces"].foreign_keys] == [("run_id", "runs", "id")]
 
 
 def test_migrations_run_once(tmp_path: Path) -> None:
     Store(tmp_path / "opt.db")
     store = Store(tmp_path / "opt.db")
-    assert store.db["_migrations"].count == 2
+    assert [row["name"] for row in store.db["_migrations"].rows] == [
+        "m001_initial", "m002_indexes", "m003_run_process"]
 
 
 def test_run_succeeds_with_metrics_and_traces(tmp_path: Path) -> None:
@@ -104,3 +130,75 @@ def test_store_module_imports_no_torch() -> None:
     code = "import sys, openpto.store; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_runs_record_their_process(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    import psutil
+
+    store = Store(tmp_path / "opt.db")
+    with RunRecorder(store, "eval", "m"):
+        row = store.rows("runs")[0]
+    assert (row["pid"], row["host"]) == (os.getpid(), socket.gethostname())
+    assert row["process_started"] == pytest.approx(psutil.Process().create_time(), abs=1.0)
+
+
+def _running_row(store: Store, run_id: str, **process: object) -> None:
+    store.insert("runs", {"id": run_id, "kind": "eval", "status": "running", "model": "m",
+                          "config": {}, "started_at": "2026-01-01T00:00:00.000+00:00",
+                          "finished_at": None, "error": None, **process})
+
+
+def test_only_runs_whose_process_is_gone_are_closed(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    store = Store(tmp_path / "opt.db")
+    host = socket.gethostname()
+    me = psutil.Process()
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead_pid = int(child.stdout)  # exited and reaped: no such process any more
+    _running_row(store, "alive", pid=os.getpid(), host=host, process_started=me.create_time())
+    _running_row(store, "dead", pid=dead_pid, host=host, process_started=None)
+    # This pid is alive, but it is not the process that started the run (pid reuse).
+    _running_row(store, "reused", pid=os.getpid(), host=host,
+                 process_started=me.create_time() - 3600)
+    _running_row(store, "elsewhere", pid=dead_pid, host=host + "-other", process_started=None)
+
+    reopened = Store(tmp_path / "opt.db")  # what the next command does
+    assert reopened.close_stale_runs() == []  # opening it closed them; nothing is left
+    rows = {r["id"]: r for r in store.rows("runs")}
+    assert rows["alive"]["status"] == "running" and rows["elsewhere"]["status"] == "running"
+    for run_id, pid in (("dead", dead_pid), ("reused", os.getpid())):
+        assert rows[run_id]["status"] == "failed" and rows[run_id]["finished_at"]
+        assert rows[run_id]["error"].startswith(f"stale: process {pid} on {host} ended")
+
+
+def test_migrating_closes_runs_left_running_before_processes_were_recorded(
+        tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from openpto.store.migrations import m001_initial, m002_indexes
+
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(path)
+    old["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+    for fn in (m001_initial, m002_indexes):
+        fn(old)
+        old["_migrations"].insert({"name": fn.__name__, "applied_at": "2026-01-01"})
+    for run_id, status in (("left", "running"), ("done", "succeeded")):
+        old["runs"].insert({"id": run_id, "kind": "eval", "status": status, "model": "m",
+                            "config": "{}", "started_at": "2026-01-01", "finished_at": None,
+                            "error": None})
+    old.close()
+    rows = {r["id"]: r for r in Store(path).rows("runs")}
+    assert rows["left"]["status"] == "failed" and rows["left"]["error"].startswith("stale:")
+    assert rows["done"]["status"] == "succeeded" and rows["done"]["error"] is None
+    assert rows["left"]["pid"] is None

@@ -50,6 +50,10 @@ class BackendUnavailable(OptError):
     """A backend or kernel that cannot run on this machine."""
 
 
+class PluginError(OptError):
+    """A plugin that registers what it may not, such as a name another plugin registered."""
+
+
 class MissingDependency(OptError):
     """An optional dependency that is not installed; the message names the extra to install."""
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 TEXT_HELP = (
@@ -28,6 +35,7 @@ def eval_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Measure a model's perplexity on text.
 
@@ -50,10 +58,10 @@ def eval_cmd(
 
     Example: opt eval smollm2-135m --seq-len 512 --max-tokens 4096 --json
     """
-    from openpto.pipeline.evaluate import evaluate
+    import openpto
 
-    result = evaluate(
-        model, text, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-        device=device, dtype=dtype, progress=RichProgress(), text_field=text_field,
-    )
-    emit(result, as_json, title="eval")
+    config = openpto.EvalConfig(text=text, seq_len=seq_len, max_tokens=max_tokens,
+                                batch_size=batch_size, device=device, dtype=dtype,
+                                text_field=text_field)
+    result = openpto.evaluate(model, config, progress=progress_for(progress))
+    emit(result.to_dict(), as_json, title="eval")

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    RichProgress,
+    command_help,
+    emit,
+    progress_for,
+)
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 
 
 def register(app: typer.Typer) -> None:
     app.command("generate", help=command_help(generate_cmd))(generate_cmd)
-
-
-def sampling_params(**options: Any) -> Any:
-    """``SamplingParams`` from the shared sampling options (validated there)."""
-    from openpto.core.sampling import SamplingParams
-
-    stop = tuple(options.pop("stop") or ())
-    return SamplingParams(max_tokens=options.pop("max_new_tokens"), stop=stop, **options)
 
 
 def write_text(text: str) -> None:
@@ -46,6 +45,7 @@ def generate_cmd(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     backend: str = typer.Option("torch", help="Generation engine: torch, llamacpp or mlx."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Generate text from a prompt and stream it to the terminal.
 
@@ -56,20 +56,24 @@ def generate_cmd(
 
     Example: opt generate smollm2-135m --prompt "Write a haiku about tea." --max-new-tokens 48
     """
-    from openpto.pipeline.generate import generate
+    from openpto.pipeline.generate import GenerationConfig, generate
 
-    params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-                             seed=seed, stop=stop)
+    config = GenerationConfig(
+        prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        stop=tuple(stop or ()), chat=chat, device=device, dtype=dtype, backend=backend)
     live = stream and not as_json
-    result = generate(model, prompt, params, chat=chat, device=device, dtype=dtype,
-                      backend=backend, on_text=write_text if live else None,
-                      progress=RichProgress())
+    records = generate(model, config, progress=progress_for(progress))
+    for record in records:
+        if live and record.text:
+            write_text(record.text)
+    result = records.result()
     if live:
         write_text("\n")
-        RichProgress().log(f"{result['tokens']} tokens, {result['tokens_per_second']:.1f} "
-                           f"tokens/s, run {result['run_id']}")
+        RichProgress(progress == ProgressMode.rich).log(
+            f"{result.tokens} tokens, {result.tokens_per_second:.1f} tokens/s, "
+            f"run {result.run_id}")
     elif as_json:
-        emit(result, True)
+        emit(result.to_dict(), True)
     else:
-        write_text(result["text"] + "\n")
+        write_text(result.text + "\n")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+from typing import NoReturn
 
 import typer
 
 from openpto import __version__
+from openpto.cli.common import JsonlProgress, claim_stderr_for_jsonl, jsonl_requested
 from openpto.errors import OptError
+from openpto.progress import error_reason
+from openpto.store.process import raise_on_stop_signals, sigterm_received
 
 # One module per noun; each exposes ``register(app)``. Kept as names so that adding a command
 # never means touching the others.
@@ -17,6 +21,7 @@ COMMAND_MODULES = [
     "openpto.cli.db",
     "openpto.cli.models",
     "openpto.cli.info",
+    "openpto.cli.plugins",
     "openpto.cli.eval",
     "openpto.cli.quantize",
     "openpto.cli.export",
@@ -56,34 +61,50 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that a running run is recorded as failed."""
+def _stop_listening() -> None:
+    """The command is exiting: later stop signals of the same burst change nothing."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
-_terminated: list[int] = []
+def _fail(message: str, code: int) -> NoReturn:
+    """Report an error as one line (a ``run_failed`` event with ``--progress jsonl``), exit."""
+    _stop_listening()
+    if _jsonl is not None:
+        _jsonl.fail(message)
+    else:
+        sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    _terminated.append(signum)
-    raise Terminated(f"terminated by signal {signum}")
+def _interrupted_exit() -> NoReturn:
+    _stop_listening()
+    if sigterm_received():
+        _fail("terminated", 143)
+    _fail("interrupted", 130)
 
 
-def _interrupted_exit() -> None:
-    if _terminated:
-        sys.stderr.write("error: terminated\n")
-        sys.exit(143)
-    sys.stderr.write("error: interrupted\n")
-    sys.exit(130)
+_jsonl: JsonlProgress | None = None
 
 
 def run() -> None:
     """Entry point: every ``OptError`` becomes one line on stderr and a non-zero exit."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    global _jsonl
+    raise_on_stop_signals()
+    if jsonl_requested(sys.argv[1:]):
+        _jsonl = claim_stderr_for_jsonl()
+    try:
+        _run()
+    except KeyboardInterrupt:
+        # A stop signal of the same burst landed while an error was being reported.
+        _interrupted_exit()
+
+
+def _run() -> None:
     try:
         code = app(standalone_mode=False)
     except OptError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _interrupted_exit()
     except typer.Exit as exc:
@@ -96,8 +117,15 @@ def run() -> None:
         show = getattr(exc, "show", None)
         if show is None:
             raise
+        if _jsonl is not None:
+            _fail(exc.format_message(), getattr(exc, "exit_code", 2))
         show()
         sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:
+        if _jsonl is None:
+            raise
+        # Nothing but events may reach stderr: an unexpected error is one too.
+        _fail(error_reason(exc), 1)
     # Typer returns 130 instead of raising when a command was interrupted.
     if code == 130:
         _interrupted_exit()

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
 from openpto.cli.generate import MODEL_HELP
 
 
@@ -26,6 +33,7 @@ def profile_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Measure TTFT, TPOT, inter-token latency percentiles, prefill and decode tokens/s and peak
     memory of one model.
@@ -36,12 +44,12 @@ def profile_cmd(
 
     Example: opt profile smollm2-135m --prompt-len 128 --gen-len 128 --repeats 5 --json
     """
-    from openpto.pipeline.profile import profile
+    from openpto.pipeline.profile import ProfileConfig, profile
 
-    result = profile(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch,
-                     repeats=repeats, warmup=warmup, modules=modules, device=device, dtype=dtype,
-                     progress=RichProgress())
-    emit(result, as_json, title="profile")
+    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
+                           warmup=warmup, modules=modules, device=device, dtype=dtype)
+    result = profile(model, config, progress=progress_for(progress))
+    emit(result.to_dict(), as_json, title="profile")
 
 
 def bench_cmd(
@@ -55,6 +63,7 @@ def bench_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Profile several models or artifacts with one protocol, as a table and a PNG plot.
 
@@ -62,10 +71,11 @@ def bench_cmd(
 
     Example: opt bench smollm2-135m ./artifacts/smollm2-int4 --gen-len 64 --plot bench.png
     """
-    from openpto.pipeline.profile import bench
+    from openpto.pipeline.profile import ProfileConfig, bench
 
-    result = bench(models, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
-                   warmup=warmup, plot=plot, device=device, dtype=dtype, progress=RichProgress())
+    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
+                           warmup=warmup, device=device, dtype=dtype)
+    result = bench(models, config, plot=plot, progress=progress_for(progress)).to_dict()
     if as_json:
         emit(result, True)
         return

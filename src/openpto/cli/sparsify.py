@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
+from openpto.cli.method_config import (
+    config_file_option,
+    resolve_config,
+    set_option,
+    show_config,
+    show_option,
+)
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 CALIB_HELP = (
@@ -19,21 +35,30 @@ def register(app: typer.Typer) -> None:
 
 def sparsify_cmd(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
-    method: str = typer.Option(..., "--method", help="magnitude, wanda or sparsegpt."),
+    method: str = typer.Option(
+        ..., "--method", help="magnitude, wanda, sparsegpt, or a plugin's pruning method."),
     sparsity: float | None = typer.Option(None, help="Fraction of weights to zero (default 0.5)."),
     pattern: str | None = typer.Option(None, help="N:M: keep N of every M weights, e.g. 2:4."),
     bits: int | None = typer.Option(None, help="sparsegpt only: also quantize to this many bits."),
     group_size: int | None = typer.Option(
         None, help="With --bits: 32, 64 or 128 (default: per row)."
     ),
-    sym: bool = typer.Option(False, "--sym/--asym", help="With --bits: symmetric grid."),
+    sym: bool | None = typer.Option(None, "--sym/--asym",
+                                    help="With --bits: symmetric grid (default asymmetric)."),
     calib: str | None = typer.Option(None, "--calib", help=CALIB_HELP),
     samples: int = typer.Option(128, help="Calibration windows."),
     calib_seq_len: int = typer.Option(512, help="Tokens per calibration window."),
     output: str | None = typer.Option(None, help="Artifact folder (default: under OPT_HOME)."),
     eval_text: str | None = typer.Option(None, "--eval", help=EVAL_HELP),
     device: str = typer.Option("cpu", help="Where each layer is processed: cpu, cuda, cuda:N."),
+    float_dtype: str = typer.Option(
+        "bfloat16", help="Storage of tensors that are not quantized: bfloat16, float16, "
+        "float32, keep."),
+    config_file: str | None = config_file_option(),
+    sets: list[str] = set_option(),
+    show: bool = show_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Prune every Linear of the decoder layers and write an artifact whose zeros are the mask.
 
@@ -47,13 +72,27 @@ def sparsify_cmd(
     memory-bound limits), seconds, size_bytes_after, run_id, and with --eval
     perplexity_before and perplexity_after. Per-layer sparsity is in the run's store metrics.
 
+    Every field of the method's config is reachable with --config FILE and --set FIELD=VALUE
+    (applied after the flags, in that order); --show-config prints them.
+
     Example: opt sparsify smollm2-135m --method sparsegpt --pattern 2:4 --eval stdlib-docstrings
     """
-    from openpto.pipeline.sparsify import make_config, sparsify_model
+    import openpto
+    from openpto.api import method_config_type
 
-    config = make_config(method, sparsity, pattern, bits, group_size, sym)
-    result = sparsify_model(
-        model, config, calib=calib, samples=samples, calib_seq_len=calib_seq_len,
-        output=output, eval_text=eval_text, device=device, progress=RichProgress(),
+    config_type = method_config_type(method, openpto.SparsityConfig, "pruning method")
+    given = {"sparsity": sparsity, "pattern": pattern, "bits": bits, "group_size": group_size,
+             "symmetric": sym}
+    flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    config = resolve_config(config_type, flags, config_file, sets)
+    if show:
+        show_config(config, as_json)
+        return
+    options = openpto.SparsifyOptions(
+        calibration=openpto.CalibrationOptions(text=calib, samples=samples,
+                                               seq_len=calib_seq_len),
+        evaluation=openpto.EvalOptions(text=eval_text) if eval_text is not None else None,
+        output=output, device=device, float_dtype=float_dtype,
     )
-    emit(result, as_json, title="sparsify")
+    result = openpto.sparsify(model, config, options, progress=progress_for(progress))
+    emit(result.to_dict(), as_json, title="sparsify")

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from openpto.cli.common import JSON_HELP, RichProgress, command_help, emit
-from openpto.cli.generate import MODEL_HELP, sampling_params
+from openpto.cli.common import (
+    JSON_HELP,
+    ProgressMode,
+    ProgressOption,
+    command_help,
+    emit,
+    progress_for,
+)
+from openpto.cli.generate import MODEL_HELP
 
 DRAFT_HELP = (
     "A MODEL sharing the tokenizer, self:int4, self:int8 (the target quantized by RTN on packed "
@@ -33,6 +40,7 @@ def speculative_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Generate with a draft proposing tokens and the target verifying them in one pass.
 
@@ -43,10 +51,11 @@ def speculative_cmd(
 
     Example: opt speculative smollm2-135m --draft lookup --prompt "Repeat: the cat sat." --json
     """
-    from openpto.pipeline.generate import speculative
+    from openpto.pipeline.generate import SpeculativeConfig, speculative
 
-    params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, min_p=0.0, repetition_penalty=1.0, seed=seed, stop=None)
-    result = speculative(model, draft, prompt, params, gamma=gamma, adaptive=adaptive, chat=chat,
-                         baseline=baseline, device=device, dtype=dtype, progress=RichProgress())
-    emit(result, as_json, title="speculative")
+    config = SpeculativeConfig(
+        prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, seed=seed, chat=chat, device=device, dtype=dtype, draft=draft, gamma=gamma,
+        adaptive=adaptive, baseline=baseline)
+    result = speculative(model, config, progress=progress_for(progress))
+    emit(result.to_dict(), as_json, title="speculative")

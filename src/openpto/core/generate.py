@@ -1,21 +1,16 @@
-"""The token generator every front end consumes: prompt -> stream of ``StepRecord`` -> text.
+"""The generation stack: a token-step generator -> ``StepRecord``s -> text.
 
-Public interface (the server, CLI, TUI, profiler and speculative decoder build on these):
+Layers (the server, CLI, TUI, profiler and speculative decoder all use them):
 
-- ``StepRecord``: one generated token: ``token_id``, ``text`` (the new text this token completes;
-  may be empty while a character or a possible stop string is incomplete), ``index`` (0-based
-  among generated tokens), ``finish_reason`` (``None`` while running, ``"stop"`` for an end-of-
-  sequence token or a stop string, ``"length"`` at ``max_tokens``), and timings measured with
-  ``time.perf_counter`` after the token id reached the host (which synchronises the device):
-  ``prompt_tokens``, ``ttft_s`` (start to first token), ``step_s`` (since the previous token; the
-  TTFT for the first), ``elapsed_s`` and ``tokens_per_second`` (generated tokens / elapsed, prefill
-  included). The record that carries ``finish_reason="stop"`` for an end-of-sequence token has that
-  token's id and empty text; a stop string is cut from the text and never emitted.
-- ``generate_stream(model, tokenizer, prompt, params, decode="auto")``: batch-1 generator over a
-  KV cache; ``decode`` picks a growing cache stepped eagerly or a static cache whose step replays
-  as a CUDA graph (``core.static_decode``; "auto" takes the graph on CUDA models).
-  ``prompt`` is text (tokenized as is, special tokens added by the tokenizer) or token ids.
-- ``generate_text(...) -> GenerationResult``: the stream collected (text, token ids, timings).
+- ``token_steps(model, prompt_ids, params, decode="auto")``: the token-step generator of one
+  request, batch 1: sampled token ids, each read to the host, at most ``params.max_tokens``.
+  ``decode`` picks a growing cache stepped eagerly or a static cache whose step replays as a
+  CUDA graph (``core.static_decode``; "auto" takes the graph on CUDA models).
+- ``core.steps``: ``RequestRules`` turns each id into a ``StepRecord`` (text delta, finish
+  reason, timings, memory); end-of-sequence, stop strings and length limits live there only.
+- ``generate_stream(model, tokenizer, prompt, params, ...)``: the two together, an iterator of
+  ``StepRecord``. ``prompt`` is text (tokenized as is, special tokens added by the tokenizer) or
+  token ids. ``collect(records) -> GenerationResult`` and ``generate_text`` give the text.
 - ``generate_batch_stream(model, tokenizer, prompts, params)`` / ``generate_batch``: several
   prompts of different lengths in one batch: left padding, an attention mask and position ids that
   start at 0 in every row, so each row decodes as it would alone (greedy tokens are identical).
@@ -31,37 +26,38 @@ All functions are pure torch + a Hugging Face tokenizer; they run under ``torch.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from openpto.core.detokenize import TextStream
 from openpto.core.kvcache import forward_logits, new_cache
 from openpto.core.sampling import SamplingParams, make_generator, sample_next
-from openpto.core.static_decode import DecodeMode, open_decoder
+from openpto.core.static_decode import CAPACITY_STEP, DecodeMode, open_decoder
+from openpto.core.steps import (
+    FinishReason,
+    MemoryProbe,
+    RequestRules,
+    StepRecord,
+    stream_records,
+)
 from openpto.errors import UsageError
 
-FinishReason = Literal["stop", "length"]
 Prompt = str | Sequence[int] | torch.Tensor
+#: new tokens a static cache first has room for beyond the prompt (it doubles when full)
+FIRST_ROOM = CAPACITY_STEP
 
-
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    token_id: int
-    text: str
-    index: int
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    ttft_s: float
-    step_s: float
-    elapsed_s: float
-    tokens_per_second: float
+__all__ = ["FinishReason", "GenerationResult", "Prompt", "RequestRules", "StepRecord",
+           "build_chat_prompt", "collect", "encode_prompt", "eos_ids", "generate_batch",
+           "generate_batch_stream", "generate_stream", "generate_text", "left_pad",
+           "model_device", "token_steps"]
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
+    """A record stream collected. ``token_ids`` are every sampled id (an end-of-sequence token
+    included); ``tokens`` counts the completion's tokens (without it), as the server does."""
+
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None
@@ -69,14 +65,13 @@ class GenerationResult:
     ttft_s: float
     elapsed_s: float
     step_s: list[float]
-
-    @property
-    def tokens(self) -> int:
-        return len(self.token_ids)
+    tokens: int = 0
+    peak_memory_bytes: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Sampled tokens over the wall time, prefill included."""
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -133,73 +128,56 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class _Clock:
-    """Timings of one request; every call happens after a host read of the new token id."""
-
-    def __init__(self, prompt_tokens: int) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.start = time.perf_counter()
-        self.last = self.start
-        self.ttft = 0.0
-
-    def record(
-        self, token_id: int, text: str, index: int, finish: FinishReason | None
-    ) -> StepRecord:
-        now = time.perf_counter()
-        if index == 0:
-            self.ttft = now - self.start
-        step, self.last = now - self.last, now
-        elapsed = now - self.start
-        return StepRecord(
-            token_id=token_id,
-            text=text,
-            index=index,
-            finish_reason=finish,
-            prompt_tokens=self.prompt_tokens,
-            ttft_s=self.ttft,
-            step_s=step,
-            elapsed_s=elapsed,
-            tokens_per_second=(index + 1) / elapsed if elapsed > 0 else 0.0,
-        )
-
-
-class Finisher:
-    """Decides, token by token, what text a request emits and whether it has finished.
-
-    Shared by the plain, batched and speculative generators so that eos, stop strings and
-    ``max_tokens`` behave the same everywhere.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        eos: Iterable[int],
-        skip_special_tokens: bool = True,
-    ) -> None:
-        self.stream = TextStream(tokenizer, prompt_ids, params.stop, skip_special_tokens)
-        self.params = params
-        self.eos = frozenset(eos)
-        self.count = 0
-        self.done = False
-
-    def push(self, token_id: int) -> tuple[str, FinishReason | None]:
-        self.count += 1
-        if token_id in self.eos:
-            self.done = True
-            return self.stream.finish(), "stop"
-        text, stopped = self.stream.push(token_id)
-        if stopped:
-            self.done = True
-            return text, "stop"
-        if self.count >= self.params.max_tokens:
-            self.done = True
-            return text + self.stream.finish(), "length"
-        return text, None
-
-
 @torch.inference_mode()
+def token_steps(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    generator: torch.Generator | None = None,
+    decode: DecodeMode = "auto",
+) -> Iterator[int]:
+    """Sampled token ids of one request (batch 1), each on the host, at most ``max_tokens``.
+
+    The consumer stops pulling when the request's rules say it is done; closing the generator
+    releases the decoder. ``decode`` picks the cache and step (``core.static_decode``).
+
+    A static cache is sized for the prompt plus ``FIRST_ROOM`` new tokens, not for the whole
+    ``max_tokens``: every step attends over all of it, and a server's default ``max_tokens`` of
+    thousands would make each step of a short answer read a cache many times too long. When it
+    is full, the request moves to a cache twice as large through one prefill of its tokens.
+    """
+    device = model_device(model)
+    if generator is None and not params.greedy:
+        generator = make_generator(params, device)
+    ids = list(prompt_ids)  # on the host: a larger cache is filled from them
+    budget = len(ids) + params.max_tokens
+    decoder = open_decoder(model, budget, decode, capacity=len(ids) + FIRST_ROOM)
+    history = torch.tensor([ids], dtype=torch.long, device=device)
+    penalise = params.repetition_penalty != 1.0
+    try:
+        logits = decoder.prefill(history)
+        for produced in range(1, params.max_tokens + 1):
+            token = sample_next(logits, params, generator, history if penalise else None)
+            token_id = int(token.item())  # the host read that times the step
+            yield token_id
+            if produced == params.max_tokens:
+                return
+            ids.append(token_id)
+            next_ids = token.view(1, 1)
+            if penalise:
+                history = torch.cat([history, next_ids], dim=1)
+            capacity = getattr(decoder, "capacity", None)
+            if capacity is not None and len(ids) > capacity:  # the step would write past it
+                decoder.close()
+                decoder = open_decoder(model, budget, decode, capacity=2 * capacity)
+                logits = decoder.prefill(torch.tensor([ids], dtype=torch.long, device=device))
+            else:
+                logits = decoder.step(next_ids)
+    finally:
+        decoder.close()
+
+
 def generate_stream(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -211,38 +189,17 @@ def generate_stream(
     generator: torch.Generator | None = None,
     skip_special_tokens: bool = True,
     decode: DecodeMode = "auto",
+    memory: MemoryProbe | None = None,
 ) -> Iterator[StepRecord]:
-    """Generate one request token by token over a KV cache (see the module docstring).
-
-    ``decode`` picks the cache and step (``core.static_decode``): ``"auto"`` replays a CUDA graph
-    over a static cache on CUDA models and steps eagerly over a ``DynamicCache`` elsewhere.
-    """
+    """``token_steps`` through ``RequestRules``: one ``StepRecord`` per token (see the module
+    docstring). ``memory`` is sampled after every token into ``StepRecord.memory_bytes``."""
     params = params or SamplingParams()
-    device = model_device(model)
     ids = encode_prompt(tokenizer, prompt)
     eos = set() if ignore_eos else set(eos_token_ids or eos_ids(model, tokenizer))
-    if generator is None and not params.greedy:
-        generator = make_generator(params, device)
-    finisher = Finisher(tokenizer, ids, params, eos, skip_special_tokens)
-    clock = _Clock(len(ids))
-    decoder = open_decoder(model, len(ids) + params.max_tokens, decode)
-    history = torch.tensor([ids], dtype=torch.long, device=device)
-    penalise = params.repetition_penalty != 1.0
-    try:
-        logits = decoder.prefill(history)
-        for index in range(params.max_tokens):
-            token = sample_next(logits, params, generator, history if penalise else None)
-            token_id = int(token.item())
-            text, finish = finisher.push(token_id)
-            yield clock.record(token_id, text, index, finish)
-            if finish is not None:
-                return
-            next_ids = token.view(1, 1)
-            if penalise:
-                history = torch.cat([history, next_ids], dim=1)
-            logits = decoder.step(next_ids)
-    finally:
-        decoder.close()
+    rules = RequestRules(tokenizer, ids, params, eos, skip_special_tokens=skip_special_tokens,
+                         memory=memory)
+    steps = token_steps(model, ids, params, generator=generator, decode=decode)
+    return stream_records(steps, rules)
 
 
 def generate_text(
@@ -260,11 +217,17 @@ def collect(records: Iterable[StepRecord]) -> GenerationResult:
     texts: list[str] = []
     ids: list[int] = []
     steps: list[float] = []
+    tokens = 0
+    peak: int | None = None
     last: StepRecord | None = None
     for record in records:
         texts.append(record.text)
-        ids.append(record.token_id)
-        steps.append(record.step_s)
+        tokens += record.tokens
+        if record.token_id is not None:
+            ids.append(record.token_id)
+            steps.append(record.step_s)
+        if record.memory_bytes is not None:
+            peak = max(peak or 0, record.memory_bytes)
         last = record
     if last is None:
         return GenerationResult("", [], None, 0, 0.0, 0.0, [])
@@ -276,6 +239,8 @@ def collect(records: Iterable[StepRecord]) -> GenerationResult:
         ttft_s=last.ttft_s,
         elapsed_s=last.elapsed_s,
         step_s=steps,
+        tokens=tokens,
+        peak_memory_bytes=peak,
     )
 
 
@@ -324,32 +289,28 @@ def generate_batch_stream(
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (min(eos) if eos else 0)
     generators = [None if p.greedy else make_generator(p, device) for p in per_row]
-    finishers = [
-        Finisher(tokenizer, r, p, eos, skip_special_tokens)
+    rules = [
+        RequestRules(tokenizer, r, p, eos, skip_special_tokens=skip_special_tokens)
         for r, p in zip(rows, per_row, strict=True)
     ]
-    clocks = [_Clock(len(r)) for r in rows]
+    for row_rules in rules:
+        row_rules.start()
     ids, mask, positions = left_pad(rows, pad_id, device)
     penalise = any(p.repetition_penalty != 1.0 for p in per_row)
     history, history_mask = ids, mask
     cache = new_cache(model)
     logits = forward_logits(model, ids, cache, attention_mask=mask, position_ids=positions)[:, -1]
     next_pos = positions[:, -1:] + 1
-    for index in range(max(p.max_tokens for p in per_row)):
+    for _ in range(max(p.max_tokens for p in per_row)):
         tokens = sample_next(
             logits, per_row, generators, history if penalise else None, history_mask
         )
         token_list = tokens.tolist()
         step: list[StepRecord | None] = []
         for row, token_id in enumerate(token_list):
-            finisher = finishers[row]
-            if finisher.done:
-                step.append(None)
-                continue
-            text, finish = finisher.push(int(token_id))
-            step.append(clocks[row].record(int(token_id), text, index, finish))
+            step.append(None if rules[row].done else rules[row].push(int(token_id)))
         yield step
-        if all(f.done for f in finishers):
+        if all(r.done for r in rules):
             return
         next_ids = tokens.view(-1, 1)
         mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)

@@ -11,9 +11,12 @@ applied to the target's logits only (q may be anything, the correction stays exa
 
 Public interface:
 
-- ``speculative_stream(target, tokenizer, draft, prompt, params, gamma=4, ...)``: a generator of
-  the same ``StepRecord`` as ``core.generate.generate_stream`` (several records per verification
-  step). ``stats`` (a ``SpeculativeStats``) is filled as it runs.
+- ``speculative_steps(target, draft, prompt_ids, params, gamma=4, ...)``: the token-step
+  generator (several ids per verification step), a drop-in for ``core.generate.token_steps``.
+  ``stats`` (a ``SpeculativeStats``) is filled as it runs.
+- ``speculative_stream(target, tokenizer, draft, prompt, params, ...)``: those ids through the
+  same ``core.steps.RequestRules`` as ``core.generate.generate_stream``: the same
+  ``StepRecord``s, stop strings, end-of-sequence and length rules.
 - ``speculative_generate(...) -> SpeculativeResult``: the stream collected plus its statistics.
 - ``verify(p, proposals, q, greedy, generator) -> (accepted, next_token)``: the acceptance rule
   on one step, a pure function (tested statistically).
@@ -36,18 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from openpto.core.drafts import Draft
 from openpto.core.generate import (
-    Finisher,
     GenerationResult,
     Prompt,
-    StepRecord,
-    _Clock,
     collect,
     encode_prompt,
     eos_ids,
@@ -61,6 +61,7 @@ from openpto.core.sampling import (
     probabilities,
     sample_next,
 )
+from openpto.core.steps import RequestRules, StepRecord, stream_records
 from openpto.errors import UsageError
 
 
@@ -214,37 +215,30 @@ def _target_probs(
 
 
 @torch.inference_mode()
-def speculative_stream(
+def speculative_steps(
     target: torch.nn.Module,
-    tokenizer: Any,
     draft: Draft,
-    prompt: Prompt,
-    params: SamplingParams | None = None,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
     *,
     gamma: int = 4,
     adaptive: bool = True,
     max_gamma: int | None = None,
     stats: SpeculativeStats | None = None,
-    eos_token_ids: Iterable[int] | None = None,
-    ignore_eos: bool = False,
     generator: torch.Generator | None = None,
-    skip_special_tokens: bool = True,
-) -> Iterator[StepRecord]:
-    """Generate with ``draft`` proposing and ``target`` verifying (see the module docstring)."""
+) -> Iterator[int]:
+    """Token ids with ``draft`` proposing and ``target`` verifying (see the module docstring),
+    at most ``params.max_tokens``; the consumer stops pulling when its rules finish."""
     if gamma < 1:
         raise UsageError(f"gamma must be >= 1 (draft tokens per step), got {gamma}")
     max_gamma = max_gamma or 2 * gamma
     if max_gamma < gamma:
         raise UsageError(f"max_gamma ({max_gamma}) must be >= gamma ({gamma})")
-    params = params or SamplingParams()
     stats = stats if stats is not None else SpeculativeStats()
     device = model_device(target)
-    tokens = encode_prompt(tokenizer, prompt)
-    eos = set() if ignore_eos else set(eos_token_ids or eos_ids(target, tokenizer))
+    tokens = list(prompt_ids)
     if generator is None and not params.greedy:
         generator = make_generator(params, device)
-    finisher = Finisher(tokenizer, tokens, params, eos, skip_special_tokens)
-    clock = _Clock(len(tokens))
     draft.reset()
     cache = new_cache(target)
     penalise = params.repetition_penalty != 1.0
@@ -255,16 +249,15 @@ def speculative_stream(
     vocab = logits.shape[-1]
     first = int(sample_next(logits, params, generator, history if penalise else None).item())
     tokens.append(first)
-    text, finish = finisher.push(first)
-    yield clock.record(first, text, 0, finish)
-    if finish is None:
+    yield first
+    produced = 1
+    if produced < params.max_tokens:
         started = time.perf_counter()
         draft.prefill(tokens)
         stats.draft_prefill_seconds += time.perf_counter() - started
-    index = 1
     current = gamma
-    while finish is None:
-        remaining = params.max_tokens - index
+    while produced < params.max_tokens:
+        remaining = params.max_tokens - produced
         step_gamma = max(1, min(current, remaining - 1)) if remaining > 1 else 0
         started = time.perf_counter()
         proposals: list[int] = []
@@ -289,17 +282,44 @@ def speculative_stream(
             stats.gammas.append(len(proposals))
         for token_id in [*proposals[:accepted], following]:
             tokens.append(token_id)
-            text, finish = finisher.push(token_id)
-            yield clock.record(token_id, text, index, finish)
-            index += 1
-            if finish is not None:
-                break
+            yield token_id
+            produced += 1
+            if produced >= params.max_tokens:
+                return
         if adaptive and stats.steps:
             fixed, per_verified = stats.verify_cost()
             single = fixed + per_verified  # one target pass over one token
             per_draft = stats.draft_seconds / max(stats.drafted, 1)
             current = best_gamma(stats.per_token_acceptance, per_draft / single, max_gamma,
                                  per_verified / single)
+
+
+def speculative_stream(
+    target: torch.nn.Module,
+    tokenizer: Any,
+    draft: Draft,
+    prompt: Prompt,
+    params: SamplingParams | None = None,
+    *,
+    gamma: int = 4,
+    adaptive: bool = True,
+    max_gamma: int | None = None,
+    stats: SpeculativeStats | None = None,
+    eos_token_ids: Iterable[int] | None = None,
+    ignore_eos: bool = False,
+    generator: torch.Generator | None = None,
+    skip_special_tokens: bool = True,
+) -> Iterator[StepRecord]:
+    """``speculative_steps`` through the request rules of ``core.steps`` (``StepRecord``s)."""
+    if gamma < 1:
+        raise UsageError(f"gamma must be >= 1 (draft tokens per step), got {gamma}")
+    params = params or SamplingParams()
+    ids = encode_prompt(tokenizer, prompt)
+    eos = set() if ignore_eos else set(eos_token_ids or eos_ids(target, tokenizer))
+    rules = RequestRules(tokenizer, ids, params, eos, skip_special_tokens=skip_special_tokens)
+    steps = speculative_steps(target, draft, ids, params, gamma=gamma, adaptive=adaptive,
+                              max_gamma=max_gamma, stats=stats, generator=generator)
+    return stream_records(steps, rules)
 
 
 def speculative_generate(

@@ -6,7 +6,8 @@ tokens/s bandwidth floor, docs/benchmarks.md). A decode step whose shapes never 
 id in a fixed buffer, its position in another, keys and values written in place into a cache sized
 for the whole request -- can be captured once as a CUDA graph and replayed with one launch.
 
-Public interface (``core.generate.generate_stream`` is the caller):
+Public interface (``core.generate.token_steps`` is the caller, for ``opt generate``, ``opt profile``
+and the server's lone requests):
 
 - ``DecodeMode``: ``"dynamic"`` (the eager ``DynamicCache`` path of ``core.kvcache``),
   ``"static"`` (a transformers ``StaticCache``, the decode step run eagerly: the same function the
@@ -18,11 +19,12 @@ Public interface (``core.generate.generate_stream`` is the caller):
   on the first request). When the graph path cannot be used -- no CUDA, a cache layer that keeps
   Python state, a failed capture -- decoding falls back to an eager path and the reason is logged
   once.
-- ``open_decoder(model, tokens, mode) -> Decoder``: ``prefill(ids [1, T]) -> logits [1, V]``
-  then ``step(ids [1, 1]) -> logits [1, V]`` (float32; a graph replay returns the same buffer
-  every step, valid until the next call), ``close()`` when the request ends. Static decoders are
-  kept per model and reused (graph included) by later requests that fit their capacity, as long as
-  no parameter or buffer of the model has been replaced since.
+- ``open_decoder(model, tokens, mode, capacity=None) -> Decoder``: ``prefill(ids [1, T]) ->
+  logits [1, V]`` then ``step(ids [1, 1]) -> logits [1, V]`` (float32; a graph replay returns
+  the same buffer every step, valid until the next call), ``close()`` when the request ends.
+  Static decoders are kept per model and reused (graph included) by later requests that fit
+  their capacity and need at least half of it, as long as no parameter or buffer of the model
+  has been replaced since.
 - ``kept_decoder(model)``: the static decoder kept for ``model``, if any (benchmarks check that
   its ``graph`` was captured); ``release_static_decoders()`` drops them all (cache and graph
   memory).
@@ -260,6 +262,8 @@ def _static_decoder(model: torch.nn.Module, tokens: int, mode: str) -> StaticDec
         and not kept.busy
         and kept.requested == mode
         and kept.capacity >= tokens
+        # every step attends over the whole cache: a much larger one would slow this request
+        and kept.capacity <= 2 * _capacity(tokens)
         and kept.fingerprint == _fingerprint(model)
     ):
         decoder = kept
@@ -271,8 +275,13 @@ def _static_decoder(model: torch.nn.Module, tokens: int, mode: str) -> StaticDec
     return decoder
 
 
-def open_decoder(model: torch.nn.Module, tokens: int, mode: str = "auto") -> Decoder:
-    """A decoder for one batch-1 request of at most ``tokens`` positions (prompt + new)."""
+def open_decoder(model: torch.nn.Module, tokens: int, mode: str = "auto",
+                 capacity: int | None = None) -> Decoder:
+    """A decoder for one batch-1 request of at most ``tokens`` positions (prompt + new).
+
+    ``capacity`` (default ``tokens``) sizes a static cache smaller than the whole request; the
+    caller moves to a larger decoder when it is full (``core.generate.token_steps`` does).
+    """
     if mode not in DECODE_MODES:
         raise UsageError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
     if mode == "dynamic":
@@ -295,4 +304,5 @@ def open_decoder(model: torch.nn.Module, tokens: int, mode: str = "auto") -> Dec
             return DynamicDecoder(model)
     if blocker is not None:
         mode = "static"
-    return _static_decoder(model, tokens, "graph" if mode == "auto" else mode)
+    size = tokens if capacity is None else min(capacity, tokens)
+    return _static_decoder(model, size, "graph" if mode == "auto" else mode)

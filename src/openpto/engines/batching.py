@@ -1,31 +1,39 @@
 """Continuous batching for the torch backend: one scheduler thread owns the model.
 
-Layout: one running batch shares one ``DynamicCache`` whose rows are *left-padded* to a common
-length, with a 2-D attention mask (0 on padding) and per-row position ids that count real tokens
-only, so each row attends and rotates exactly as it would alone (``core.generate.left_pad``).
-Padded keys and values are zeros that the mask hides; RoPE is applied before keys are cached,
-so shifting a row to the right inside the cache does not change what it attends to.
+Every sequence's bookkeeping -- detokenization, stop strings, end-of-sequence, length limits,
+timings -- is a ``core.steps.RequestRules``, the object ``opt generate`` uses; the scheduler only
+decides which decoder produces the next token id of each sequence.
+
+A lone request (nothing running, nothing else waiting) is decoded by the token-step generator of
+``opt generate`` itself (``core.generate.token_steps``, on CUDA the static-cache / CUDA-graph
+decode of ``core.static_decode``), or by ``core.speculative.speculative_steps`` when the engine
+has a draft. It is checked between tokens: when another request arrives, the lone run stops at
+that token boundary and the sequence joins the batch through a prefill of its prompt plus the
+tokens generated so far. On CUDA a sequence left alone in the batch (the others finished) moves
+back to the lone decoder the same way.
+
+The batch: one ``DynamicCache`` whose rows are *left-padded* to a common length, with a 2-D
+attention mask (0 on padding) and per-row position ids that count real tokens only, so each row
+attends and rotates exactly as it would alone (``core.generate.left_pad``). Padded keys and
+values are zeros that the mask hides; RoPE is applied before keys are cached, so shifting a row
+to the right inside the cache does not change what it attends to. Batched steps run eagerly (no
+static cache, no graph: the batch changes shape at every admission and departure).
 
 The loop, at every token boundary:
 
 1. take new work from the inbox (requests, embedding jobs; embeddings run at once);
 2. drop sequences whose client has gone (their ``RequestStream`` was cancelled);
-3. admit waiting requests up to ``max_batch``: prefill them together (left-padded among
+3. a lone request goes to the lone decoder (above);
+4. admit waiting requests up to ``max_batch``: prefill them together (left-padded among
    themselves), sample their first token, then splice their cache rows into the running cache
    (the shorter side is left-padded to the longer);
-4. run one decode step for every running row, sample with ``core.sampling.sample_next`` (each
-   row with its own params and generator), and hand each token to the row's ``Finisher``
-   (eos, stop strings, ``max_tokens``: the same rules as ``core.generate``);
-5. remove finished rows and trim cache columns that have become padding in every row.
+5. run one decode step for every running row, sample with ``core.sampling.sample_next`` (each
+   row with its own params and generator), and push each token through the row's rules;
+6. remove finished rows and trim cache columns that have become padding in every row.
 
-The scheduler never waits for a client: events go to bounded, coalescing ``RequestStream``s.
+The scheduler never waits for a client: records go to bounded, coalescing ``RequestStream``s.
 A long prompt's prefill delays the next decode step of the running rows by its duration (no
 chunked prefill); that is the price of keeping one simple padded batch.
-
-With a draft (``--draft``) and exactly one request in the system, that request is decoded
-speculatively (``core.speculative.speculative_stream``); when another request arrives, the
-speculative run stops at its next token and the sequence rejoins the batch through a normal
-prefill of its prompt plus the tokens generated so far.
 """
 
 from __future__ import annotations
@@ -35,24 +43,25 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from openpto.core.generate import Finisher, StepRecord, left_pad
+from openpto.core.generate import left_pad, token_steps
 from openpto.core.kvcache import forward_logits, new_cache
 from openpto.core.sampling import SamplingParams, make_generator, sample_next
+from openpto.core.static_decode import DecodeMode
+from openpto.core.steps import FinishReason, RequestRules
 from openpto.engines.engine import Embeddings, EngineStats
-from openpto.engines.streams import RequestStream, StreamEvent, Timings
+from openpto.engines.streams import RequestStream
 from openpto.errors import OptError
 
-#: Starts speculative decoding of one sequence: (context ids, params, generator) -> (records,
-#: statistics with ``drafted`` and ``accepted`` counts filled as the records are consumed).
+#: Starts speculative decoding of one sequence: (context ids, params, generator) -> (token ids,
+#: statistics with ``drafted`` and ``accepted`` counts filled as the ids are consumed).
 SpeculativeFactory = Callable[[list[int], SamplingParams, "torch.Generator | None"],
-                              "tuple[Iterator[StepRecord], Any]"]
+                              "tuple[Iterator[int], Any]"]
 
 
 @dataclasses.dataclass
@@ -60,9 +69,8 @@ class _Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     stream: RequestStream
-    finisher: Finisher
+    rules: RequestRules
     generator: torch.Generator | None
-    timings: Timings = dataclasses.field(default_factory=Timings)
     generated: list[int] = dataclasses.field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model (= tokens in the cache)
     done: bool = False
@@ -85,6 +93,8 @@ class BatchScheduler:
         context_length: int = 2048,
         speculative: SpeculativeFactory | None = None,
         threads: int | None = None,
+        decode: DecodeMode = "auto",
+        lone_after_batch: bool | None = None,
     ) -> None:
         self.model = model
         self.threads = threads
@@ -93,7 +103,12 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.context_length = context_length
         self.speculative = speculative
+        self.decode: DecodeMode = decode
         self.device = next(model.parameters()).device
+        # Moving the last row of a batch back to the lone decoder costs one prefill of its
+        # context; it pays where the lone decoder is a CUDA graph, not on an eager CPU step.
+        self.lone_after_batch = (self.device.type == "cuda" and decode != "dynamic"
+                                 if lone_after_batch is None else lone_after_batch)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else (min(eos) if eos else 0)
         self._inbox: queue.Queue[_Sequence | Callable[[], None] | None] = queue.Queue()
@@ -110,8 +125,9 @@ class BatchScheduler:
     # -- any thread ----------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
         generator = None if params.greedy else make_generator(params, self.device)
-        finisher = Finisher(self.tokenizer, prompt_ids, params, self.eos)
-        self._inbox.put(_Sequence(list(prompt_ids), params, stream, finisher, generator))
+        rules = RequestRules(self.tokenizer, prompt_ids, params, self.eos,
+                             context_length=self.context_length, arrived=stream.arrived)
+        self._inbox.put(_Sequence(list(prompt_ids), params, stream, rules, generator))
 
     def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
         future: concurrent.futures.Future[Embeddings] = concurrent.futures.Future()
@@ -148,12 +164,13 @@ class BatchScheduler:
                 self._take_inbox(block=not self._active and not self._waiting)
                 try:
                     self._drop_cancelled()
-                    if self._should_speculate():
-                        self._speculate(self._waiting.popleft())
+                    if self._alone():
+                        self._decode_alone(self._waiting.popleft())
                         continue
                     self._admit()
                     if self._active:
                         self._decode_step()
+                        self._leave_batch_if_alone()
                 except Exception as exc:  # the batch is lost, the server is not
                     self._fail_all(exc)
         for seq in [*self._active, *self._waiting]:
@@ -191,9 +208,8 @@ class BatchScheduler:
         if room <= 0 or not self._waiting:
             return
         new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        now = time.perf_counter()
         for seq in new:
-            seq.timings.started = seq.timings.started or now
+            seq.rules.start()
         try:
             ids, mask, positions = left_pad([s.context for s in new], self.pad_id, self.device)
             cache = new_cache(self.model)
@@ -239,37 +255,21 @@ class BatchScheduler:
         self._remove_done()
 
     def _accept(self, seq: _Sequence, token: int) -> None:
-        """Record one sampled token of ``seq``: stream its text, finish it if it is done."""
-        now = time.perf_counter()
-        timings = seq.timings
-        if timings.first_token is None:
-            timings.first_token = now
-        else:
-            timings.token_gaps.append(now - (timings.finished or now))
-        timings.finished = now  # the time of the latest token until the sequence really ends
+        """Push one sampled token of ``seq`` through its rules to its stream."""
         if seq.stream.cancelled:
             self._finish(seq, "cancelled")
             return
         seq.generated.append(token)
-        text, finish = seq.finisher.push(token)
-        if finish is None and seq.position + 1 >= self.context_length:
-            text, finish = text + seq.finisher.stream.finish(), "length"
-        if finish is None:
-            seq.stream.push(StreamEvent(text=text, tokens=1))
-        else:
-            # An end-of-sequence token is not part of the completion.
-            counted = 0 if token in self.eos else 1
-            if text or counted:
-                seq.stream.push(StreamEvent(text=text, tokens=counted))
-            self._finish(seq, finish)
+        record = seq.rules.push(token)
+        seq.stream.push(record)
+        seq.done = record.finish_reason is not None
 
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End ``seq`` without a token (cancelled, failed, or its decoder ran out)."""
         if seq.done:
             return
         seq.done = True
-        seq.timings.finished = time.perf_counter()
-        seq.stream.push(StreamEvent(finish_reason=reason, error=error,
-                                    prompt_tokens=len(seq.prompt_ids), timings=seq.timings))
+        seq.stream.push(seq.rules.end(reason, error))
 
     def _fail_all(self, exc: Exception) -> None:
         for seq in self._active:
@@ -310,39 +310,49 @@ class BatchScheduler:
                            values.index_select(0, rows)[..., start:, :].contiguous(), index)
         self._cache, self._mask = trimmed, mask[:, start:]
 
-    # -- speculative decoding of a lone request ------------------------------------------------
-    def _should_speculate(self) -> bool:
-        return (self.speculative is not None and not self._active and len(self._waiting) == 1
-                and self._inbox.empty())
+    # -- a lone request: the single-stream decoder of ``opt generate`` (or the speculative one) --
+    def _alone(self) -> bool:
+        return not self._active and len(self._waiting) == 1 and self._inbox.empty()
 
-    def _speculate(self, seq: _Sequence) -> None:
-        assert self.speculative is not None
-        seq.timings.started = seq.timings.started or time.perf_counter()
+    def _leave_batch_if_alone(self) -> None:
+        if (self.lone_after_batch and len(self._active) == 1 and not self._waiting
+                and self._inbox.empty()):
+            self._waiting.append(self._active.pop())
+            self._cache, self._mask = None, None
+
+    def _decode_alone(self, seq: _Sequence) -> None:
+        seq.rules.start()
         remaining = seq.params.replace(max_tokens=seq.params.max_tokens - len(seq.generated))
-        records, stats = self.speculative(seq.context, remaining, seq.generator)
-        drafted, accepted = stats.drafted, stats.accepted
+        stats: Any = None
+        if self.speculative is not None:
+            tokens, stats = self.speculative(seq.context, remaining, seq.generator)
+            drafted, accepted = stats.drafted, stats.accepted
+        else:
+            tokens = token_steps(self.model, seq.context, remaining, generator=seq.generator,
+                                 decode=self.decode)
         try:
-            self._speculate_records(seq, records)
+            self._pull_alone(seq, tokens)
         except Exception as exc:  # the lone request fails, the server does not
             self._finish(seq, "error", _describe(exc))
         finally:
-            close = getattr(records, "close", None)
+            close = getattr(tokens, "close", None)
             if close is not None:
                 close()
-            self._draft_tokens += stats.drafted - drafted
-            self._accepted_tokens += stats.accepted - accepted
+            if stats is not None:
+                self._draft_tokens += stats.drafted - drafted
+                self._accepted_tokens += stats.accepted - accepted
 
-    def _speculate_records(self, seq: _Sequence, records: Iterator[StepRecord]) -> None:
-        for record in records:
-            self._accept(seq, record.token_id)
+    def _pull_alone(self, seq: _Sequence, tokens: Iterator[int]) -> None:
+        for token in tokens:
+            self._accept(seq, token)
             if seq.done:
                 return
             if not self._inbox.empty() or seq.stream.cancelled:
                 # Someone else arrived: continue this sequence inside the batch.
                 self._waiting.appendleft(seq)
                 return
-        # The speculative generator applies the same stop rules, so it ends only when the
-        # sequence is done; finish it anyway rather than leave a client waiting.
+        # The generator yields at most the remaining max_tokens, and the rules finish the
+        # sequence at that count; end it anyway rather than leave a client waiting.
         self._finish(seq, "length")
 
     # -- embeddings ----------------------------------------------------------------------------

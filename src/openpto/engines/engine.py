@@ -13,13 +13,14 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from openpto.core.sampling import SamplingParams
-from openpto.engines.streams import RequestStream, StreamEvent, Timings
+from openpto.core.steps import RequestRules, StepRecord
+from openpto.engines.streams import RequestStream
 from openpto.errors import BackendUnavailable, OptError
-from openpto.registry import NameRegistry
+from openpto.registry import GENERATION_BACKENDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,9 @@ class EngineOptions:
     draft: str | None = None
     threads: int | None = None
     context_length: int | None = None  # None: the model's own
+    #: the torch backend's decoder for a lone request (``core.static_decode`` modes): "auto"
+    #: replays a CUDA graph over a static cache on CUDA, as ``opt generate`` does
+    decode: str = "auto"
     # Turns ``draft`` into a ``core.drafts.Draft`` for the torch backend:
     # ``(spec, target LoadedModel, dtype=...) -> (Draft, description)``. The front end passes
     # ``pipeline.generate.resolve_draft``; it lives above this layer because its self-quantized
@@ -115,11 +119,9 @@ class Engine(abc.ABC):
         """Stop worker threads; pending requests end with ``finish_reason='cancelled'``."""
 
 
-#: backend name -> Engine class taking ``(model_spec, options)``
-BACKENDS: NameRegistry = NameRegistry("generation backend")
-BACKENDS.register("torch", "openpto.engines.torch_backend:TorchEngine")
-BACKENDS.register("llamacpp", "openpto.engines.llamacpp_backend:LlamaCppEngine")
-BACKENDS.register("mlx", "openpto.engines.mlx_backend:MLXEngine")
+#: backend name -> Engine class taking ``(model_spec, options)``, filled through the
+#: ``register_generation_backends`` plugin hook
+BACKENDS = GENERATION_BACKENDS
 
 
 def served_name(spec: str | None) -> str:
@@ -139,34 +141,30 @@ def make_engine(backend: str, model: str | None, options: EngineOptions) -> Engi
     return factory(model, options)
 
 
-def run_to_completion(engine: Engine, prompt_ids: list[int], params: SamplingParams,
-                      on_event: Callable[[StreamEvent], None] | None = None) -> StreamEvent:
-    """Generate one request synchronously: ``on_event`` sees each event as the engine pushes it
-    (text deltas, then the last event with ``finish_reason``); returns all of them merged.
+def engine_records(engine: Engine, prompt_ids: list[int],
+                   params: SamplingParams) -> Generator[StepRecord, None, None]:
+    """One request's ``StepRecord``s from ``engine``, synchronously, as the engine pushes them.
 
-    Engines push to a ``RequestStream`` bound to an event loop (the HTTP layer's); a caller
-    without one gets a private loop for the duration of the request. A backend failure raises
+    Engines push to a ``RequestStream`` bound to an event loop (the HTTP layer's); this drives a
+    private loop between records. Stopping early cancels the request. A backend failure raises
     ``BackendUnavailable`` with the engine's message.
     """
     import asyncio
 
-    async def consume() -> StreamEvent:
-        stream = RequestStream(asyncio.get_running_loop())
+    loop = asyncio.new_event_loop()
+    # Room for every record, so that each comes through with its own token id (the coalescing
+    # bound protects the server's scheduler from slow clients; here the reader is the caller).
+    stream = RequestStream(loop, max_pending=params.max_tokens + 2)
+    try:
         engine.submit(prompt_ids, params, stream)
-        total = StreamEvent()
-        try:
-            async for event in stream.events():
-                if on_event is not None:
-                    on_event(event)
-                total = total.merge(event)
-        finally:
-            stream.cancel()  # a no-op once finished; stops the engine if on_event raised
-        return total
-
-    result = asyncio.run(consume())
-    if result.finish_reason == "error":
-        raise BackendUnavailable(f"{engine.backend} backend: {result.error}")
-    return result
+        while not stream.finished:
+            for record in loop.run_until_complete(stream.next_events()):
+                if record.finish_reason == "error":
+                    raise BackendUnavailable(f"{engine.backend} backend: {record.error}")
+                yield record
+    finally:
+        stream.cancel()  # a no-op once finished; stops the engine if the consumer left early
+        loop.close()
 
 
 # -- a one-sequence-at-a-time engine for backends that own their own decode loop -----------------
@@ -177,7 +175,6 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     stream: RequestStream
-    timings: Timings = dataclasses.field(default_factory=Timings)
 
 
 class SerialEngine(Engine):
@@ -244,46 +241,33 @@ class SerialEngine(Engine):
                 job()
                 continue
             self._running = 1
+            rules = RequestRules(self._tokenizer_for_text(), job.prompt_ids, job.params,
+                                 self._eos_ids(), context_length=self.info.context_length,
+                                 arrived=job.stream.arrived)
             try:
-                self._run_job(job)
+                self._run_job(job, rules)
             except OptError as exc:
-                job.stream.push(StreamEvent(finish_reason="error", error=str(exc)))
+                job.stream.push(rules.end("error", str(exc)))
             except Exception as exc:  # a backend crash ends this request, not the server
-                job.stream.push(StreamEvent(finish_reason="error",
-                                            error=f"{type(exc).__name__}: {exc}"))
+                job.stream.push(rules.end("error", f"{type(exc).__name__}: {exc}"))
             finally:
                 self._running = 0
 
-    def _run_job(self, job: _Job) -> None:
-        from openpto.core.generate import Finisher
-
-        timings, eos = job.timings, self._eos_ids()
-        finisher = Finisher(self._tokenizer_for_text(), job.prompt_ids, job.params, eos)
-        timings.started = time.perf_counter()
-        finish: str | None = None
-        last = timings.started
-        for token in self._token_ids(job.prompt_ids, job.params):
-            now = time.perf_counter()
-            if timings.first_token is None:
-                timings.first_token = now
-            else:
-                timings.token_gaps.append(now - last)
-            last = now
-            if job.stream.cancelled:
-                finish = "cancelled"
-                break
-            text, finish = finisher.push(token)
-            # An end-of-sequence token is not part of the completion.
-            counted = 0 if token in eos else 1
-            if text or counted:
-                job.stream.push(StreamEvent(text=text, tokens=counted))
-            if finish is not None:
-                break
-        timings.finished = time.perf_counter()
-        if finish is None:  # the backend stopped on its own (its context is full)
-            finish = "length"
-            tail = finisher.stream.finish()
-            if tail:
-                job.stream.push(StreamEvent(text=tail))
-        job.stream.push(StreamEvent(finish_reason=finish, prompt_tokens=len(job.prompt_ids),
-                                    timings=timings))
+    def _run_job(self, job: _Job, rules: RequestRules) -> None:
+        rules.start()
+        tokens = self._token_ids(job.prompt_ids, job.params)
+        try:
+            for token in tokens:
+                if job.stream.cancelled:
+                    job.stream.push(rules.end("cancelled"))
+                    return
+                record = rules.push(token)
+                job.stream.push(record)
+                if record.finish_reason is not None:
+                    return
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+        # The backend stopped on its own (its context is full).
+        job.stream.push(rules.end("length"))

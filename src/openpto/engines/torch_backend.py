@@ -9,12 +9,13 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from openpto.core.generate import StepRecord, build_chat_prompt, eos_ids
+from openpto.core.generate import build_chat_prompt, eos_ids
 from openpto.core.sampling import SamplingParams
+from openpto.core.static_decode import DECODE_MODES, DecodeMode
 from openpto.engines.batching import BatchScheduler
 from openpto.engines.engine import (
     Embeddings,
@@ -70,6 +71,7 @@ class TorchEngine(Engine):
             context_length=self.info.context_length,
             speculative=speculative,
             threads=self.options.threads,
+            decode=_decode_mode(self.options.decode),
         )
 
     def _adopt(self, model: torch.nn.Module, tokenizer: Any, name: str, path: str, *, kind: str,
@@ -140,6 +142,12 @@ class TorchEngine(Engine):
         return self._scheduler
 
 
+def _decode_mode(mode: str) -> DecodeMode:
+    if mode not in DECODE_MODES:
+        raise UsageError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    return cast(DecodeMode, mode)
+
+
 # -- drafts for --draft ----------------------------------------------------------------------------
 
 
@@ -155,7 +163,7 @@ def _speculative_factory(options: EngineOptions, target: torch.nn.Module, tokeni
                          "(pass openpto.pipeline.generate.resolve_draft)")
     from pathlib import Path
 
-    from openpto.core.speculative import SpeculativeStats, speculative_stream
+    from openpto.core.speculative import SpeculativeStats, speculative_steps
     from openpto.models import LoadedModel
 
     loaded = LoadedModel(target, tokenizer, name, "in-memory", Path(path))  # type: ignore[arg-type]
@@ -163,10 +171,10 @@ def _speculative_factory(options: EngineOptions, target: torch.nn.Module, tokeni
     draft, _ = options.resolve_draft(spec, loaded, dtype=dtype)
 
     def start(context: list[int], params: SamplingParams,
-              generator: torch.Generator | None) -> tuple[Iterator[StepRecord], Any]:
+              generator: torch.Generator | None) -> tuple[Iterator[int], Any]:
         stats = SpeculativeStats()
-        records = speculative_stream(target, tokenizer, draft, context, params, stats=stats,
-                                     generator=generator)
-        return records, stats
+        tokens = speculative_steps(target, draft, context, params, stats=stats,
+                                   generator=generator)
+        return tokens, stats
 
     return start

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from openpto.errors import BackendUnavailable, MissingDependency
+from openpto.errors import BackendUnavailable, MissingDependency, PluginError
 from openpto.registry import KERNELS
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def kernel_reasons(
     for name in KERNELS.names():
         try:
             cls = kernel_class(name)
-        except (ImportError, MissingDependency) as exc:
+        except (ImportError, MissingDependency, PluginError) as exc:
             reasons[name] = f"cannot import: {exc}"
             continue
         reasons[name] = cls.unavailable(qw, device, dtype)

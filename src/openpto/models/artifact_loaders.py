@@ -1,16 +1,13 @@
 """Loaders for artifact formats other than ``dense``, registered in ``ARTIFACT_LOADERS``.
 
-``load_model`` loads an artifact folder's float parts with transformers (its
-``quantization_config`` removed, so the packed Linears come up as placeholders), then hands the
-``LoadedModel`` to the loader named by ``openpto.json``'s ``format``. The ``pack-quantized``
-loader reads each Linear's packed tensors and swaps in a ``QuantLinear`` that keeps them packed
-and runs a real kernel, so resident memory is the packed size, not the float one. The
-``sparse-bitmask`` and ``sparse-24-bitmask`` loader decompresses each pruned weight into its
-Linear (in the dtype asked for) and, for 2:4 on CUDA, tries the semi-structured kernel.
-
-The formats in ``loader.LIBRARY_FORMATS`` (bitsandbytes, quanto, MLX) are different: only their
-own library reads their weights, so their loaders get the folder, dtype and device and build the
-model themselves, without a float load first.
+``load_model`` hands every loader one ``ArtifactRequest`` (folder, ``openpto.json``, dtype,
+device). The ``pack-quantized`` loader has the float parts loaded with transformers (packed
+Linears as placeholders), reads each Linear's packed tensors and swaps in a ``QuantLinear`` that
+keeps them packed and runs a real kernel, so resident memory is the packed size, not the float
+one. The ``sparse-bitmask`` and ``sparse-24-bitmask`` loader decompresses each pruned weight into
+its Linear (in the dtype asked for) and, for 2:4 on CUDA, tries the semi-structured kernel. Only
+their own library reads bitsandbytes, quanto and MLX weights, so those loaders build the model
+themselves, without a float load first.
 """
 
 from __future__ import annotations
@@ -20,13 +17,16 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from openpto.errors import CorruptFile, UnsupportedModel
 from openpto.models.loaded import LoadedModel
+
+if TYPE_CHECKING:
+    from openpto.models.loader import ArtifactRequest
 
 
 def _schemes(qconfig: dict[str, Any]) -> list[tuple[list[str], dict[str, Any]]]:
@@ -110,10 +110,11 @@ def _release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def load_pack_quantized(loaded: LoadedModel, kernel: str = "auto") -> LoadedModel:
+def load_pack_quantized(request: ArtifactRequest, kernel: str = "auto") -> LoadedModel:
     """Swap every packed Linear of the artifact for a ``QuantLinear`` on its kernel."""
     from openpto.kernels import model_kernel_summary, swap_to_packed
 
+    loaded = request.float_model()
     folder = Path(loaded.path)
     model = loaded.model
     quantized = read_packed_weights(folder, model)
@@ -162,11 +163,12 @@ def use_sparse24(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-def load_sparse(loaded: LoadedModel) -> LoadedModel:
+def load_sparse(request: ArtifactRequest) -> LoadedModel:
     """Decompress every pruned Linear of a ``sparse-bitmask``/``sparse-24-bitmask`` artifact
     into the loaded model, at the model's dtype and device; then the 2:4 path where it runs."""
     from openpto.models.sparse_format import read_sparse_weights
 
+    loaded = request.float_model()
     folder = Path(loaded.path)
     model = loaded.model
     for name, dense in read_sparse_weights(folder).items():
@@ -181,24 +183,26 @@ def load_sparse(loaded: LoadedModel) -> LoadedModel:
     return use_sparse24(loaded)
 
 
-def load_bitsandbytes(folder: Path, dtype: torch.dtype | str = "auto",
-                      device: torch.device | str = "cpu") -> nn.Module:
+def load_bitsandbytes(request: ArtifactRequest) -> LoadedModel:
     """A folder saved by the ``bitsandbytes`` backend: transformers reads its own
     ``quantization_config`` and builds ``Linear4bit``/``Linear8bitLt`` modules, placed on
-    ``device`` as they load (bitsandbytes modules cannot be moved afterwards)."""
+    the device as they load (bitsandbytes modules cannot be moved afterwards)."""
     from transformers import AutoModelForCausalLM
 
+    request.check_folder()
     _import_library("bitsandbytes", "bitsandbytes", "bitsandbytes artifacts")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device))
-    return model.eval()
+    model = AutoModelForCausalLM.from_pretrained(request.folder, dtype=request.dtype,
+                                                 device_map=str(request.device))
+    return request.loaded(model.eval())
 
 
-def load_quanto(folder: Path, dtype: torch.dtype | str = "auto",
-                device: torch.device | str = "cpu") -> nn.Module:
+def load_quanto(request: ArtifactRequest) -> LoadedModel:
     """A folder saved by the ``quanto`` backend (optimum-quanto's own serialisation), in the
     float dtype it was saved in: quanto refuses to change a 4-bit weight's dtype."""
     from openpto.errors import UsageError
 
+    request.check_folder()
+    folder, dtype = request.folder, request.dtype
     quanto = _import_library("optimum.quanto", "optimum-quanto", "quanto artifacts")
     model = quanto.QuantizedModelForCausalLM.from_pretrained(str(folder))._wrapped
     saved = next(model.parameters()).dtype
@@ -209,7 +213,7 @@ def load_quanto(folder: Path, dtype: torch.dtype | str = "auto",
     for module in model.modules():
         if isinstance(module, quanto.QModuleMixin):
             module.forward = _outside_inference_mode(module.forward)
-    return model.to(device).eval()  # type: ignore[no-any-return]
+    return request.loaded(model.to(request.device).eval())
 
 
 def _outside_inference_mode(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -241,10 +245,9 @@ def _import_library(module: str, dist: str, purpose: str) -> Any:
         raise BackendUnavailable(f"{dist} is installed but cannot load: {exc}") from exc
 
 
-def load_mlx(folder: Path, dtype: torch.dtype | str = "auto",
-             device: torch.device | str = "cpu") -> nn.Module:
+def load_mlx(request: ArtifactRequest) -> LoadedModel:
     """MLX folders hold MLX arrays: torch cannot run them."""
     raise UnsupportedModel(
-        f"{folder} is an MLX folder: run it with mlx_lm (mlx_lm.generate --model PATH) "
+        f"{request.folder} is an MLX folder: run it with mlx_lm (mlx_lm.generate --model PATH) "
         "or opt serve --backend mlx"
     )

@@ -12,6 +12,7 @@ import json
 import pickle
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_SYNONYMS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-#: artifact formats whose weights only their own library reads: their loaders take
-#: ``(folder, dtype=, device=)`` and build the model themselves (``_load_library_artifact``)
-LIBRARY_FORMATS = ("bitsandbytes", "quanto", "mlx")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -236,19 +234,15 @@ def load_model(
         if source.kind == "artifact":
             metadata = _read_artifact_metadata(folder)
             fmt = str(metadata.get("format", "dense"))
-        if fmt in LIBRARY_FORMATS:
-            return _load_library_artifact(source, metadata, fmt, torch_dtype, target)
-        model, tokenizer = _load_folder(folder, torch_dtype, trust_remote_code, fmt != "dense")
+        if fmt != "dense":
+            return _load_artifact(ArtifactRequest(source, metadata, torch_dtype, target))
+        model, tokenizer = _load_folder(folder, torch_dtype, trust_remote_code)
         sha = files_sha256(weight_files(folder))
     model.eval()
     if target.type != "cpu":
         model.to(target)
     loaded = LoadedModel(model, tokenizer, source.name, source.kind, source.path, sha, metadata)
-    if fmt != "dense":
-        # After the move: packed modules are built on the device of the Linears they replace,
-        # so each artifact loader picks the kernel of the target device.
-        loaded = _apply_artifact_loader(loaded, fmt)
-    elif source.kind == "artifact":
+    if source.kind == "artifact":
         from openpto.models.artifact_loaders import use_sparse24
 
         loaded = use_sparse24(loaded)  # 2:4 on CUDA only; elsewhere nothing changes
@@ -272,39 +266,67 @@ def hf_folder(source: ModelSource | str | None, progress: ProgressReporter | Non
     return source.path
 
 
-def _load_library_artifact(source: ModelSource, metadata: dict[str, Any], fmt: str,
-                           dtype: torch.dtype | str, target: torch.device) -> LoadedModel:
-    """An artifact whose weights only its own library can read (bitsandbytes, quanto, MLX).
+@dataclass(frozen=True)
+class ArtifactRequest:
+    """What every artifact loader (``openpto.registry.ARTIFACT_LOADERS``) is called with: the
+    artifact's source, its ``openpto.json``, and the dtype and device asked for.
 
-    transformers cannot build these as a float model first: bitsandbytes stores packed uint8
-    tensors of other shapes (the load stops on the size mismatch) and quanto stores its own
-    tensor parts. So the folder is checked, the artifact loader reads the weights (one clear
-    ``MissingDependency`` when its library is absent) and only the tokenizer comes from here.
+    A loader whose weights transformers can build as a float model first (``pack-quantized``)
+    calls ``float_model()`` and swaps in its own modules. One whose weights only its own library
+    reads (bitsandbytes stores packed uint8 tensors of other shapes, quanto its own tensor
+    parts) calls ``check_folder()``, builds the model itself and hands it to ``loaded()``.
     """
-    from transformers import AutoTokenizer
 
+    source: ModelSource
+    metadata: dict[str, Any]
+    dtype: torch.dtype | str
+    device: torch.device
+
+    @property
+    def folder(self) -> Path:
+        return self.source.path
+
+    @property
+    def format(self) -> str:
+        return str(self.metadata.get("format", "dense"))
+
+    def check_folder(self) -> None:
+        """Config, weights and tokenizer present and readable (one clear error otherwise)."""
+        _check_folder(self.folder, trust_remote_code=False)
+
+    def float_model(self) -> LoadedModel:
+        """The folder through transformers with its ``quantization_config`` set aside (packed
+        Linears come up as float placeholders), in eval mode on the requested device: packed
+        modules are built on the device of the Linears they replace, so the loader picks the
+        kernel of that device."""
+        model, tokenizer = _load_folder(self.folder, self.dtype, False, drop_quantization=True)
+        model.eval()
+        if self.device.type != "cpu":
+            model.to(self.device)
+        sha = files_sha256(weight_files(self.folder))
+        return LoadedModel(model, tokenizer, self.source.name, self.source.kind, self.folder,
+                           sha, dict(self.metadata))
+
+    def loaded(self, model: Any) -> LoadedModel:
+        """A model the loader built itself, with the folder's tokenizer and provenance; its
+        ``kernel`` is the format (its library's own modules run it)."""
+        from transformers import AutoTokenizer
+
+        sha = files_sha256(weight_files(self.folder))
+        tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        return LoadedModel(model, tokenizer, self.source.name, self.source.kind, self.folder, sha,
+                           {**self.metadata, "kernel": self.format})
+
+
+def _load_artifact(request: ArtifactRequest) -> LoadedModel:
     from openpto.registry import ARTIFACT_LOADERS
 
-    folder = source.path
-    if fmt != "mlx":  # an MLX folder's weights are MLX arrays; its loader says so in one line
-        _check_folder(folder, trust_remote_code=False)
-    sha = files_sha256(weight_files(folder))
-    loader = ARTIFACT_LOADERS.get(fmt)
-    model = loader(folder, dtype=dtype, device=target)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return LoadedModel(model, tokenizer, source.name, source.kind, folder, sha,
-                       {**metadata, "kernel": fmt})
-
-
-def _apply_artifact_loader(loaded: LoadedModel, fmt: str) -> LoadedModel:
-    from openpto.registry import ARTIFACT_LOADERS
-
-    if fmt not in ARTIFACT_LOADERS:
+    if request.format not in ARTIFACT_LOADERS:
         known = ", ".join(["dense", *ARTIFACT_LOADERS.names()])
         raise UnsupportedModel(
-            f"{loaded.path}: artifact format {fmt!r} has no loader here (known: {known})"
+            f"{request.folder}: artifact format {request.format!r} has no loader here "
+            f"(known: {known})"
         )
-    result = ARTIFACT_LOADERS.get(fmt)(loaded)
-    result.model.eval()
-    return result  # type: ignore[no-any-return]
+    loaded: LoadedModel = ARTIFACT_LOADERS.get(request.format)(request)
+    loaded.model.eval()
+    return loaded

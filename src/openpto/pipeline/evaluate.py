@@ -1,8 +1,14 @@
-"""``evaluate``: the perplexity of one model on one text, recorded as an ``eval`` run."""
+"""``evaluate``: the perplexity of one model on one text, recorded as an ``eval`` run.
+
+    from openpto import EvalConfig, evaluate
+    evaluate("smollm2-135m", EvalConfig(max_tokens=4096)).perplexity
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +16,8 @@ from openpto.core.metrics import perplexity, plan_windows
 from openpto.data import EVALUATION_DEFAULT, TextSource
 from openpto.errors import UnsupportedModel, UsageError
 from openpto.pipeline.common import Workflow, open_run
-from openpto.progress import ProgressReporter
+from openpto.pipeline.workflow import WorkflowResult
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from openpto.models import LoadedModel
@@ -20,43 +27,70 @@ DEFAULT_SEQ_LEN = 512
 SPARSITY_KEYS = ("sparsity", "nm_compliant", "linear_params", "nonzero_linear_params")
 
 
-def evaluate(
-    model_spec: str | None = None,
-    text_source: str | TextSource | None = None,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    max_tokens: int | None = None,
-    batch_size: int = 1,
-    device: str = "cpu",
-    dtype: str = "float32",
-    progress: ProgressReporter | None = None,
-    store: Store | None = None,
-    *,
-    text_field: str = "text",
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """Perplexity of ``model_spec`` on ``text_source`` (default ``stdlib-docstrings``).
+@dataclass(frozen=True)
+class EvalConfig:
+    """How ``evaluate`` measures: the text, the windows, where and in which dtype."""
 
-    Returns ``perplexity``, ``tokens`` (fed to the model), ``scored_tokens``, ``windows``,
-    ``dropped_tokens``, ``seq_len``, ``seconds`` (tokenize + score, not the model load), ``text``,
-    the measured sparsity of the decoder Linears (``measure_sparsity``: ``sparsity``,
-    ``nm_compliant``, ``linear_params``, ``nonzero_linear_params``) and ``run_id``; the run, its
-    traces, metrics and the data set are in the store.
+    text: str | TextSource | None = None  # None: the default evaluation text
+    seq_len: int = DEFAULT_SEQ_LEN  # tokens per window (at least 2)
+    max_tokens: int | None = None  # score at most this many tokens (None: the whole text)
+    batch_size: int = 1  # windows per forward pass
+    device: str = "cpu"
+    dtype: str = "float32"
+    text_field: str = "text"  # the field holding the text in JSONL or data set rows
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["text"] = None if self.text is None else str(getattr(self.text, "name", self.text))
+        return data
+
+
+@dataclass
+class EvalResult(WorkflowResult):
+    """What ``evaluate`` measured; ``to_dict()`` is ``opt eval --json``'s object."""
+
+    perplexity: float
+    tokens: int  # fed to the model
+    scored_tokens: int
+    windows: int
+    dropped_tokens: int
+    seq_len: int
+    seconds: float  # tokenize + score, not the model load
+    text: str
+    sparsity: float | None
+    nm_compliant: dict[str, bool] | None
+    linear_params: int | None
+    nonzero_linear_params: int | None
+    run_id: str
+
+
+def evaluate(
+    model: str | LoadedModel | None = None,
+    config: EvalConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    store: Store | None = None,
+) -> EvalResult:
+    """Perplexity of ``model`` (a MODEL spec or a loaded model) on ``config.text`` (default
+    ``stdlib-docstrings``), with the measured sparsity of the decoder Linears
+    (``measure_sparsity``); the run, its traces, metrics and the data set are in the store.
     """
-    config = {
-        "text": None if text_source is None else str(getattr(text_source, "name", text_source)),
-        "seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
-        "device": device, "dtype": dtype, "text_field": text_field,
-    }
-    from openpto.models import DEFAULT_ALIAS
+    config = config if config is not None else EvalConfig()
+    from openpto.models import DEFAULT_ALIAS, LoadedModel
 
     # The run names the model asked for from the start, so a failed load still says which.
-    run_model = model_spec or DEFAULT_ALIAS
-    with open_run("eval", run_model, config, store=store, progress=progress) as wf:
+    run_model = model.name if isinstance(model, LoadedModel) else (model or DEFAULT_ALIAS)
+    with open_run("eval", run_model, config.to_dict(), store=store, progress=progress) as wf:
+        seq_len, max_tokens, batch_size = config.seq_len, config.max_tokens, config.batch_size
         _check_options(seq_len, max_tokens, batch_size)  # before anything slow is loaded
-        text = wf.load_text(text_source, default=EVALUATION_DEFAULT, text_field=text_field)
-        loaded = wf.load_model(
-            model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
+        text = wf.load_text(config.text, default=EVALUATION_DEFAULT, text_field=config.text_field)
+        if isinstance(model, LoadedModel):
+            loaded = model
+            wf.store.update("runs", wf.run_id, {"model": loaded.name})
+        else:
+            loaded = wf.load_model(model, dtype=config.dtype, device=config.device,
+                                   trust_remote_code=config.trust_remote_code)
         start = time.perf_counter()
         ids = wf.tokenize(loaded.tokenizer, text)
         plan = plan_windows(len(ids), seq_len, max_tokens)
@@ -90,18 +124,14 @@ def evaluate(
                 f"scored {result.scored_tokens} tokens in {plan.windows} windows; "
                 f"the last {plan.dropped_tokens} tokens do not fill a window and were dropped"
             )
-        return {
-            "perplexity": result.perplexity,
-            "tokens": result.tokens,
-            "scored_tokens": result.scored_tokens,
-            "windows": plan.windows,
-            "dropped_tokens": plan.dropped_tokens,
-            "seq_len": seq_len,
-            "seconds": seconds,
-            "text": text.name,
-            **sparsity,
-            "run_id": wf.run_id,
-        }
+        evaluated = EvalResult(
+            perplexity=result.perplexity, tokens=result.tokens,
+            scored_tokens=result.scored_tokens, windows=plan.windows,
+            dropped_tokens=plan.dropped_tokens, seq_len=seq_len, seconds=seconds,
+            text=text.name, **sparsity, run_id=wf.run_id,
+        )
+        wf.set_result(evaluated.to_dict())
+        return evaluated
 
 
 def measure_sparsity(wf: Workflow, loaded: LoadedModel) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from openpto.errors import ConfigError, UnsupportedModel, UsageError
 from openpto.models.resolve import ARTIFACT_FILE
 from openpto.pipeline.artifacts import check_output, folder_size
 from openpto.pipeline.common import open_run
-from openpto.progress import ProgressReporter
+from openpto.progress import ProgressCallback
+from openpto.registry import EXPORTERS
 
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "f16")
 
@@ -351,13 +353,9 @@ def write_compressed_tensors(folder: Path, output: Path, qtype: str | None,
     return {"compressed_tensors_format": qconfig.get("format")}
 
 
+#: an exporter ``(artifact folder, output path, GGUF type, log) -> details``, looked up by format
+#: in ``openpto.registry.EXPORTERS`` (``openpto.default_plugins.formats`` registers the above)
 _Writer = Callable[[Path, Path, "str | None", Callable[[str], None]], dict[str, Any]]
-#: format -> writer ``(artifact folder, output path, GGUF type, log) -> details``
-EXPORTERS: dict[str, _Writer] = {
-    "gguf": write_gguf,
-    "compressed-tensors": write_compressed_tensors,
-    "mlx": write_mlx,
-}
 
 
 def export_artifact(
@@ -365,7 +363,7 @@ def export_artifact(
     fmt: str,
     output: str | Path,
     qtype: str | None = None,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Any = None,
 ) -> dict[str, Any]:
     """Export an artifact folder; returns ``output``, ``format``, ``size_bytes``, ``run_id`` and
@@ -377,6 +375,7 @@ def export_artifact(
             raise UsageError(f"{folder} is not a folder; give an artifact folder written by opt")
         if fmt not in EXPORTERS:
             raise UsageError(f"--format must be one of {', '.join(EXPORTERS)}, not {fmt!r}")
+        writer: _Writer = EXPORTERS.get(fmt)
         if qtype is not None and fmt != "gguf":
             raise UsageError("--type applies to --format gguf only")
         out = Path(output)
@@ -386,7 +385,7 @@ def export_artifact(
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with wf.run.trace("export", format=fmt) as attrs:
-                details = EXPORTERS[fmt](folder, tmp, qtype, wf.progress.log)
+                details = writer(folder, tmp, qtype, wf.progress.log)
                 attrs.update(details)
             tmp.rename(out)
         except BaseException:
@@ -397,5 +396,42 @@ def export_artifact(
             raise
         size = out.stat().st_size if out.is_file() else folder_size(out)
         wf.run.metric("size_bytes", size, "bytes", {"format": fmt, **details})
-        return {"output": str(out), "format": fmt, "size_bytes": size, **details,
-                "run_id": wf.run_id}
+        return wf.set_result({"output": str(out), "format": fmt, "size_bytes": size, **details,
+                              "run_id": wf.run_id})
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Where and how ``export`` writes an artifact: ``format`` (gguf, compressed-tensors, mlx),
+    the output path, and for GGUF the tensor type (None: the one the artifact's grid maps onto
+    exactly)."""
+
+    format: str
+    output: str | Path
+    type: str | None = None
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote; ``to_dict()`` is ``opt export --json``'s object."""
+
+    output: str
+    format: str
+    size_bytes: int
+    run_id: str
+    details: dict[str, Any] = field(default_factory=dict)  # what was mapped, per format
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "format": self.format, "size_bytes": self.size_bytes,
+                **self.details, "run_id": self.run_id}
+
+
+def export(artifact: str | Path, config: ExportConfig, *,
+           progress: ProgressCallback | None = None, store: Any = None) -> ExportResult:
+    """Export an artifact folder as ``config`` says (see ``export_artifact``)."""
+    done = export_artifact(artifact, config.format, config.output, config.type,
+                           progress=progress, store=store)
+    fixed = ("output", "format", "size_bytes", "run_id")
+    return ExportResult(output=done["output"], format=done["format"],
+                        size_bytes=done["size_bytes"], run_id=done["run_id"],
+                        details={k: v for k, v in done.items() if k not in fixed})

@@ -1,5 +1,17 @@
 """Recorded generation workflows: ``generate`` (one prompt) and ``speculative`` (with a draft).
 
+    from openpto.pipeline.generate import GenerationConfig, generate
+    stream = generate("smollm2-135m", GenerationConfig(prompt="Hello", max_new_tokens=32))
+    for record in stream:            # core.steps.StepRecord: token id, text, timings, memory
+        print(record.text, end="")
+    stream.result().to_dict()        # text, tokens, tokens_per_second, ..., run_id
+
+``generate`` is the library's generation stack (``core.generate.token_steps`` ->
+``core.steps.RequestRules`` -> records -> text) recorded as a ``generate`` run, or, with
+``backend`` ``llamacpp``/``mlx``, the same records from that engine. Nothing starts until the
+first record is asked for; the run is recorded when the stream ends (also when the consumer stops
+early: ``finish_reason`` ``cancelled``).
+
 ``resolve_draft(spec, target)`` turns a DRAFT argument into a ``core.drafts.Draft``:
 
 - ``lookup`` or ``lookup:N``: prompt n-gram lookup, n-grams of at most N tokens (default 3);
@@ -12,7 +24,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,30 +39,162 @@ from openpto.core.drafts import (
 )
 from openpto.core.generate import (
     GenerationResult,
-    StepRecord,
     collect,
     encode_prompt,
-    generate_stream,
-    generate_text,
+    eos_ids,
+    token_steps,
 )
 from openpto.core.sampling import SamplingParams
-from openpto.core.speculative import SpeculativeStats, speculative_stream
+from openpto.core.speculative import SpeculativeStats, speculative_steps
+from openpto.core.static_decode import DECODE_MODES, DecodeMode
+from openpto.core.steps import RequestRules, StepRecord, stream_records
 from openpto.errors import UsageError
 from openpto.pipeline.common import Workflow, open_run
-from openpto.profiling import kernel_summary
-from openpto.progress import ProgressReporter
+from openpto.profiling import kernel_summary, memory_probe
+from openpto.progress import ProgressCallback
 
 if TYPE_CHECKING:
     from openpto.models import LoadedModel
     from openpto.store import Store
 
-OnText = Callable[[str], None]
+_CLOCK = "wall time from start to last token, prefill included"
 
 
-def _default_model(spec: str | None) -> str:
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """One prompt's generation: sampling, chat formatting, and where the model runs."""
+
+    type_name = "generation"
+    version = 1
+
+    #: the prompt text (wrapped in the chat template when ``chat`` and the tokenizer has one)
+    prompt: str = ""
+    #: at most this many new tokens
+    max_new_tokens: int = 128
+    #: 0 is greedy; higher is more random
+    temperature: float = 0.0
+    #: nucleus sampling mass in (0, 1]; 1 is off
+    top_p: float = 1.0
+    #: keep the K most likely tokens; 0 is off
+    top_k: int = 0
+    #: drop tokens below min_p x the top probability; 0 is off
+    min_p: float = 0.0
+    #: CTRL penalty on tokens already seen; 1 is off
+    repetition_penalty: float = 1.0
+    #: seed for reproducible sampling (None: fresh entropy)
+    seed: int | None = None
+    #: stop strings: the text ends just before the first one
+    stop: tuple[str, ...] = ()
+    #: format the prompt with the tokenizer's chat template (raw when it has none)
+    chat: bool = True
+    #: cpu, cuda, cuda:N or mps (a spec string only; a loaded model stays where it is)
+    device: str = "cpu"
+    #: float32, bfloat16 or float16 (a spec string only)
+    dtype: str = "float32"
+    #: generation engine: torch (this process) or llamacpp / mlx
+    backend: str = "torch"
+    #: torch decoder (core.static_decode): auto, dynamic, static, graph or compiled
+    decode: str = "auto"
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        if self.decode not in DECODE_MODES:
+            raise UsageError(f"decode must be one of {', '.join(DECODE_MODES)}, "
+                             f"got {self.decode!r}")
+        self.sampling()  # one clear error for a bad sampling value, at construction
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              seed=self.seed, max_tokens=self.max_new_tokens, stop=self.stop)
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        fields["stop"] = list(self.stop)
+        return {"type": self.type_name, "version": self.version, **fields}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig(GenerationConfig):
+    """Speculative generation: a draft proposes, the target verifies (torch backend only)."""
+
+    type_name = "speculative"
+
+    #: a MODEL sharing the tokenizer, self:int4, self:int8, self:layers=K or lookup[:N]
+    draft: str = "lookup"
+    #: draft tokens per verification step (the start value when adaptive)
+    gamma: int = 4
+    #: adapt gamma to the measured acceptance and costs as it runs
+    adaptive: bool = True
+    #: also time the target alone on the same prompt and compare
+    baseline: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gamma < 1:
+            raise UsageError(f"gamma must be >= 1 (draft tokens per step), got {self.gamma}")
+        if self.backend != "torch":
+            raise UsageError("speculative decoding runs on the torch backend only")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    """A finished ``generate`` run: ``to_dict`` has the ``opt generate --json`` keys."""
+
+    text: str
+    token_ids: list[int]
+    tokens: int
+    prompt_tokens: int
+    finish_reason: str | None
+    ttft_ms: float
+    tokens_per_second: float
+    decode_tokens_per_second: float
+    peak_memory_bytes: int | None
+    backend: str
+    run_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        del out["token_ids"]
+        return out
+
+
+class Generation(Iterator[StepRecord]):
+    """The records of one recorded generation, as they come. ``run_id`` is set once the run has
+    started; ``result()`` drains what is left and returns the ``GenerateResult``."""
+
+    def __init__(self, body: Callable[[Generation], Iterator[StepRecord]]) -> None:
+        self.run_id: str | None = None
+        self.summary: GenerateResult | None = None
+        self._records = body(self)
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> StepRecord:
+        return next(self._records)
+
+    def close(self) -> None:
+        """Stop early; the run is recorded with what was generated."""
+        close = getattr(self._records, "close", None)
+        if close is not None:
+            close()
+
+    def result(self) -> GenerateResult:
+        for _ in self:
+            pass
+        if self.summary is None:
+            raise UsageError("the generation was closed before it started")
+        return self.summary
+
+
+def _default_model(spec: Any) -> str:
     from openpto.models import DEFAULT_ALIAS
 
-    return spec or DEFAULT_ALIAS
+    if spec is None:
+        return DEFAULT_ALIAS
+    return spec if isinstance(spec, str) else str(spec.name)
 
 
 def _measure_details(loaded: LoadedModel, **extra: Any) -> dict[str, Any]:
@@ -62,124 +207,126 @@ def _measure_details(loaded: LoadedModel, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _stream_text(records: Iterator[StepRecord], on_text: OnText | None) -> GenerationResult:
-    def forward() -> Iterator[StepRecord]:
-        for record in records:
-            if on_text is not None and record.text:
-                on_text(record.text)
-            yield record
+def _load(wf: Workflow, model: Any, config: GenerationConfig) -> LoadedModel:
+    if model is None or isinstance(model, str):
+        return wf.load_model(model, dtype=config.dtype, device=config.device)
+    wf.store.update("runs", wf.run.id, {"model": model.name})
+    return model  # type: ignore[no-any-return]
 
-    return collect(forward())
+
+def _summarise(result: GenerationResult, backend: str, run_id: str) -> GenerateResult:
+    return GenerateResult(
+        text=result.text, token_ids=result.token_ids, tokens=result.tokens,
+        prompt_tokens=result.prompt_tokens, finish_reason=result.finish_reason,
+        ttft_ms=result.ttft_s * 1e3, tokens_per_second=result.tokens_per_second,
+        decode_tokens_per_second=result.decode_tokens_per_second,
+        peak_memory_bytes=result.peak_memory_bytes, backend=backend, run_id=run_id)
+
+
+def _record_metrics(wf: Workflow, result: GenerationResult, details: dict[str, Any]) -> None:
+    details = {**details, "prompt_tokens": result.prompt_tokens, "tokens": result.tokens,
+               "clock": _CLOCK}
+    wf.run.metric("tokens_per_second", result.tokens_per_second, "tokens/s", details)
+    wf.run.metric("ttft_ms", result.ttft_s * 1e3, "ms", details)
+    wf.run.metric("tokens", result.tokens, "tokens", details)
 
 
 def generate(
-    model_spec: str | None,
-    prompt: str,
-    params: SamplingParams,
+    model: str | LoadedModel | None,
+    config: GenerationConfig,
     *,
-    chat: bool = True,
-    device: str = "cpu",
-    dtype: str = "float32",
-    backend: str = "torch",
-    on_text: OnText | None = None,
-    progress: ProgressReporter | None = None,
+    progress: ProgressCallback | None = None,
     store: Store | None = None,
-) -> dict[str, Any]:
-    """Generate from one prompt, calling ``on_text`` with each text delta; recorded as a run.
+) -> Generation:
+    """Generate from ``config.prompt``: an iterator of ``StepRecord`` (see the module docstring).
 
-    ``backend`` is ``torch`` (this process's model, the default) or any name in
-    ``engines.BACKENDS`` (``llamacpp``, ``mlx``), which streams from that engine instead.
-    Returns ``text``, ``tokens``, ``prompt_tokens``, ``finish_reason``, ``ttft_ms``,
-    ``tokens_per_second`` (generated tokens / wall time including the prefill),
-    ``decode_tokens_per_second`` and ``run_id``.
+    ``model`` is a MODEL spec (loaded with ``config.device``/``config.dtype``) or a loaded model
+    (torch backend). Silent without ``progress``.
     """
-    config = {"prompt": prompt, "chat": chat, "device": device, "dtype": dtype,
-              "sampling": params.to_dict()}
-    if backend != "torch":
-        config["backend"] = backend
-        with open_run("generate", _default_model(model_spec), config, store=store,
+    if config.backend != "torch" and not (model is None or isinstance(model, str)):
+        raise UsageError(f"the {config.backend} backend loads its own model: pass a MODEL spec")
+
+    def body(handle: Generation) -> Iterator[StepRecord]:
+        with open_run("generate", _default_model(model), config.to_dict(), store=store,
                       progress=progress) as wf:
-            return _generate_on_engine(wf, backend, model_spec, prompt, params, chat=chat,
-                                       device=device, dtype=dtype, on_text=on_text)
-    with open_run("generate", _default_model(model_spec), config, store=store,
-                  progress=progress) as wf:
-        loaded = wf.load_model(model_spec, dtype=dtype, device=device)
-        ids = encode_prompt(loaded.tokenizer, prompt, chat=_use_chat(loaded, chat))
-        with wf.run.trace("generate", prompt_tokens=len(ids)) as attrs:
-            result = _stream_text(
-                generate_stream(loaded.model, loaded.tokenizer, ids, params), on_text
-            )
-            attrs.update(tokens=result.tokens, finish_reason=result.finish_reason)
-        details = _measure_details(loaded, prompt_tokens=len(ids), tokens=result.tokens,
-                                   clock="wall time from start to last token, prefill included")
-        wf.run.metric("tokens_per_second", result.tokens_per_second, "tokens/s", details)
-        wf.run.metric("ttft_ms", result.ttft_s * 1e3, "ms", details)
-        wf.run.metric("tokens", result.tokens, "tokens", details)
-        return {
-            "text": result.text,
-            "tokens": result.tokens,
-            "prompt_tokens": len(ids),
-            "finish_reason": result.finish_reason,
-            "ttft_ms": result.ttft_s * 1e3,
-            "tokens_per_second": result.tokens_per_second,
-            "decode_tokens_per_second": result.decode_tokens_per_second,
-            "run_id": wf.run_id,
-        }
+            handle.run_id = wf.run_id
+            engine: Any = None
+            try:
+                if config.backend == "torch":
+                    records, prompt_tokens, details = _torch_records(wf, model, config)
+                else:
+                    spec = model if model is None or isinstance(model, str) else None
+                    engine, records, prompt_tokens, details = _engine_records(wf, spec, config)
+                seen: list[StepRecord] = []
+                with wf.run.trace("generate", prompt_tokens=prompt_tokens) as attrs:
+                    try:
+                        for record in records:
+                            seen.append(record)
+                            yield record
+                    except GeneratorExit:
+                        # The consumer stopped early: the request ends as cancelled and the run
+                        # is recorded with what it produced (a generator may not yield again).
+                        seen.append(_cancelled(seen, prompt_tokens))
+                    finally:
+                        records.close()
+                    result = collect(seen)
+                    attrs.update(tokens=result.tokens, finish_reason=result.finish_reason)
+            finally:
+                if engine is not None:
+                    engine.close()
+            _record_metrics(wf, result, details)
+            handle.summary = _summarise(result, config.backend, wf.run_id)
+
+    return Generation(body)
 
 
-def _generate_on_engine(wf: Workflow, backend: str, model_spec: str | None, prompt: str,
-                        params: SamplingParams, *, chat: bool, device: str, dtype: str,
-                        on_text: OnText | None) -> dict[str, Any]:
-    """``generate`` through a generation engine (llama.cpp, MLX): the engine samples, tokenizes
-    and applies the chat template itself; the same result keys and metrics as the torch path."""
-    from openpto.engines import EngineOptions, StreamEvent, make_engine, run_to_completion
+def _mode(decode: str) -> DecodeMode:
+    return decode  # type: ignore[return-value]  # checked by GenerationConfig
 
-    engine = make_engine(backend, model_spec, EngineOptions(dtype=dtype, device=device))
+
+def _cancelled(seen: list[StepRecord], prompt_tokens: int) -> StepRecord:
+    last = seen[-1] if seen else StepRecord()
+    return StepRecord(finish_reason="cancelled", prompt_tokens=prompt_tokens,
+                      index=last.generated, ttft_s=last.ttft_s, elapsed_s=last.elapsed_s)
+
+
+def _torch_records(
+    wf: Workflow, model: str | LoadedModel | None, config: GenerationConfig
+) -> tuple[Generator[StepRecord, None, None], int, dict[str, Any]]:
+    loaded = _load(wf, model, config)
+    ids = encode_prompt(loaded.tokenizer, config.prompt, chat=_use_chat(loaded, config.chat))
+    params = config.sampling()
+    rules = RequestRules(loaded.tokenizer, ids, params, eos_ids(loaded.model, loaded.tokenizer),
+                         memory=memory_probe(loaded.device))
+    steps = token_steps(loaded.model, ids, params, decode=_mode(config.decode))
+    records = stream_records(steps, rules)
+    return records, len(ids), _measure_details(loaded, decode=config.decode)
+
+
+def _engine_records(
+    wf: Workflow, model: str | None, config: GenerationConfig
+) -> tuple[Any, Generator[StepRecord, None, None], int, dict[str, Any]]:
+    """A generation engine (llama.cpp, MLX) and its records: the engine samples, tokenizes and
+    applies the chat template itself; its records come from the same ``RequestRules``."""
+    from openpto.engines import EngineOptions, engine_records, make_engine
+
+    backend = config.backend
+    engine = make_engine(backend, model, EngineOptions(dtype=config.dtype, device=config.device))
     try:
         with wf.run.trace("load", backend=backend):
             engine.load()
-        use_chat = chat and bool(engine.info.chat_template)
-        text = (engine.chat_prompt([{"role": "user", "content": prompt}]) if use_chat
-                else prompt)
+        use_chat = config.chat and bool(engine.info.chat_template)
+        text = (engine.chat_prompt([{"role": "user", "content": config.prompt}]) if use_chat
+                else config.prompt)
         ids = engine.tokenize(text)
         if not ids:
             raise UsageError("the prompt is empty")
-
-        def forward(event: StreamEvent) -> None:
-            if on_text is not None and event.text:
-                on_text(event.text)
-
-        with wf.run.trace("generate", prompt_tokens=len(ids)) as attrs:
-            result = run_to_completion(engine, ids, params, forward)
-            attrs.update(tokens=result.tokens, finish_reason=result.finish_reason)
-    finally:
+    except BaseException:
         engine.close()
-    timings = result.timings
-    started = timings.started if timings and timings.started is not None else 0.0
-    elapsed = (timings.finished or started) - started if timings else 0.0
-    ttft = (timings.first_token or started) - started if timings else 0.0
-    decode = sum(timings.token_gaps) if timings else 0.0
-    tokens_per_second = result.tokens / elapsed if elapsed > 0 else 0.0
-    out = {
-        "text": result.text,
-        "tokens": result.tokens,
-        "prompt_tokens": len(ids),
-        "finish_reason": result.finish_reason,
-        "ttft_ms": ttft * 1e3,
-        "tokens_per_second": tokens_per_second,
-        "decode_tokens_per_second": (len(timings.token_gaps) / decode
-                                     if timings and decode > 0 else 0.0),
-        "backend": backend,
-        "run_id": wf.run_id,
-    }
+        raise
     details = {"backend": backend, "model": engine.info.id, "format": engine.info.format,
-               "quantization": engine.info.quantization, "prompt_tokens": len(ids),
-               "tokens": result.tokens,
-               "clock": "wall time from start to last token, prefill included"}
-    wf.run.metric("tokens_per_second", tokens_per_second, "tokens/s", details)
-    wf.run.metric("ttft_ms", ttft * 1e3, "ms", details)
-    wf.run.metric("tokens", result.tokens, "tokens", details)
-    return out
+               "quantization": engine.info.quantization}
+    return engine, engine_records(engine, ids, config.sampling()), len(ids), details
 
 
 def _use_chat(loaded: LoadedModel, chat: bool) -> bool:
@@ -261,67 +408,89 @@ def _pack_head(model: Any, config: Any) -> None:
     model.set_output_embeddings(packed)  # unties it from the embeddings in this copy only
 
 
-def speculative(
-    model_spec: str | None,
-    draft_spec: str,
-    prompt: str,
-    params: SamplingParams,
-    *,
-    gamma: int = 4,
-    adaptive: bool = True,
-    chat: bool = True,
-    baseline: bool = True,
-    device: str = "cpu",
-    dtype: str = "float32",
-    on_text: OnText | None = None,
-    progress: ProgressReporter | None = None,
-    store: Store | None = None,
-) -> dict[str, Any]:
-    """Speculative generation, and (``baseline=True``) the target alone on the same prompt.
+@dataclasses.dataclass(frozen=True)
+class SpeculativeResult:
+    """A finished ``speculative`` run: ``to_dict`` has the ``opt speculative --json`` keys."""
 
-    Returns ``text``, the acceptance metrics, ``tokens_per_second``, ``baseline_tokens_per_second``,
-    ``speedup``, ``identical_to_target`` (token equality with the baseline; only meaningful for
-    greedy params), ``draft``, ``gamma`` and ``run_id``.
+    text: str
+    tokens: int
+    stats: dict[str, Any]
+    tokens_per_second: float
+    baseline_tokens_per_second: float | None
+    speedup: float | None
+    identical_to_target: bool | None
+    draft: dict[str, Any]
+    gamma: int
+    run_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "tokens": self.tokens, **self.stats,
+                "tokens_per_second": self.tokens_per_second,
+                "baseline_tokens_per_second": self.baseline_tokens_per_second,
+                "speedup": self.speedup, "identical_to_target": self.identical_to_target,
+                "draft": self.draft, "gamma": self.gamma, "run_id": self.run_id}
+
+
+def speculative(
+    model: str | LoadedModel | None,
+    config: SpeculativeConfig,
+    *,
+    on_record: Callable[[StepRecord], None] | None = None,
+    progress: ProgressCallback | None = None,
+    store: Store | None = None,
+) -> SpeculativeResult:
+    """Speculative generation, and (``config.baseline``) the target alone on the same prompt.
+
+    Both run on the generation stack: ``core.speculative.speculative_steps`` and
+    ``core.generate.token_steps``, each through its own ``RequestRules``. ``identical_to_target``
+    is token equality with the baseline (only meaningful for greedy sampling).
     """
-    if gamma < 1:
-        raise UsageError(f"gamma must be >= 1 (draft tokens per step), got {gamma}")
-    config = {"draft": draft_spec, "gamma": gamma, "adaptive": adaptive, "prompt": prompt,
-              "chat": chat, "device": device, "dtype": dtype, "sampling": params.to_dict()}
-    with open_run("speculative", _default_model(model_spec), config, store=store,
+    with open_run("speculative", _default_model(model), config.to_dict(), store=store,
                   progress=progress) as wf:
-        target = wf.load_model(model_spec, dtype=dtype, device=device)
-        with wf.run.trace("draft", spec=draft_spec) as attrs:
-            draft, draft_info = resolve_draft(draft_spec, target, wf, dtype=dtype)
+        target = _load(wf, model, config)
+        with wf.run.trace("draft", spec=config.draft) as attrs:
+            draft, draft_info = resolve_draft(config.draft, target, wf, dtype=config.dtype)
             attrs.update(draft_info)
-        ids = encode_prompt(target.tokenizer, prompt, chat=_use_chat(target, chat))
+        ids = encode_prompt(target.tokenizer, config.prompt, chat=_use_chat(target, config.chat))
+        params = config.sampling()
+        eos = eos_ids(target.model, target.tokenizer)
         stats = SpeculativeStats()
         with wf.run.trace("speculative", prompt_tokens=len(ids)) as attrs:
-            records = speculative_stream(target.model, target.tokenizer, draft, ids, params,
-                                         gamma=gamma, adaptive=adaptive, stats=stats)
-            result = _stream_text(records, on_text)
+            steps = speculative_steps(target.model, draft, ids, params, gamma=config.gamma,
+                                      adaptive=config.adaptive, stats=stats)
+            rules = RequestRules(target.tokenizer, ids, params, eos)
+            result = collect(_observed(stream_records(steps, rules), on_record))
             attrs.update(tokens=result.tokens, **stats.to_dict())
-        out: dict[str, Any] = {
-            "text": result.text,
-            "tokens": result.tokens,
-            **stats.to_dict(),
-            "tokens_per_second": result.tokens_per_second,
-            "baseline_tokens_per_second": None,
-            "speedup": None,
-            "identical_to_target": None,
-        }
-        if baseline:
+        baseline_rate = speedup = identical = None
+        if config.baseline:
             with wf.run.trace("baseline", prompt_tokens=len(ids)):
-                plain = generate_text(target.model, target.tokenizer, ids, params)
-            out["baseline_tokens_per_second"] = plain.tokens_per_second
-            out["speedup"] = result.tokens_per_second / plain.tokens_per_second
-            out["identical_to_target"] = plain.token_ids == result.token_ids
-        details = _measure_details(target, draft=draft_info, gamma=gamma, adaptive=adaptive,
-                                   tokens=result.tokens, greedy=params.greedy)
+                rules = RequestRules(target.tokenizer, ids, params, eos)
+                plain = collect(stream_records(
+                    token_steps(target.model, ids, params, decode=_mode(config.decode)), rules))
+            baseline_rate = plain.tokens_per_second
+            speedup = result.tokens_per_second / plain.tokens_per_second
+            identical = plain.token_ids == result.token_ids
+        out = SpeculativeResult(
+            text=result.text, tokens=result.tokens, stats=stats.to_dict(),
+            tokens_per_second=result.tokens_per_second,
+            baseline_tokens_per_second=baseline_rate, speedup=speedup,
+            identical_to_target=identical, draft=draft_info, gamma=config.gamma,
+            run_id=wf.run_id)
+        details = _measure_details(target, draft=draft_info, gamma=config.gamma,
+                                   adaptive=config.adaptive, tokens=result.tokens,
+                                   greedy=params.greedy)
+        values = out.to_dict()
         for name in ("draft_acceptance_rate", "mean_acceptance_length", "tokens_per_second",
                      "baseline_tokens_per_second", "speedup"):
-            if out[name] is not None:
+            if values[name] is not None:
                 unit = "tokens/s" if name.endswith("per_second") else ""
-                wf.run.metric(name, out[name], unit, details)
-        out.update(draft=draft_info, gamma=gamma, run_id=wf.run_id)
+                wf.run.metric(name, values[name], unit, details)
         return out
 
+
+def _observed(records: Iterator[StepRecord],
+              on_record: Callable[[StepRecord], None] | None) -> Iterator[StepRecord]:
+    for record in records:
+        if on_record is not None:
+            on_record(record)
+        yield record

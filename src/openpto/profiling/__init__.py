@@ -8,7 +8,12 @@ Every result states how it was measured: device, dtype, the kernels the Linears 
 runs, repeats, and that timings were taken after the device had delivered each token.
 """
 
-from openpto.profiling.measure import ProfileResult, kernel_summary, profile_generation
+from openpto.profiling.measure import (
+    ProfileResult,
+    kernel_summary,
+    memory_probe,
+    profile_generation,
+)
 from openpto.profiling.modules import module_times
 
-__all__ = ["ProfileResult", "kernel_summary", "module_times", "profile_generation"]
+__all__ = ["ProfileResult", "kernel_summary", "memory_probe", "module_times", "profile_generation"]

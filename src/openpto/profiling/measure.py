@@ -23,12 +23,14 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from openpto.core.generate import generate_batch_stream, generate_stream, model_device
 from openpto.core.sampling import SamplingParams
+from openpto.core.static_decode import DecodeMode
 from openpto.errors import UsageError
 
 
@@ -44,6 +46,9 @@ class ProfileResult:
     spread: dict[str, list[float]]
     setup: dict[str, Any]
     module_times: list[dict[str, Any]] | None = None
+    #: set by the recorded ``profile`` workflow: the model's name and the run
+    model: str | None = None
+    run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -64,6 +69,10 @@ class ProfileResult:
         }
         if self.module_times is not None:
             out["module_times"] = self.module_times
+        if self.model is not None:
+            out = {"model": self.model, **out}
+        if self.run_id is not None:
+            out["run_id"] = self.run_id
         return out
 
 
@@ -81,6 +90,19 @@ def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
             continue
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def memory_probe(device: torch.device | str) -> Callable[[], int]:
+    """A cheap reading of the memory in use, taken after each token (``StepRecord.memory_bytes``):
+    on CUDA the allocator's current allocation (a host-side counter, no sync), elsewhere the
+    process's resident set size."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: int(torch.cuda.memory_allocated(device))
+    import psutil
+
+    process = psutil.Process()
+    return lambda: int(process.memory_info().rss)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,9 +127,13 @@ class _MemoryWatch:
 
         self.process = psutil.Process()
 
-    def sample(self) -> None:
-        if self.device.type != "cuda":
-            self.rss_peak = max(self.rss_peak, int(self.process.memory_info().rss))
+    def sample(self) -> int:
+        """The memory probe of the timed runs' records (``StepRecord.memory_bytes``)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        rss = int(self.process.memory_info().rss)
+        self.rss_peak = max(self.rss_peak, rss)
+        return rss
 
     def report(self) -> tuple[int, dict[str, Any]]:
         import resource
@@ -126,18 +152,19 @@ class _MemoryWatch:
 
 
 def _one_run(
-    model: torch.nn.Module, prompts: torch.Tensor, gen_len: int, watch: _MemoryWatch | None
+    model: torch.nn.Module, prompts: torch.Tensor, gen_len: int, watch: _MemoryWatch | None,
+    decode: DecodeMode = "auto",
 ) -> tuple[float, list[float]]:
     """TTFT and the step times of one greedy generation of ``gen_len`` tokens per row."""
     params = SamplingParams(max_tokens=gen_len)
     steps: list[float] = []
     ttft = 0.0
     if prompts.shape[0] == 1:
-        for record in generate_stream(model, None, prompts[0], params, ignore_eos=True):
+        probe = watch.sample if watch is not None else None
+        for record in generate_stream(model, None, prompts[0], params, ignore_eos=True,
+                                      decode=decode, memory=probe):
             steps.append(record.step_s)
             ttft = record.ttft_s
-            if watch is not None:
-                watch.sample()
     else:
         rows = [row for row in prompts]
         for step in generate_batch_stream(model, None, rows, params, ignore_eos=True):
@@ -159,8 +186,12 @@ def profile_generation(
     warmup: int = 1,
     seed: int = 0,
     modules: bool = False,
+    decode: DecodeMode = "auto",
 ) -> ProfileResult:
     """Profile greedy generation on ``model`` (see the module docstring for the protocol).
+
+    ``decode`` is the batch-1 decoder (``core.static_decode``; "auto" replays a CUDA graph on
+    CUDA, as ``opt generate`` and the server's lone requests do); batches decode eagerly.
 
     ``modules=True`` adds one extra run under ``torch.profiler`` and reports the time spent in
     each kind of module (``module_times``); that run is not part of the timed repeats.
@@ -177,14 +208,14 @@ def profile_generation(
     low = min(8, vocab - 1)
     prompts = torch.randint(low, vocab, (batch, prompt_len), generator=gen).to(device)
     for _ in range(warmup):
-        _one_run(model, prompts, gen_len, None)
+        _one_run(model, prompts, gen_len, None, decode)
     watch = _MemoryWatch(device)
     ttfts: list[float] = []
     tpots: list[float] = []
     decode_rates: list[float] = []
     all_steps: list[float] = []
     for _ in range(repeats):
-        ttft, steps = _one_run(model, prompts, gen_len, watch)
+        ttft, steps = _one_run(model, prompts, gen_len, watch, decode)
         later = steps[1:]
         ttfts.append(ttft)
         tpots.append(sum(later) / len(later))
@@ -197,7 +228,7 @@ def profile_generation(
         "device": str(device), "dtype": dtype, "kernels": kernel_summary(model),
         "prompt_len": prompt_len, "gen_len": gen_len, "batch": batch, "repeats": repeats,
         "warmup": warmup, "seed": seed, "synchronized": True, "statistic": "median",
-        "prompt": "random token ids", "decoding": "greedy, eos ignored",
+        "prompt": "random token ids", "decoding": "greedy, eos ignored", "decode": decode,
         "torch_threads": torch.get_num_threads(),
     }
     spread = {
@@ -210,7 +241,7 @@ def profile_generation(
     if modules:
         from openpto.profiling.modules import module_times
 
-        breakdown = module_times(model, lambda: _one_run(model, prompts, gen_len, None))
+        breakdown = module_times(model, lambda: _one_run(model, prompts, gen_len, None, decode))
     return ProfileResult(
         ttft_ms=statistics.median(ttfts) * 1e3,
         tpot_ms=statistics.median(tpots) * 1e3,

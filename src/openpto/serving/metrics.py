@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from openpto.core.steps import StepRecord
 from openpto.engines.engine import EngineStats
-from openpto.engines.streams import StreamEvent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -83,21 +83,17 @@ class ServerMetrics:
                              "Arrival to the last token.", labels, buckets=_E2E, registry=r)
         r.register(_EngineCollector(model, stats, ready))
 
-    def observe_finished(self, last: StreamEvent, generated: int) -> None:
-        """Record one finished sequence from its last event (which carries its timings)."""
+    def observe_finished(self, last: StepRecord, generated: int, gaps: list[float]) -> None:
+        """Record one finished sequence from its last record and its inter-token gaps."""
         self.request_success.labels(self.model, last.finish_reason or "unknown").inc()
         self.prompt_tokens.labels(self.model).inc(last.prompt_tokens)
         self.generation_tokens.labels(self.model).inc(generated)
-        t = last.timings
-        if t is None:
-            return
-        if t.first_token is not None:
-            self.ttft.labels(self.model).observe(t.first_token - t.arrived)
+        if last.generated:
+            self.ttft.labels(self.model).observe(last.queued_s + last.ttft_s)
         itl = self.itl.labels(self.model)
-        for gap in t.token_gaps:
+        for gap in gaps:
             itl.observe(gap)
-        if t.finished is not None:
-            self.e2e.labels(self.model).observe(t.finished - t.arrived)
+        self.e2e.labels(self.model).observe(last.total_seconds)
 
     def totals(self) -> dict[str, float]:
         """Finished requests and token counts so far (what ``opt serve`` records at exit)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from openpto import __version__
 from openpto.core.sampling import SamplingParams
-from openpto.engines.streams import RequestStream, Timings
+from openpto.engines.streams import RequestStream
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
 from openpto.serving.schemas import (
@@ -95,7 +96,7 @@ async def _respond(service: Service, request: Request, stream: RequestStream, *,
                                       "done": False}) + "\n"
                 if event.finish_reason is not None:
                     done = Completion("".join(parts), event.finish_reason, prompt_tokens, tokens,
-                                      event.timings or Timings())
+                                      event)
                     yield json.dumps({**base, "created_at": _now(), **piece(""),
                                       **_final(service, done, prompt_tokens)}) + "\n"
                     await service.log_prompt(prompt, done)
@@ -223,10 +224,10 @@ async def embed(body: OllamaEmbedRequest, service: ServiceDep) -> Any:
             if len(service.engine.tokenize(text)) > context:
                 raise APIError(400, f"an input is longer than the context ({context} tokens) "
                                     "and truncate is false")
-    timings = Timings()
+    started = time.perf_counter()
     result = await service.embed(texts)
     return {"model": service.model_id, "embeddings": result.vectors,
-            "total_duration": int(timings.total_seconds * _NS), "load_duration": 0,
+            "total_duration": int((time.perf_counter() - started) * _NS), "load_duration": 0,
             "prompt_eval_count": result.tokens}
 
 

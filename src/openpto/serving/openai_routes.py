@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from openpto.core.sampling import SamplingParams
-from openpto.engines.streams import RequestStream, Timings
+from openpto.engines.streams import RequestStream
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
 from openpto.serving.schemas import (
@@ -117,7 +117,7 @@ async def _stream(
                 yield chunk([choice(index, None, event.finish_reason)])
                 if log is not None and index == 0:
                     done = Completion(texts[0], event.finish_reason, prompt_tokens, counts[0],
-                                      event.timings or Timings())
+                                      event)
                     await service.log_prompt(log[0], done, log[1])
         if include_usage:
             yield chunk([], _usage(prompt_tokens, sum(counts)))

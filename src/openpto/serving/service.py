@@ -17,8 +17,9 @@ from typing import Any
 from starlette.requests import Request
 
 from openpto.core.sampling import SamplingParams
+from openpto.core.steps import StepRecord
 from openpto.engines.engine import Embeddings, Engine
-from openpto.engines.streams import RequestStream, StreamEvent, Timings
+from openpto.engines.streams import RequestStream
 from openpto.errors import OptError
 from openpto.serving.errors import APIError
 from openpto.serving.metrics import ServerMetrics
@@ -27,13 +28,13 @@ from openpto.serving.settings import ServerSettings
 
 @dataclasses.dataclass
 class Completion:
-    """One finished sequence, collected."""
+    """One finished sequence, collected; ``timings`` is its last record (durations)."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    timings: Timings
+    timings: StepRecord
 
 
 class Service:
@@ -137,7 +138,7 @@ class Service:
                            else params.replace(seed=params.seed + i)) for i in range(n)]
 
     async def events(self, stream: RequestStream,
-                     request: Request | None = None) -> AsyncIterator[StreamEvent]:
+                     request: Request | None = None) -> AsyncIterator[StepRecord]:
         """The stream's events; the sequence is cancelled if the consumer stops early or, for a
         non-streaming request, if the client disconnects while it waits."""
         try:
@@ -154,7 +155,7 @@ class Service:
             if not stream.finished:
                 stream.cancel()
 
-    async def merged(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, StreamEvent]]:
+    async def merged(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepRecord]]:
         """Events of several streams as they come, tagged with the stream's index."""
         iterators = [self.events(s).__aiter__() for s in streams]
         pending = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(iterators)}
@@ -180,15 +181,14 @@ class Service:
     async def collect(self, stream: RequestStream, request: Request | None = None) -> Completion:
         parts: list[str] = []
         tokens = 0
-        last = StreamEvent()
+        last = StepRecord()
         async for event in self.events(stream, request):
             parts.append(event.text)
             tokens += event.tokens
             last = event
         if last.finish_reason is None:  # the client left; nobody reads this
             raise APIError(499, "client disconnected")
-        return Completion("".join(parts), last.finish_reason, last.prompt_tokens, tokens,
-                          last.timings or Timings())
+        return Completion("".join(parts), last.finish_reason, last.prompt_tokens, tokens, last)
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
         self.check_ready()

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import socket
 import sqlite3
 import uuid
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ import sqlite_utils
 
 from openpto.errors import StoreError
 from openpto.store.migrations import migrate
+from openpto.store.process import process_alive, signals_held
 
 TABLES = ("runs", "metrics", "traces", "models", "datasets", "prompts")
 
@@ -49,20 +51,49 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA busy_timeout=5000")
             migrate(self.db)
+            self.close_stale_runs()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
 
+    def close_stale_runs(self) -> list[str]:
+        """Mark ``failed`` the ``running`` runs of this host whose process no longer exists;
+        return their ids. Runs of other hosts are left alone: their processes cannot be seen."""
+        host = socket.gethostname()
+        rows = self.db.execute(
+            "SELECT id, pid, process_started FROM runs "
+            "WHERE status = 'running' AND host = ? AND pid IS NOT NULL",
+            [host],
+        ).fetchall()
+        closed = []
+        for run_id, pid, started in rows:
+            if process_alive(int(pid), started):
+                continue
+            error = (f"stale: process {pid} on {host} ended without finishing this run (killed "
+                     "or crashed before it could record the outcome); marked failed by a later "
+                     "command")
+            with self.db.conn:
+                cursor = self.db.execute(
+                    "UPDATE runs SET status = 'failed', finished_at = ?, error = ? "
+                    "WHERE id = ? AND status = 'running'",
+                    [now_iso(), error, run_id],
+                )
+            if cursor.rowcount:
+                closed.append(run_id)
+        return closed
+
     # -- writes -----------------------------------------------------------------------------
+    # Each write holds Ctrl-C and SIGTERM back until it is committed, so that the trace or
+    # status of a stage that a signal interrupts is still recorded (the signal follows).
     def insert(self, table: str, row: dict[str, Any]) -> None:
-        with self.db.conn:
+        with signals_held(), self.db.conn:
             self.db[table].insert(_jsonify(row))  # type: ignore[union-attr]
 
     def upsert(self, table: str, row: dict[str, Any], pk: str = "id") -> None:
-        with self.db.conn:
+        with signals_held(), self.db.conn:
             self.db[table].upsert(_jsonify(row), pk=pk)  # type: ignore[union-attr]
 
     def update(self, table: str, pk: str, values: dict[str, Any]) -> None:
-        with self.db.conn:
+        with signals_held(), self.db.conn:
             self.db[table].update(pk, _jsonify(values))  # type: ignore[union-attr]
 
     def record_dataset(

@@ -103,6 +103,24 @@ def m002_indexes(db: sqlite_utils.Database) -> None:
     db["metrics"].create_index(["name"])  # type: ignore[union-attr]
 
 
+@migration
+def m003_run_process(db: sqlite_utils.Database) -> None:
+    """Each run names the process that records it, so a run whose process died can be told
+    from one still going; runs left ``running`` before this was recorded cannot be told apart,
+    so they are closed here (a process of an older version still running them would write its
+    own final status over this one)."""
+    runs = db["runs"]
+    runs.add_column("pid", int)  # type: ignore[union-attr]
+    runs.add_column("host", str)  # type: ignore[union-attr]
+    # psutil's create_time of the process: a pid reused by a later process does not match.
+    runs.add_column("process_started", float)  # type: ignore[union-attr]
+    db.execute(
+        "UPDATE runs SET status = 'failed', finished_at = ?, error = ? WHERE status = 'running'",
+        [_now(), "stale: left 'running' by a process that did not record its id (recorded "
+                 "before runs carried one); marked failed when the database was migrated"],
+    )
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied; return the names applied now."""
     db["_migrations"].create(  # type: ignore[union-attr]

@@ -1,16 +1,32 @@
 """Recording one run: a ``runs`` row written first, metrics and traces as the work goes, and a
-final status of ``succeeded`` or ``failed`` with the error — Ctrl-C and crashes included."""
+final status of ``succeeded`` or ``failed`` with the error — Ctrl-C and SIGTERM included.
+
+The row names its process (pid, host, start time): a process killed outright cannot write its
+final status, so the next command that opens the store closes the run for it
+(``Store.close_stale_runs``)."""
 
 from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 from openpto.store.db import Store, new_id, now_iso
+from openpto.store.process import current_process, signals_held
+
+#: called with (name, value, unit) after each metric row is written
+MetricListener = Callable[[str, float, str], None]
+
+def error_text(exc: BaseException) -> tuple[str, str]:
+    """The one-line reason (``Type: message``) and the stored error: reason, then traceback."""
+    lines = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return reason, reason + "\n" + "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__)
+    )
 
 
 class RunRecorder:
@@ -22,6 +38,8 @@ class RunRecorder:
         kind: str,
         model: str | None,
         config: dict[str, Any] | None = None,
+        *,
+        on_metric: MetricListener | None = None,
     ) -> None:
         self.store = store
         self.kind = kind
@@ -29,8 +47,12 @@ class RunRecorder:
         self.config = config or {}
         self.id = new_id()
         self.status = "running"
+        self.reason: str | None = None  # the failure's one-line reason, once failed
+        self.on_metric = on_metric
 
-    def __enter__(self) -> RunRecorder:
+    def start(self) -> None:
+        """Write the ``running`` row (with this process's id) before any work."""
+        process = current_process()
         self.store.insert(
             "runs",
             {
@@ -42,8 +64,27 @@ class RunRecorder:
                 "started_at": now_iso(),
                 "finished_at": None,
                 "error": None,
+                "pid": process.pid,
+                "host": process.host,
+                "process_started": process.started,
             },
         )
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        """Write the final status: ``succeeded``, or ``failed`` with ``exc``'s reason first and
+        its traceback after it (so Datasette shows the reason). Signals wait until it is written."""
+        with signals_held():
+            if exc is None:
+                self.status, error = "succeeded", None
+            else:
+                self.status = "failed"
+                self.reason, error = error_text(exc)
+            self.store.update(
+                "runs", self.id, {"status": self.status, "finished_at": now_iso(), "error": error}
+            )
+
+    def __enter__(self) -> RunRecorder:
+        self.start()
         return self
 
     def __exit__(
@@ -52,17 +93,7 @@ class RunRecorder:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None:
-            self.status = "succeeded"
-            error = None
-        else:
-            self.status = "failed"
-            # A one-line reason first, the traceback after it, so Datasette shows the reason.
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            error = reason + "\n" + "".join(traceback.format_exception(exc_type, exc, tb))
-        self.store.update(
-            "runs", self.id, {"status": self.status, "finished_at": now_iso(), "error": error}
-        )
+        self.finish(exc)
 
     def set_config(self, config: dict[str, Any]) -> None:
         self.config = {**self.config, **config}
@@ -81,6 +112,8 @@ class RunRecorder:
                 "details": details or {},
             },
         )
+        if self.on_metric is not None:
+            self.on_metric(name, float(value), unit)
 
     def trace_row(
         self, name: str, started_at: str, duration_ms: float, attributes: dict[str, Any] | None

@@ -42,7 +42,6 @@ from openpto.core.quant.primitives import (
 )
 from openpto.core.quant.tensor import QuantizedWeight
 from openpto.errors import UnsupportedModel
-from openpto.registry import TRANSFORMS
 
 #: clipping ratios tried: 1.0 down to (but excluding) 1 - CLIP_MAX_SHRINK, in CLIP_GRID steps
 CLIP_GRID = 20
@@ -289,7 +288,6 @@ class AWQCompressor:
         return reports
 
 
-@TRANSFORMS.register(AWQConfig)
 def awq_transform(
     model: nn.Module,
     config: AWQConfig,

@@ -39,7 +39,6 @@ from openpto.core.quant.gptq import gptq_solve, solve_thread
 from openpto.core.quant.primitives import resolve_group_size
 from openpto.core.quant.tensor import QuantizedWeight
 from openpto.errors import DataError
-from openpto.registry import TRANSFORMS
 
 
 def _rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
@@ -210,7 +209,6 @@ class _TimedHessian(HessianAccumulator):
             super().add_batch(x)
 
 
-@TRANSFORMS.register(GPTQConfig)
 def gptq_transform(
     model: nn.Module,
     config: GPTQConfig,

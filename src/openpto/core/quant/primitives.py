@@ -29,14 +29,20 @@ def check_bits(bits: int) -> None:
         raise ConfigError(f"bits must be an integer from 2 to 8, got {bits!r}")
 
 
-def resolve_group_size(in_features: int, group_size: int | None) -> int:
+def resolve_group_size(in_features: int, group_size: int | str | None) -> int:
     """The effective group size for a Linear of width ``in_features`` (``None`` -> per channel).
 
     A group size that does not divide the width is refused with the sizes that would work, since
     formats that need whole groups (compressed-tensors, the int4 kernels) cannot store a ragged one.
+    ``"auto"`` (a config's "choose for the model") must have been resolved before this point.
     """
     if group_size is None:
         return in_features
+    if isinstance(group_size, str):
+        raise ConfigError(
+            f"group size {group_size!r} must be resolved to 32, 64, 128 or None before "
+            "quantizing (the quantize workflow resolves 'auto' against the model's widths)"
+        )
     if group_size <= 0 or in_features % group_size != 0:
         fits = [g for g in GROUP_SIZES if in_features % g == 0]
         allowed = (

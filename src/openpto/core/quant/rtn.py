@@ -22,7 +22,6 @@ from openpto.core.calibrate import (
 from openpto.core.quant.configs import RTNConfig
 from openpto.core.quant.tensor import quantize_weight
 from openpto.errors import UnsupportedModel
-from openpto.registry import TRANSFORMS
 
 
 def rtn_linear(linear: nn.Linear, config: RTNConfig, device: torch.device) -> tuple[float, object]:
@@ -34,7 +33,6 @@ def rtn_linear(linear: nn.Linear, config: RTNConfig, device: torch.device) -> tu
     return err, qw.to("cpu")
 
 
-@TRANSFORMS.register(RTNConfig)
 @torch.no_grad()
 def rtn_transform(
     model: nn.Module,

@@ -77,7 +77,7 @@ class QuantizedWeight:
 
 
 def quantize_weight(
-    w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+    w: torch.Tensor, bits: int, group_size: int | str | None, symmetric: bool
 ) -> QuantizedWeight:
     """Round-to-nearest with min/max scales: the baseline every other method is compared with."""
     check_bits(bits)

@@ -1,5 +1,5 @@
 """Pruning: magnitude, Wanda and SparseGPT (unstructured and N:M), and the joint sparse +
-quantized mode of SparseGPT. Importing this package registers the transforms in ``TRANSFORMS``."""
+quantized mode of SparseGPT. ``openpto.default_plugins.methods`` registers their transform."""
 
 from openpto.core.sparsity.configs import (
     MagnitudeConfig,

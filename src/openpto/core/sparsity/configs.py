@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from openpto.config import MethodConfig
+from openpto.config import MethodConfig, option
 from openpto.core.quant.primitives import GROUP_SIZES, check_bits
 from openpto.errors import ConfigError
 
@@ -56,8 +56,11 @@ def check_nm_width(width: int, pattern: tuple[int, int], where: str = "") -> Non
 class SparsityConfig(MethodConfig):
     """What every pruning method shares: how much to prune, unstructured or N:M."""
 
-    sparsity: float | None = None
-    pattern: str | None = None
+    sparsity: float | None = option(
+        None, "fraction of weights set to zero, strictly between 0 and 1 (default 0.5 when no "
+        "pattern is given)")
+    pattern: str | None = option(
+        None, "N:M: keep at most N of every M consecutive weights along the input (e.g. 2:4)")
 
     def __post_init__(self) -> None:
         if self.pattern is not None and self.sparsity is not None:
@@ -94,7 +97,8 @@ class MagnitudeConfig(SparsityConfig):
     Linear (``"layer"``) or within each output row (``"row"``); N:M compares within each group."""
 
     type_name: ClassVar[str] = "magnitude"
-    scope: str = "layer"
+    needs_calibration: ClassVar[bool] = False
+    scope: str = option("layer", "compare weights across the whole Linear (layer) or per row")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,11 +122,14 @@ class SparseGPTConfig(SparsityConfig):
 
     type_name: ClassVar[str] = "sparsegpt"
     # Columns per lazy-update block; the unstructured mask is chosen once per block.
-    block_size: int = 128
-    damp: float = 0.01  # fraction of the mean Hessian diagonal added before Cholesky
-    bits: int | None = None
-    group_size: int | None = None  # with bits: None means one group per output row
-    symmetric: bool = False
+    block_size: int = option(
+        128, "columns per lazy-update block (the unstructured mask is chosen once per block)")
+    damp: float = option(0.01, "fraction of the mean Hessian diagonal added before Cholesky")
+    bits: int | None = option(
+        None, "also quantize each column right after pruning it, to this many bits (2 to 8)")
+    group_size: int | None = option(
+        None, "with bits: input columns per scale, 32, 64 or 128 (None: one per output row)")
+    symmetric: bool = option(False, "with bits: symmetric grid (no zero point)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -42,7 +42,6 @@ from openpto.core.sparsity.configs import (
 from openpto.core.sparsity.masks import layer_mask, nm_mask, row_mask
 from openpto.core.sparsity.sparsegpt import sparsegpt
 from openpto.errors import DataError
-from openpto.registry import TRANSFORMS
 
 
 class _Accumulator(Protocol):
@@ -278,6 +277,3 @@ def sparsify_model(
         device=used,
     )
 
-
-for _config_type in _PRUNERS:
-    TRANSFORMS.register(_config_type)(sparsify_model)

@@ -1,9 +1,11 @@
 """What a quantization backend is: a named way of turning a loaded model into an artifact folder.
 
-``opt quantize --backend NAME`` looks ``NAME`` up in ``openpto.registry.QUANT_BACKENDS``; each
-backend says which methods and bit widths it has, whether it can run here (and why not), how big
-its output will be, and does the work. The workflow around it (run record, model load, output
-checks, evaluation, metrics) is the same for all of them (``openpto.pipeline.quantize``).
+``opt quantize --backend NAME`` looks ``NAME`` up in ``openpto.registry.QUANT_BACKENDS``. The
+caller builds the method config (``GPTQConfig(...)``, ``RTNConfig(...)``) and every backend
+receives that object: it says which configs and bit widths it takes, whether it can run here (and
+why not), how big its output will be, and does the work. The workflow around it (run record,
+model load, output checks, evaluation, metrics) is the same for all of them
+(``openpto.pipeline.quantize``).
 """
 
 from __future__ import annotations
@@ -20,30 +22,14 @@ if TYPE_CHECKING:
     import torch
 
     from openpto.core.calibrate import LayerEvent
+    from openpto.core.quant import QuantConfig
     from openpto.models import LoadedModel
 
 
-@dataclass(frozen=True)
-class QuantRequest:
-    """A resolved ``opt quantize`` request (the group size already checked against the model)."""
-
-    method: str
-    bits: int
-    group_size: int | None  # None: one group per output row (per-channel)
-    symmetric: bool
-    device: str
-    config: Any = None  # the method config (torch backend), with ``to_dict()``
-    # GPTQ fitted to the float model's outputs (``GPTQConfig.float_targets``); None: its default
-    float_targets: bool | None = None
-
-    def describe(self) -> dict[str, Any]:
-        data = {"method": self.method, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric, "device": self.device}
-        if self.float_targets is not None:
-            data["float_targets"] = self.float_targets
-        if self.config is not None:
-            data["config"] = self.config.to_dict()
-        return data
+def describe(config: QuantConfig, device: str) -> dict[str, Any]:
+    """The grid of a resolved config, for the run record and ``openpto.json``."""
+    return {"method": config.type_name, "bits": config.bits, "group_size": config.group_size,
+            "symmetric": config.symmetric, "device": device, "config": config.to_dict()}
 
 
 @dataclass
@@ -65,14 +51,18 @@ LayerHook = Callable[["LayerEvent"], None]
 
 class QuantBackend(abc.ABC):
     name: ClassVar[str]
-    methods: ClassVar[tuple[str, ...]]
+    #: the configs it takes (``type_name``s), where fixed; the torch backend takes any
+    #: quantization config with a registered transform
+    methods: ClassVar[tuple[str, ...]] = ()
     bits: ClassVar[tuple[int, ...]]
     #: the artifact format it writes (``openpto.json`` "format")
     format: ClassVar[str]
     #: whether it can keep one scale per output row (else 8 bits also get groups by default)
     per_channel: ClassVar[bool] = True
-    #: whether GPTQ here can be fitted to the float model's outputs (``--float-targets``)
-    float_targets: ClassVar[bool] = False
+
+    def method_names(self) -> list[str]:
+        """The method configs (``type_name``) this backend quantizes with."""
+        return sorted(self.methods)
 
     def default_symmetric(self, bits: int) -> bool:
         """Symmetric for 8 bits (near-lossless anyway, and simpler kernels), asymmetric below."""
@@ -83,58 +73,61 @@ class QuantBackend(abc.ABC):
         """Whether it can run on this machine, and a one-line reason (what is missing, or what
         it will use)."""
 
-    def needs_calibration(self, request: QuantRequest) -> bool:
+    def needs_calibration(self, config: QuantConfig) -> bool:
         return False
 
-    def check(self, request: QuantRequest) -> None:
+    def check(self, config: QuantConfig) -> None:
         """Refuse, before the model loads, a method or bit width this backend lacks, or a
         backend that cannot run here (configuration mistakes first: they hold everywhere)."""
-        self.check_config(request)
+        self.check_config(config)
         ok, reason = self.availability()
         if not ok:
             raise BackendUnavailable(f"the {self.name} backend cannot run here: {reason}")
 
-    def check_config(self, request: QuantRequest) -> None:
+    def check_config(self, config: Any) -> None:
         """Refuse a method or bit width this backend lacks."""
-        if request.method not in self.methods:
+        from openpto.core.quant import QuantConfig
+
+        name = getattr(config, "type_name", type(config).__name__)
+        if not isinstance(config, QuantConfig) or name not in self.method_names():
             raise ConfigError(
-                f"the {self.name} backend has no method {request.method!r} "
-                f"(it has: {', '.join(self.methods)})"
+                f"the {self.name} backend has no method {name!r} "
+                f"(it has: {', '.join(self.method_names())})"
             )
-        if request.bits not in self.bits:
+        if config.bits not in self.bits:
             raise ConfigError(
-                f"the {self.name} backend cannot quantize to {request.bits} bits "
+                f"the {self.name} backend cannot quantize to {config.bits} bits "
                 f"(it does: {', '.join(str(b) for b in self.bits)})"
             )
-        if request.float_targets is not None and not (
-            self.float_targets and request.method == "gptq"
-        ):
-            raise ConfigError(
-                "--float-targets/--no-float-targets apply to GPTQ on the torch backend only"
-            )
 
-    def configure(self, request: QuantRequest) -> QuantRequest:
-        """Check the resolved grid (group size, symmetry) and attach what the backend needs."""
-        return request
+    def configure(self, config: QuantConfig) -> QuantConfig:
+        """Check the resolved grid (group size, symmetry); a backend whose format fixes the grid
+        returns the config with that grid (``dataclasses.replace``)."""
+        return config
 
-    def check_model(self, loaded: LoadedModel, request: QuantRequest) -> None:
+    def check_model(self, loaded: LoadedModel, config: QuantConfig) -> None:
         """Refuse, before any work, a model whose shapes this backend cannot handle."""
         return None
 
     @abc.abstractmethod
-    def planned_size(self, loaded: LoadedModel, request: QuantRequest,
-                     metadata: dict[str, Any]) -> int:
-        """The output folder's size in bytes, computed before any work."""
+    def planned_size(self, loaded: LoadedModel, config: QuantConfig,
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
+        """The output folder's size in bytes, computed before any work (``float_dtype`` as
+        ``quantize`` takes it)."""
 
     @abc.abstractmethod
     def quantize(
         self,
         loaded: LoadedModel,
-        request: QuantRequest,
+        config: QuantConfig,
         calibration: torch.Tensor | None,
         output: Path,
         metadata: dict[str, Any],
         on_layer: LayerHook,
+        *,
+        device: str = "cpu",
+        float_dtype: str = "bfloat16",
     ) -> BackendOutput:
-        """Quantize ``loaded`` and write the folder ``output`` atomically, with ``metadata`` in
-        its ``openpto.json``."""
+        """Quantize ``loaded`` with ``config`` on ``device`` and write the folder ``output``
+        atomically, with ``metadata`` in its ``openpto.json``; ``float_dtype`` is how tensors that
+        are not quantized are stored, where the format lets the backend choose."""

@@ -24,9 +24,10 @@ from openpto.pipeline.artifacts import (
     small_files_size,
     staged_folder,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
+from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
 
 if TYPE_CHECKING:
+    from openpto.core.quant import QuantConfig
     from openpto.models import LoadedModel
 
 FORMAT_BNB = "bitsandbytes"
@@ -55,22 +56,22 @@ class BitsAndBytesBackend(QuantBackend):
     def default_symmetric(self, bits: int) -> bool:
         return True  # both formats scale by the absolute maximum
 
-    def check_config(self, request: QuantRequest) -> None:
-        super().check_config(request)
-        bits, _ = METHODS[request.method]
-        if request.bits != bits:
-            raise ConfigError(f"bitsandbytes {request.method} is {bits}-bit; pass --bits {bits}")
+    def check_config(self, config: Any) -> None:
+        super().check_config(config)
+        bits, _ = METHODS[config.type_name]
+        if config.bits != bits:
+            raise ConfigError(f"bitsandbytes {config.type_name} is {bits}-bit; pass --bits {bits}")
 
-    def configure(self, request: QuantRequest) -> QuantRequest:
-        if not request.symmetric:
+    def configure(self, config: QuantConfig) -> QuantConfig:
+        if not config.symmetric:
             raise ConfigError("bitsandbytes formats are symmetric (absmax); drop --asym")
         # The grid is the format's own: NF4 blocks of 64, LLM.int8 one scale per row.
-        return dataclasses.replace(request, group_size=METHODS[request.method][1])
+        return dataclasses.replace(config, group_size=METHODS[config.type_name][1])
 
-    def check_model(self, loaded: LoadedModel, request: QuantRequest) -> None:
+    def check_model(self, loaded: LoadedModel, config: QuantConfig) -> None:
         from openpto.pipeline.backends.torch_backend import decoder_linears
 
-        if request.method != "nf4" or torch.cuda.is_available():
+        if config.type_name != "nf4" or torch.cuda.is_available():
             return
         widths = sorted({m.in_features for m in decoder_linears(loaded.model).values()
                          if m.in_features % 64})
@@ -79,21 +80,21 @@ class BitsAndBytesBackend(QuantBackend):
             raise ConfigError(f"bitsandbytes NF4 on CPU needs input widths divisible by 64; "
                               f"this model has {', '.join(map(str, widths))}")
 
-    def _config(self, request: QuantRequest) -> Any:
+    def _config(self, config: QuantConfig) -> Any:
         from transformers import BitsAndBytesConfig
 
-        if request.method == "nf4":
+        if config.type_name == "nf4":
             return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.float32)
         return BitsAndBytesConfig(load_in_8bit=True)
 
-    def planned_size(self, loaded: LoadedModel, request: QuantRequest,
-                     metadata: dict[str, Any]) -> int:
+    def planned_size(self, loaded: LoadedModel, config: QuantConfig,
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
         from openpto.pipeline.backends.torch_backend import parameter_bytes
 
         def stored(w: torch.Tensor) -> int:
             rows, cols = w.shape
-            if request.method == "nf4":  # packed nibbles + a float32 absmax per 64
+            if config.type_name == "nf4":  # packed nibbles + a float32 absmax per 64
                 return rows * cols // 2 + rows * cols // 64 * 4
             return rows * cols + rows * 4  # int8 codes + a float32 scale per row
 
@@ -103,11 +104,14 @@ class BitsAndBytesBackend(QuantBackend):
     def quantize(
         self,
         loaded: LoadedModel,
-        request: QuantRequest,
+        config: QuantConfig,
         calibration: torch.Tensor | None,
         output: Path,
         metadata: dict[str, Any],
         on_layer: LayerHook,
+        *,
+        device: str = "cpu",
+        float_dtype: str = "bfloat16",
     ) -> BackendOutput:
         from transformers import AutoModelForCausalLM
 
@@ -119,8 +123,8 @@ class BitsAndBytesBackend(QuantBackend):
                 save_model(loaded.model, loaded.tokenizer, scratch)
                 started = time.perf_counter()
                 model = AutoModelForCausalLM.from_pretrained(
-                    scratch, quantization_config=self._config(request), device_map="cpu"
-                    if request.device == "cpu" else request.device, dtype=loaded.dtype,
+                    scratch, quantization_config=self._config(config), device_map="cpu"
+                    if device == "cpu" else device, dtype=loaded.dtype,
                 )
                 seconds = time.perf_counter() - started
             model.eval()

@@ -25,9 +25,10 @@ from openpto.pipeline.artifacts import (
     small_files_size,
     staged_folder,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
+from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
 
 if TYPE_CHECKING:
+    from openpto.core.quant import QuantConfig
     from openpto.models import LoadedModel
 
 FORMAT_MLX = "mlx"
@@ -61,18 +62,18 @@ class MLXBackend(QuantBackend):
     def default_symmetric(self, bits: int) -> bool:
         return False
 
-    def configure(self, request: QuantRequest) -> QuantRequest:
-        if request.symmetric:
+    def configure(self, config: QuantConfig) -> QuantConfig:
+        if config.symmetric:
             raise ConfigError("the mlx backend quantizes with a scale and a bias per group "
                               "(asymmetric); drop --sym")
-        if request.group_size not in GROUP_SIZES:
+        if config.group_size not in GROUP_SIZES:
             raise ConfigError(f"the mlx backend needs a group size of 32, 64 or 128, not "
-                              f"{request.group_size or 'per-channel'}")
-        return request
+                              f"{config.group_size or 'per-channel'}")
+        return config
 
-    def planned_size(self, loaded: LoadedModel, request: QuantRequest,
-                     metadata: dict[str, Any]) -> int:
-        group = int(request.group_size or 64)
+    def planned_size(self, loaded: LoadedModel, config: QuantConfig,
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
+        group = int(config.group_size or 64)
         total = 0
         tensors = 0
         seen: set[int] = set()
@@ -84,7 +85,7 @@ class MLXBackend(QuantBackend):
                 quantizable = isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
                 if quantizable and pname == "weight" and p.shape[-1] % group == 0:
                     rows, cols = p.shape
-                    total += rows * cols * request.bits // 8
+                    total += rows * cols * config.bits // 8
                     total += 2 * rows * (cols // group) * p.element_size()
                     tensors += 2
                 else:
@@ -97,11 +98,14 @@ class MLXBackend(QuantBackend):
     def quantize(
         self,
         loaded: LoadedModel,
-        request: QuantRequest,
+        config: QuantConfig,
         calibration: torch.Tensor | None,
         output: Path,
         metadata: dict[str, Any],
         on_layer: LayerHook,
+        *,
+        device: str = "cpu",
+        float_dtype: str = "bfloat16",
     ) -> BackendOutput:
         if _version("mlx-lm") is None:
             raise MissingDependency("mlx-lm", "mlx", "the mlx backend")
@@ -118,7 +122,7 @@ class MLXBackend(QuantBackend):
             # mlx_lm prints progress on stdout, which belongs to --json output.
             with contextlib.redirect_stdout(sys.stderr):
                 convert(str(float_folder), str(tmp), quantize=True,
-                        q_group_size=request.group_size, q_bits=request.bits)
+                        q_group_size=int(config.group_size or 64), q_bits=config.bits)
             seconds = time.perf_counter() - started
         return BackendOutput(format=FORMAT_MLX, seconds=seconds, model=None,
                              score=lambda ids, seq_len: mlx_perplexity(output, ids, seq_len),

@@ -22,9 +22,10 @@ from openpto.pipeline.artifacts import (
     small_files_size,
     staged_folder,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
+from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
 
 if TYPE_CHECKING:
+    from openpto.core.quant import QuantConfig
     from openpto.models import LoadedModel
 
 FORMAT_QUANTO = "quanto"
@@ -49,21 +50,21 @@ class QuantoBackend(QuantBackend):
             return False, f"optimum-quanto {version} is installed but cannot load: {exc}"
         return True, f"optimum-quanto {version}: qint8 per row, qint4 groups of 128"
 
-    def configure(self, request: QuantRequest) -> QuantRequest:
-        kind, group = GRIDS[request.bits]
-        if request.symmetric != (request.bits == 8):
-            sym = "symmetric" if request.bits == 8 else "asymmetric"
+    def configure(self, config: QuantConfig) -> QuantConfig:
+        kind, group = GRIDS[config.bits]
+        if config.symmetric != (config.bits == 8):
+            sym = "symmetric" if config.bits == 8 else "asymmetric"
             raise ConfigError(f"quanto's {kind} is {sym}; drop --sym/--asym")
-        # quanto fixes its own grid; the request records what it really is.
-        return dataclasses.replace(request, group_size=group)
+        # quanto fixes its own grid; the config records what it really is.
+        return dataclasses.replace(config, group_size=group)
 
-    def planned_size(self, loaded: LoadedModel, request: QuantRequest,
-                     metadata: dict[str, Any]) -> int:
+    def planned_size(self, loaded: LoadedModel, config: QuantConfig,
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
         from openpto.pipeline.backends.torch_backend import parameter_bytes
 
         def stored(w: torch.Tensor) -> int:
             rows, cols = w.shape
-            if request.bits == 4:  # nibbles + a scale and a shift per 128 weights
+            if config.bits == 4:  # nibbles + a scale and a shift per 128 weights
                 return rows * cols // 2 + 2 * (rows * cols // 128) * w.element_size()
             return rows * cols + rows * w.element_size()  # int8 codes + a scale per row
 
@@ -73,16 +74,19 @@ class QuantoBackend(QuantBackend):
     def quantize(
         self,
         loaded: LoadedModel,
-        request: QuantRequest,
+        config: QuantConfig,
         calibration: torch.Tensor | None,
         output: Path,
         metadata: dict[str, Any],
         on_layer: LayerHook,
+        *,
+        device: str = "cpu",
+        float_dtype: str = "bfloat16",
     ) -> BackendOutput:
         import optimum.quanto as quanto
 
         check_output(output)
-        weights = getattr(quanto, GRIDS[request.bits][0])
+        weights = getattr(quanto, GRIDS[config.bits][0])
         started = time.perf_counter()
         qmodel = quanto.QuantizedModelForCausalLM.quantize(
             loaded.model, weights=weights, exclude="lm_head"

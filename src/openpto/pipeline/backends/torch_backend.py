@@ -3,7 +3,6 @@ compressed-tensors ``pack-quantized`` artifact that loads onto packed kernels.""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from openpto.errors import ConfigError, UnsupportedModel
+from openpto.errors import UnsupportedModel
 from openpto.pipeline.artifacts import (
     FORMAT_PACKED,
     WeightPlan,
@@ -20,9 +19,10 @@ from openpto.pipeline.artifacts import (
     scale_dtype_for,
     write_artifact,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend, QuantRequest
+from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
 
 if TYPE_CHECKING:
+    from openpto.core.quant import QuantConfig
     from openpto.models import LoadedModel
 
 
@@ -54,83 +54,83 @@ def parameter_bytes(model: torch.nn.Module,
     return total
 
 
-def weight_plans(model: torch.nn.Module, request: QuantRequest) -> dict[str, WeightPlan]:
+def weight_plans(model: torch.nn.Module, config: QuantConfig) -> dict[str, WeightPlan]:
     plans = {}
     for name, linear in decoder_linears(model).items():
-        group = request.group_size or linear.in_features
+        group = int(config.group_size or linear.in_features)
         plans[name] = WeightPlan(
-            linear.out_features, linear.in_features, request.bits, group, request.symmetric
+            linear.out_features, linear.in_features, config.bits, group, config.symmetric
         )
     return plans
 
 
 class TorchBackend(QuantBackend):
+    """Any quantization config whose transform is registered (RTN, GPTQ, AWQ and plugins')."""
+
     name: ClassVar[str] = "torch"
-    methods: ClassVar[tuple[str, ...]] = ("rtn", "gptq", "awq")
     bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     format: ClassVar[str] = FORMAT_PACKED
-    float_targets: ClassVar[bool] = True
+
+    def method_names(self) -> list[str]:
+        from openpto.api import load_methods
+        from openpto.config import registered_config_types
+        from openpto.core.quant import QuantConfig
+        from openpto.registry import TRANSFORMS
+
+        load_methods()
+        return sorted(name for name, cls in registered_config_types().items()
+                      if issubclass(cls, QuantConfig) and cls in TRANSFORMS)
 
     def availability(self) -> tuple[bool, str]:
         return True, f"torch {torch.__version__}: RTN, GPTQ and AWQ, packed int4/int8 kernels"
 
-    def needs_calibration(self, request: QuantRequest) -> bool:
-        return request.method != "rtn"
+    def needs_calibration(self, config: QuantConfig) -> bool:
+        return config.needs_calibration
 
-    def configure(self, request: QuantRequest) -> QuantRequest:
-        """Attach the method config (``RTNConfig``/``GPTQConfig``/``AWQConfig``) by its name."""
-        import openpto.core.quant  # noqa: F401  (registers the method configs)
-        from openpto.config import registered_config_types
-
-        config_type = registered_config_types().get(request.method)
-        if config_type is None:
-            raise ConfigError(f"no method config named {request.method!r}")
-        options: dict[str, Any] = {}
-        if request.float_targets is not None:
-            options["float_targets"] = request.float_targets
-        config = config_type(  # type: ignore[call-arg]
-            bits=request.bits, group_size=request.group_size, symmetric=request.symmetric,
-            **options,
-        )
-        return dataclasses.replace(request, config=config)
-
-    def planned_size(self, loaded: LoadedModel, request: QuantRequest,
-                     metadata: dict[str, Any]) -> int:
+    def planned_size(self, loaded: LoadedModel, config: QuantConfig,
+                     metadata: dict[str, Any], *, float_dtype: str = "bfloat16") -> int:
         model = loaded.model
         return planned_size(
-            model, loaded.tokenizer, weight_plans(model, request),
-            scale_dtype_for(loaded.dtype), metadata,
+            model, loaded.tokenizer, weight_plans(model, config),
+            scale_dtype_for(loaded.dtype), metadata, float_dtype=float_dtype,
         )
 
     def quantize(
         self,
         loaded: LoadedModel,
-        request: QuantRequest,
+        config: QuantConfig,
         calibration: torch.Tensor | None,
         output: Path,
         metadata: dict[str, Any],
         on_layer: LayerHook,
+        *,
+        device: str = "cpu",
+        float_dtype: str = "bfloat16",
     ) -> BackendOutput:
         from openpto.api import quantize_
 
-        request = request if request.config is not None else self.configure(request)
         model = loaded.model
-        started = time.perf_counter()
-        result = quantize_(
-            model, request.config, calibration, device=request.device, on_layer=on_layer
-        )
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = quantize_(model, config, calibration, device=device, on_layer=on_layer)
         seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
+        write_started, write_cpu = time.perf_counter(), time.process_time()
         # The model keeps computing with exactly what the artifact holds (scales and every
         # float tensor rounded to their storage dtypes), so an evaluation after quantization
         # measures the artifact.
-        stored = round_to_stored(model, result.quantized_weights())
-        metadata = {**metadata, "method_config": request.config.to_dict()}
-        info = write_artifact(model, loaded.tokenizer, output, stored, metadata)
+        stored = round_to_stored(model, result.quantized_weights(), float_dtype)
+        metadata = {**metadata, "method_config": config.to_dict()}
+        info = write_artifact(model, loaded.tokenizer, output, stored, metadata,
+                              float_dtype=float_dtype)
         return BackendOutput(
             format=info.format,
             seconds=seconds,
             model=model,
             layer_errors=[r.error for r in result.reports if r.quantized is not None],
             details={"tensor_bytes": info.tensor_bytes, "device": result.device,
-                     "quantized_linears": len(stored)},
+                     "quantized_linears": len(stored),
+                     # calibration + quantization, then storing the codes and writing the folder
+                     "cpu_seconds": cpu_seconds,
+                     "write_seconds": time.perf_counter() - write_started,
+                     "write_cpu_seconds": time.process_time() - write_cpu},
         )
