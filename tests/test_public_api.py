@@ -33,7 +33,8 @@ def test_every_public_name_resolves() -> None:
     for name in openpto.__all__:
         assert getattr(openpto, name) is not None, name
     assert {"load_model", "evaluate", "quantize", "sparsify", "export", "generate", "profile",
-            "configs", "GPTQConfig", "SparseGPTConfig"} <= set(dir(openpto))
+            "configs", "GPTQConfig", "SparseGPTConfig", "GenerationConfig",
+            "ProfileConfig"} <= set(dir(openpto))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         openpto.nothing  # noqa: B018
 

@@ -208,6 +208,8 @@ def test_failure_while_saving_marks_the_run_failed_and_leaves_no_folder(
 
 
 def test_a_model_without_linear_layers_is_refused() -> None:
+    from types import SimpleNamespace
+
     from torch import nn
 
     from openpto.pipeline.backends.torch_backend import decoder_linears
@@ -215,12 +217,13 @@ def test_a_model_without_linear_layers_is_refused() -> None:
     class NoLinears(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            self.config = SimpleNamespace(model_type="llama")
             self.model = nn.Module()
             self.model.layers = nn.ModuleList([nn.LayerNorm(8), nn.LayerNorm(8)])
 
     with pytest.raises(UnsupportedModel, match="no Linear layers"):
         decoder_linears(NoLinears())
-    with pytest.raises(UnsupportedModel, match="cannot find the decoder layers"):
+    with pytest.raises(UnsupportedModel, match="no architecture adapter for model type None"):
         decoder_linears(nn.Sequential(nn.ReLU()))
 
 
