@@ -124,3 +124,23 @@ def test_speculative_runs_on_the_public_config(loaded, tmp_db) -> None:  # type:
     assert result["text"] == plain.text == "".join(r.text for r in seen)
     assert result["identical_to_target"] is True and result["speedup"] > 0
     assert {"draft_acceptance_rate", "mean_acceptance_length", "run_id"} <= set(result)
+
+
+def test_the_last_event_carries_each_workflow_result(folder, tmp_db) -> None:  # type: ignore[no-untyped-def]
+    from openpto.progress import RunFinished
+
+    events: list = []
+    stream = generate(str(folder), GenerationConfig(prompt=PROMPTS[0], max_new_tokens=5,
+                                                    chat=False), progress=events.append)
+    list(stream)
+    last = events[-1]
+    assert isinstance(last, RunFinished) and last.run_id == stream.run_id
+    assert last.result == json.loads(json.dumps(stream.result().to_dict()))
+
+    events.clear()
+    profiled = profile(str(folder), ProfileConfig(prompt_len=8, gen_len=4, repeats=1, warmup=0),
+                       progress=events.append)
+    last = events[-1]
+    assert isinstance(last, RunFinished) and last.run_id == profiled.run_id
+    assert last.result is not None
+    assert last.result["decode_tokens_per_second"] == profiled.decode_tokens_per_second

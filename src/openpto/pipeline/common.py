@@ -61,7 +61,9 @@ class Workflow:
     def set_result(self, result: Result) -> Result:
         """Name the workflow's result (a mapping or a dataclass), carried JSON-safe by
         ``run_finished``; returns it, so a body can end with ``return wf.set_result(result)``."""
-        summary = json_safe(result)
+        # A result dataclass names itself by its CLI keys (``to_dict``), not by every field.
+        to_dict = getattr(result, "to_dict", None)
+        summary = json_safe(to_dict() if callable(to_dict) else result)
         self.result = summary if isinstance(summary, dict) else {"value": summary}
         return result
 

@@ -275,7 +275,7 @@ def generate(
                 if engine is not None:
                     engine.close()
             _record_metrics(wf, result, details)
-            handle.summary = _summarise(result, config.backend, wf.run_id)
+            handle.summary = wf.set_result(_summarise(result, config.backend, wf.run_id))
 
     return Generation(body)
 
@@ -485,7 +485,7 @@ def speculative(
             if values[name] is not None:
                 unit = "tokens/s" if name.endswith("per_second") else ""
                 wf.run.metric(name, values[name], unit, details)
-        return out
+        return wf.set_result(out)
 
 
 def _observed(records: Iterator[StepRecord],

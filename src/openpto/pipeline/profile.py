@@ -134,7 +134,7 @@ def profile(
     with open_run("profile", _model_name(model), config.to_dict(), store=store,
                   progress=progress) as wf:
         result = _profile_one(wf, model, config)
-        return dataclasses.replace(result, run_id=wf.run_id)
+        return wf.set_result(dataclasses.replace(result, run_id=wf.run_id))
 
 
 def bench(
@@ -163,4 +163,4 @@ def bench(
 
             with wf.run.trace("plot", path=str(plot)):
                 written = str(plot_bench([r.to_dict() for r in results], Path(plot)))
-        return BenchResult(results, written, wf.run_id)
+        return wf.set_result(BenchResult(results, written, wf.run_id))
