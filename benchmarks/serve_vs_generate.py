@@ -22,29 +22,19 @@ time each step (both paths read every token id to the host).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10)
-    except OSError:
-        return None
-    return done.stdout.strip() or None
 
 
 def run_generate(loaded: Any, new_tokens: int) -> dict[str, Any]:
@@ -115,7 +105,6 @@ def main() -> None:
 
     from openpto.engines.engine import EngineOptions
     from openpto.engines.torch_backend import TorchEngine
-    from openpto.hardware import hardware_info
     from openpto.models import DEFAULT_ALIAS, load_model
     from openpto.serving import ServerSettings, create_app
     from openpto.serving.background import BackgroundServer
@@ -136,7 +125,7 @@ def main() -> None:
                      engine, access_sink=None)
     generate_runs: list[dict[str, Any]] = []
     serve_runs: list[dict[str, Any]] = []
-    with BackgroundServer(app) as server:
+    with harness.machine_lock() as load, BackgroundServer(app) as server:
         warm = (run_generate(loaded, args.new_tokens),
                 run_serve(server.url, name, ids, args.new_tokens))
         for _ in range(args.repeats):
@@ -148,10 +137,7 @@ def main() -> None:
              / results["generate"]["decode_tokens_per_second"])
     out = {
         "benchmark": "serve_vs_generate",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": _git_commit(),
-        "environment": hardware_info(),
+        "load_average_at_start": load,
         "model": name, "device": args.device, "dtype": args.dtype, "threads": threads,
         "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
         "warmup": 1, "statistic": "median", "synchronized": True,
@@ -163,16 +149,17 @@ def main() -> None:
         "prompt_tokens_equal": {r["prompt_tokens"] for r in [*generate_runs, *serve_runs]}
         == {len(ids)},
     }
-    path = args.out or Path(__file__).parent / "results" / f"serve_vs_generate_{args.device}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path = harness.write_json(
+        args.out or harness.result_path(f"serve_vs_generate_{args.device}"), out)
     print(f"{name} on {args.device} {args.dtype}, {threads} threads, prompt {len(ids)} tokens, "
           f"{args.new_tokens} new tokens greedy, median of {args.repeats}")
-    print(f"{'path':<10} {'decode tok/s':>13} {'min':>8} {'max':>8} {'TTFT ms':>9} {'tokens':>7}")
+    rows = []
     for key, row in results.items():
         low, high = row["decode_tokens_per_second_spread"]
-        print(f"{key:<10} {row['decode_tokens_per_second']:>13.2f} {low:>8.2f} {high:>8.2f} "
-              f"{row['ttft_ms']:>9.1f} {statistics.median(row['tokens']):>7.0f}")
+        rows.append([key, f"{row['decode_tokens_per_second']:.2f}", f"{low:.2f}", f"{high:.2f}",
+                     f"{row['ttft_ms']:.1f}", f"{statistics.median(row['tokens']):.0f}"])
+    print(harness.markdown_table(["path", "decode tok/s", "min", "max", "TTFT ms", "tokens"],
+                                 rows))
     print(f"serve / generate: {ratio:.3f}; identical text: {out['identical_text']}; "
           f"written to {path}")
 
