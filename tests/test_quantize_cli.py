@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from openpto.store import Store
 from tests.helpers import run_opt
@@ -113,3 +114,29 @@ def test_help_has_examples(capsys: pytest.CaptureFixture[str],
     for command in ("quantize", "export"):
         code, stdout, _ = run_opt([command, "--help"], capsys, monkeypatch)
         assert code == 0 and "Example: opt " + command in stdout
+
+
+def test_float_dtype_sets_the_storage_of_the_float_tensors(
+    tiny_folder: Path, tmp_path: Path, tmp_db: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "f16"
+    code, _, err = run_opt(["quantize", str(tiny_folder), "--method", "rtn", "--bits", "8",
+                            "--float-dtype", "float16", "--output", str(out), "--json"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((out / "openpto.json").read_text())["float_dtype"] == "float16"
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float16
+    assert tensors["model.norm.weight"].dtype == torch.float16
+
+    code, stdout, err = run_opt(["quantize", str(tiny_folder), "--method", "rtn", "--bits", "8",
+                                 "--float-dtype", "double", "--output", str(tmp_path / "bad"),
+                                 "--json"], capsys, monkeypatch)
+    assert code == 2 and stdout == ""
+    (line,) = err.strip().splitlines()
+    assert line == ("error: float_dtype must be one of bfloat16, float16, float32, keep, "
+                    "not 'double'")
+    assert not (tmp_path / "bad").exists()

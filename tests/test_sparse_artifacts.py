@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +93,33 @@ def test_the_layout_is_compressed_tensors_and_its_bitmask_code_reads_it_exactly(
         assert torch.equal(tensors[name], state[name].bfloat16())
 
 
+# compressed-tensors 0.14 is the last release with sparse decompressors; `make install` puts it
+# in a side folder of the venv (off its path, so the installed release stays what runs).
+SIDE_COMPRESSED_TENSORS = Path(sys.prefix) / "side" / "compressed-tensors-0.14"
+
+DECOMPRESS = """
+import sys
+from compressed_tensors.compressors import ModelCompressor
+from safetensors.torch import save_file
+
+folder, out = sys.argv[1], sys.argv[2]
+compressor = ModelCompressor.from_pretrained(folder)
+assert compressor is not None and compressor.sparsity_compressor is not None, "no sparse compressor"
+import compressed_tensors
+print(compressed_tensors.__version__, type(compressor.sparsity_compressor).__name__)
+weights = dict(compressor.sparsity_compressor.decompress(folder))
+save_file({name: t.contiguous() for name, t in weights.items()}, out)
+"""
+
+
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_compressed_tensors_decompressor_gives_back_the_pruned_weights(
     tmp_path: Path, pattern: str | None,
 ) -> None:
-    # Its sparse compressors ship in compressed-tensors up to 0.14 (later releases read only
-    # quantized formats); where one is installed, it must read our folder exactly.
-    pytest.importorskip("compressed_tensors.compressors.sparse_compressors")
-    from compressed_tensors.compressors import ModelCompressor
+    if not (SIDE_COMPRESSED_TENSORS / "compressed_tensors").is_dir():
+        pytest.skip(f"no compressed-tensors 0.14 in {SIDE_COMPRESSED_TENSORS} "
+                    "(a venv made before `make install` added it; run make install)")
+    from safetensors.torch import load_file
 
     from openpto.core.sparsity import MagnitudeConfig
     from openpto.pipeline.artifacts import write_artifact
@@ -105,12 +127,23 @@ def test_compressed_tensors_decompressor_gives_back_the_pruned_weights(
     model, tok, _, layout = _pruned(MagnitudeConfig(sparsity=None if pattern else 0.5,
                                                     pattern=pattern))
     write_artifact(model, tok, tmp_path / "art", {}, {}, sparsity=layout)
-    compressor = ModelCompressor.from_pretrained(str(tmp_path / "art"))
-    assert compressor is not None and compressor.sparsity_compressor is not None
-    decompressed = dict(compressor.sparsity_compressor.decompress(str(tmp_path / "art")))
+    # The side folder first, the venv's transformers and torch behind it.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(SIDE_COMPRESSED_TENSORS), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(
+        [sys.executable, "-c", DECOMPRESS, str(tmp_path / "art"), str(tmp_path / "out.st")],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    version, compressor = done.stdout.split()[-2:]
+    assert version == "0.14.0.1"
+    assert compressor == ("Sparse24BitMaskCompressor" if pattern else "BitmaskCompressor")
+    decompressed = load_file(str(tmp_path / "out.st"))
     state = model.state_dict()
+    assert {f"{name}.weight" for name in layout.targets} <= set(decompressed)
     for name in layout.targets:
-        assert torch.equal(decompressed[f"{name}.weight"], state[f"{name}.weight"].bfloat16())
+        got, want = decompressed[f"{name}.weight"], state[f"{name}.weight"].bfloat16()
+        assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("pattern", [None, "2:4"])

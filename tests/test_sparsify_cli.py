@@ -38,6 +38,13 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return read_sparse_weights(folder)
 
 
+def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor by name, the pruned ones decompressed where the layout is sparse."""
+    from safetensors.torch import load_file
+
+    return {**load_file(str(folder / "model.safetensors")), **_weights(folder)}
+
+
 def test_sparsify_json_round_trip_and_records(
     tiny_folder: Path, texts: tuple[Path, Path], tmp_path: Path, tmp_db: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -184,3 +191,146 @@ def test_help_has_an_example(capsys: pytest.CaptureFixture[str],
                              monkeypatch: pytest.MonkeyPatch) -> None:
     code, stdout, _ = run_opt(["sparsify", "--help"], capsys, monkeypatch)
     assert code == 0 and "Example: opt sparsify" in stdout
+
+
+@pytest.mark.parametrize("sparse_format", ["compressed", "dense"])
+@pytest.mark.parametrize("shape", [["--sparsity", "0.5"], ["--pattern", "2:4"]])
+def test_dry_run_plans_the_written_size_within_one_percent(
+    tiny_folder: Path, tmp_path: Path, tmp_db: Path, sparse_format: str, shape: list[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    args = ["sparsify", str(tiny_folder), "--method", "magnitude", *shape,
+            "--sparse-format", sparse_format, "--output", str(tmp_path / "art"), "--json"]
+    code, stdout, stderr = run_opt([*args, "--dry-run"], capsys, monkeypatch)
+    assert code == 0, stderr
+    planned = json.loads(stdout)
+    assert planned["dry_run"] is True
+    assert not (tmp_path / "art").exists()
+    assert planned["sparsity"] == planned["target_sparsity"] == 0.5
+    assert planned["nm_compliant"] is None  # nothing was measured
+
+    code, stdout, stderr = run_opt(args, capsys, monkeypatch)
+    assert code == 0, stderr
+    written = json.loads(stdout)
+    assert "dry_run" not in written
+    size = written["size_bytes_after"]
+    assert abs(planned["size_bytes_after"] - size) / size < 0.01
+    assert planned["params_pruned"] == written["params_pruned"]
+    assert planned["sparse_bytes"] == written["sparse_bytes"]
+
+    # The choice is recorded in the run config and in the artifact.
+    fmt = ("sparse-24-bitmask" if "2:4" in shape else "sparse-bitmask") \
+        if sparse_format == "compressed" else "dense"
+    meta = json.loads((tmp_path / "art/openpto.json").read_text())
+    assert meta["format"] == meta["sparse_format"] == fmt
+    assert meta["sparsity"]["storage"] == sparse_format
+    for run_id in (planned["run_id"], written["run_id"]):
+        (config,) = Store().db.execute("select config from runs where id = ?",
+                                       [run_id]).fetchone()
+        assert json.loads(config)["sparse_format"] == sparse_format
+        assert json.loads(config)["dry_run"] is (run_id == planned["run_id"])
+
+
+def test_dense_sparse_format_is_a_folder_plain_transformers_reads_exactly(
+    tiny_folder: Path, tmp_path: Path, tmp_db: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from openpto.core.sparsity import nm_compliant
+
+    folders = {}
+    for sparse_format in ("dense", "compressed"):
+        out = folders[sparse_format] = tmp_path / sparse_format
+        code, _, stderr = run_opt(
+            ["sparsify", str(tiny_folder), "--method", "magnitude", "--pattern", "2:4",
+             "--sparse-format", sparse_format, "--output", str(out), "--json"],
+            capsys, monkeypatch)
+        assert code == 0, stderr
+    dense = folders["dense"]
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    meta = json.loads((dense / "openpto.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32)
+    # The same pruning stored compressed, read back by our decompression.
+    compressed = _weights(folders["compressed"])
+    stored = _all_tensors(dense)
+    assert len(meta["sparsity"]["layers"]) == len(compressed) == 14
+    for name, fraction in meta["sparsity"]["layers"].items():
+        weight = plain.get_submodule(name).weight.detach()
+        assert stored[f"{name}.weight"].dtype == torch.bfloat16
+        assert torch.equal(weight, compressed[f"{name}.weight"].float()), name
+        assert nm_compliant(weight, 2, 4)
+        assert (weight == 0).float().mean().item() == pytest.approx(fraction, abs=1e-6)
+    assert (folders["compressed"] / "model.safetensors").stat().st_size \
+        < (dense / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("sparse_format", ["compressed", "dense"])
+def test_only_the_compressed_layout_warns_who_cannot_read_it(
+    tiny_folder: Path, tmp_path: Path, tmp_db: Path, sparse_format: str,
+) -> None:
+    from openpto.core.sparsity import MagnitudeConfig
+    from openpto.pipeline.sparsify import sparsify
+    from openpto.pipeline.workflow import SparsifyOptions
+    from openpto.progress import ProgressEvent, RunWarning
+
+    events: list[ProgressEvent] = []
+    sparsify(str(tiny_folder), MagnitudeConfig(sparsity=0.5),
+             SparsifyOptions(output=tmp_path / "c", sparse_format=sparse_format),
+             progress=events.append)
+    warnings = [e for e in events if isinstance(e, RunWarning)]
+    if sparse_format == "dense":
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert warning.category == "sparse_format"
+        assert "--sparse-format dense" in warning.message
+
+
+@pytest.mark.parametrize(("float_dtype", "stored"), [("float16", torch.float16),
+                                                     ("float32", torch.float32),
+                                                     ("keep", torch.float32)])
+def test_float_dtype_sets_the_storage_of_every_float_tensor(
+    tiny_folder: Path, tmp_path: Path, tmp_db: Path, float_dtype: str, stored: torch.dtype,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from openpto.models import load_model
+
+    out = tmp_path / "f"
+    code, _, stderr = run_opt(
+        ["sparsify", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.5",
+         "--float-dtype", float_dtype, "--output", str(out), "--json"], capsys, monkeypatch)
+    assert code == 0, stderr
+    assert json.loads((out / "openpto.json").read_text())["float_dtype"] == \
+        str(stored).removeprefix("torch.")
+    weights = _all_tensors(out)
+    assert weights["model.embed_tokens.weight"].dtype == stored
+    assert weights["model.layers.0.mlp.down_proj.weight"].dtype == stored
+    # The float32 source model stored in float32 comes back bit for bit where not pruned.
+    source = load_model(str(tiny_folder)).model.state_dict()
+    assert torch.equal(weights["model.norm.weight"].float(),
+                       source["model.norm.weight"].to(stored).float())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sparse-format", "sparse"], "sparse_format must be one of compressed, dense, "
+                                        "not 'sparse'"),
+        (["--float-dtype", "int8"], "float_dtype must be one of bfloat16, float16, float32, "
+                                    "keep, not 'int8'"),
+        (["--float-dtype", "int8", "--dry-run"], "float_dtype must be one of"),
+        (["--sparse-format", "", "--dry-run"], "sparse_format must be one of"),
+    ],
+)
+def test_bad_storage_options_exit_2_with_one_line(
+    tiny_folder: Path, tmp_path: Path, tmp_db: Path, args: list[str], message: str,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code, stdout, stderr = run_opt(
+        ["sparsify", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.5", *args,
+         "--output", str(tmp_path / "x"), "--json"], capsys, monkeypatch)
+    assert code == 2 and stdout == ""
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert not (tmp_path / "x").exists()

@@ -27,6 +27,11 @@ CALIB_HELP = (
     "Calibration text: file, folder, .jsonl, built-in corpus or data set (default pydoc-topics)."
 )
 EVAL_HELP = "Also measure perplexity on this text before and after pruning."
+SPARSE_FORMAT_HELP = (
+    "compressed: compressed-tensors' bitmask layout, smaller on disk, read by opt and "
+    "compressed-tensors<=0.14. dense: the pruned weights stored as they are, a folder "
+    "transformers and vLLM read as is."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -54,6 +59,9 @@ def sparsify_cmd(
     float_dtype: str = typer.Option(
         "bfloat16", help="Storage of tensors that are not quantized: bfloat16, float16, "
         "float32, keep."),
+    sparse_format: str = typer.Option("compressed", "--sparse-format", help=SPARSE_FORMAT_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print the planned artifact size, write nothing."),
     config_file: str | None = config_file_option(),
     sets: list[str] = set_option(),
     show: bool = show_option(),
@@ -71,6 +79,13 @@ def sparsify_cmd(
     values; sparse_layout names the layout), speedup_bounds (theoretical compute- and
     memory-bound limits), seconds, size_bytes_after, run_id, and with --eval
     perplexity_before and perplexity_after. Per-layer sparsity is in the run's store metrics.
+    With --dry-run nothing is pruned or written: size_bytes_after is the planned size, the
+    sparsity and byte counts are the target's, and dry_run is true.
+
+    --sparse-format compressed (the default) stores the pruned Linears as kept values plus a
+    bitmask: smaller on disk, read by opt and compressed-tensors<=0.14 (plain transformers
+    would load those Linears randomly initialised). --sparse-format dense stores them as they
+    are, zeros included: a folder transformers and vLLM read as is.
 
     Every field of the method's config is reachable with --config FILE and --set FIELD=VALUE
     (applied after the flags, in that order); --show-config prints them.
@@ -92,7 +107,8 @@ def sparsify_cmd(
         calibration=openpto.CalibrationOptions(text=calib, samples=samples,
                                                seq_len=calib_seq_len),
         evaluation=openpto.EvalOptions(text=eval_text) if eval_text is not None else None,
-        output=output, device=device, float_dtype=float_dtype,
+        output=output, device=device, float_dtype=float_dtype, sparse_format=sparse_format,
+        dry_run=dry_run,
     )
     result = openpto.sparsify(model, config, options, progress=progress_for(progress))
-    emit(result.to_dict(), as_json, title="sparsify")
+    emit(result.to_dict(), as_json, title="sparsify (dry run)" if dry_run else "sparsify")

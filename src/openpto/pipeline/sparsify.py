@@ -9,7 +9,10 @@ The artifact stores the pruned Linears in compressed-tensors' ``sparse-bitmask``
 (``sparse-24-bitmask`` for 2:4): the kept values and one bit per weight, so the mask is exact and
 the folder shrinks. In SparseGPT's joint mode it is a ``pack-quantized`` folder whose pruned
 entries hold the zero-point code and dequantize to exactly 0. ``openpto.json`` records the
-method, its config, the pattern, the measured sparsity and the ``sparse_format``.
+method, its config, the pattern, the measured sparsity and the ``sparse_format``. With
+``options.sparse_format="dense"`` the pruned weights are stored as they are (16-bit by default),
+a folder plain transformers and vLLM load; ``options.dry_run`` plans the artifact's size from
+the target sparsity and writes nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ if TYPE_CHECKING:
 class SparsifyResult(WorkflowResult):
     """What ``sparsify`` did; ``to_dict()`` is ``opt sparsify --json``'s object."""
 
-    optional: ClassVar[tuple[str, ...]] = ("perplexity_before", "perplexity_after")
+    optional: ClassVar[tuple[str, ...]] = ("perplexity_before", "perplexity_after", "dry_run")
 
     output: str
     method: str
@@ -64,10 +67,11 @@ class SparsifyResult(WorkflowResult):
     sparse_layout: str
     speedup_bounds: dict[str, float]
     seconds: float  # calibration and pruning
-    size_bytes_after: int
+    size_bytes_after: int  # the folder on disk (with dry_run: the planned size)
     run_id: str
     perplexity_before: float | None = None
     perplexity_after: float | None = None
+    dry_run: bool | None = None  # True when nothing was written (sparsity is then the target)
 
 
 def output_label(config: SparsityConfig) -> str:
@@ -110,6 +114,14 @@ def sparsify(
                else default_output(loaded.name, output_label(config)))
         check_output(out)
         check_widths(loaded.model, config)
+        if options.dry_run:
+            return _dry_run(wf, loaded, config, out, options)
+        if options.sparse_format == "compressed" and getattr(config, "bits", None) is None:
+            wf.progress.warning(
+                "the compressed sparse layout is read by opt and compressed-tensors<=0.14; "
+                "plain transformers loads its pruned Linears randomly initialised and vLLM "
+                "refuses it (--sparse-format dense writes a folder both read as is)",
+                category="sparse_format")
         ids = eval_ids(wf, loaded, options.evaluation)
         before = None
         if ids is not None and options.evaluation is not None:
@@ -230,6 +242,24 @@ def _summary_fields(config: SparsityConfig, summary: SparsitySummary) -> dict[st
     }
 
 
+def _metadata(loaded: LoadedModel, config: SparsityConfig, summary: SparsitySummary,
+              options: SparsifyOptions, metrics: dict[str, float]) -> dict[str, Any]:
+    """``openpto.json``: what was done and what the weights measure."""
+    return {
+        **base_metadata(loaded, config),
+        "config": config.to_dict(),
+        "sparsity": {
+            "method": config.type_name, "pattern": config.label,
+            "target": config.target_sparsity, "measured": summary.sparsity,
+            "nm_compliant": summary.nm_compliant, "params": summary.params,
+            "zeros": summary.zeros, "storage": options.sparse_format,
+            "layers": {layer.name: round(layer.sparsity, 6) for layer in summary.layers},
+        },
+        "calibration": calibration_metadata(options.calibration, config.needs_calibration),
+        "metrics": metrics,
+    }
+
+
 def _save(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
           compressed: CompressionResult, summary: SparsitySummary, out: Path,
           metrics: dict[str, float], options: SparsifyOptions,
@@ -238,20 +268,8 @@ def _save(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
 
     model = loaded.model
     layout = SparseLayout(config.label, tuple(r.name for r in compressed.reports),
-                          summary.sparsity)
-    metadata = {
-        **base_metadata(loaded, config),
-        "config": config.to_dict(),
-        "sparsity": {
-            "method": config.type_name, "pattern": config.label,
-            "target": config.target_sparsity, "measured": summary.sparsity,
-            "nm_compliant": summary.nm_compliant, "params": summary.params,
-            "zeros": summary.zeros,
-            "layers": {layer.name: round(layer.sparsity, 6) for layer in summary.layers},
-        },
-        "calibration": calibration_metadata(options.calibration, config.needs_calibration),
-        "metrics": metrics,
-    }
+                          summary.sparsity, compress=options.sparse_format == "compressed")
+    metadata = _metadata(loaded, config, summary, options, metrics)
     started = time.perf_counter()
     with wf.run.trace("save", output=str(out)) as attrs:
         info = write_artifact(model, loaded.tokenizer, out, quantized, metadata,
@@ -263,3 +281,65 @@ def _save(wf: Workflow, loaded: LoadedModel, config: SparsityConfig,
     record_model(wf.store, info, loaded.name, config.type_name, config.to_dict(), wf.run_id)
     wf.progress.log(f"wrote {out} ({info.format}, {info.size_bytes / 2**20:.1f} MiB)")
     return info
+
+
+def _planned_summary(linears: dict[str, Any], config: SparsityConfig) -> SparsitySummary:
+    """What pruning to the target will measure, layer by layer, before any pruning."""
+    from openpto.core.sparsity.metrics import (
+        LayerSparsity,
+        SparsitySummary,
+        bitmask_bytes,
+        semi_structured_bytes,
+    )
+
+    target = config.target_sparsity
+    layers = [LayerSparsity(name, linear.out_features, linear.in_features,
+                            round(linear.out_features * linear.in_features * target), target,
+                            None, config.nm == (2, 4))
+              for name, linear in linears.items()]
+    params = sum(layer.params for layer in layers)
+    zeros = sum(layer.zeros for layer in layers)
+    return SparsitySummary(
+        layers=layers, params=params, zeros=zeros, sparsity=zeros / params if params else 0.0,
+        nm_compliant=None, dense_bytes=params * 2,
+        semi_structured_bytes=(sum(semi_structured_bytes(layer.params) for layer in layers)
+                               if config.nm == (2, 4) else None),
+        bitmask_bytes=sum(bitmask_bytes(layer.params, layer.params - layer.zeros)
+                          for layer in layers),
+    )
+
+
+def _dry_run(wf: Workflow, loaded: LoadedModel, config: SparsityConfig, out: Path,
+             options: SparsifyOptions) -> SparsifyResult:
+    """The artifact's planned size at the target sparsity; nothing is pruned or written."""
+    from openpto.pipeline.artifacts import SparseLayout, WeightPlan, planned_size, scale_dtype_for
+    from openpto.pipeline.backends.torch_backend import decoder_linears
+
+    linears = decoder_linears(loaded.model)
+    bits = getattr(config, "bits", None)
+    plans = {}
+    if bits is not None:  # SparseGPT's joint mode: the pruned Linears are quantized too
+        group = getattr(config, "group_size", None)
+        plans = {name: WeightPlan(linear.out_features, linear.in_features, int(bits),
+                                  int(group or linear.in_features),
+                                  bool(getattr(config, "symmetric", False)))
+                 for name, linear in linears.items()}
+    layout = SparseLayout(config.label, tuple(linears), config.target_sparsity,
+                          compress=options.sparse_format == "compressed")
+    summary = _planned_summary(linears, config)
+    # The same openpto.json as a real run, with the planned sparsity in place of the measured.
+    metadata = _metadata(loaded, config, summary, options, {})
+    planned = planned_size(loaded.model, loaded.tokenizer, plans, scale_dtype_for(loaded.dtype),
+                           metadata, float_dtype=options.float_dtype, sparsity=layout)
+    wf.run.metric("size_bytes_planned", planned, "bytes", {
+        "dry_run": True, "format": layout.format_for(plans),
+        "sparsity": "the target, over the Linears to prune"})
+    wf.progress.log(f"dry run: {out} would be {layout.format_for(plans)}, "
+                    f"{planned / 2**20:.1f} MiB; nothing written")
+    result = SparsifyResult(
+        output=str(out), method=config.type_name, pattern=config.label,
+        **_summary_fields(config, summary), seconds=0.0, size_bytes_after=planned,
+        run_id=wf.run_id, dry_run=True,
+    )
+    wf.set_result(result.to_dict())
+    return result

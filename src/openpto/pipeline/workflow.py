@@ -59,6 +59,9 @@ class EvalOptions:
                 "max_tokens": self.max_tokens}
 
 
+SPARSE_FORMATS = ("compressed", "dense")
+
+
 @dataclass(frozen=True)
 class WorkflowOptions:
     """What quantize and sparsify both take besides the method config."""
@@ -105,11 +108,18 @@ class QuantizeOptions(WorkflowOptions):
 @dataclass(frozen=True)
 class SparsifyOptions(WorkflowOptions):
     batch_size: int = 8  # calibration windows per forward pass
+    # compressed: a compressed-tensors bitmask layout (smaller on disk); dense: the pruned
+    # weights stored as they are, a folder any transformers or vLLM loads
+    sparse_format: str = "compressed"
+    dry_run: bool = False  # plan the artifact (its size) and write nothing
 
     def check(self) -> None:
         super().check()
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, not {self.batch_size}")
+        if self.sparse_format not in SPARSE_FORMATS:
+            raise UsageError(f"sparse_format must be one of {', '.join(SPARSE_FORMATS)}, "
+                             f"not {self.sparse_format!r}")
 
 
 def _text_name(text: str | TextSource | None) -> str | None:
