@@ -12,7 +12,6 @@ import dataclasses
 import importlib.metadata
 import tempfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -24,7 +23,7 @@ from openpto.pipeline.artifacts import (
     small_files_size,
     staged_folder,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
+from openpto.pipeline.backends.base import BackendOutput, QuantBackend, QuantizeJob
 
 if TYPE_CHECKING:
     from openpto.core.quant import QuantConfig
@@ -101,35 +100,24 @@ class BitsAndBytesBackend(QuantBackend):
         total = parameter_bytes(loaded.model, stored)
         return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
 
-    def quantize(
-        self,
-        loaded: LoadedModel,
-        config: QuantConfig,
-        calibration: torch.Tensor | None,
-        output: Path,
-        metadata: dict[str, Any],
-        on_layer: LayerHook,
-        *,
-        device: str = "cpu",
-        float_dtype: str = "bfloat16",
-    ) -> BackendOutput:
+    def quantize(self, job: QuantizeJob) -> BackendOutput:
         from transformers import AutoModelForCausalLM
 
         from openpto.models import save_model
 
-        check_output(output)
-        with staged_folder(output, metadata, FORMAT_BNB) as tmp:
+        check_output(job.output)
+        with staged_folder(job.output, job.metadata, FORMAT_BNB) as tmp:
             with tempfile.TemporaryDirectory(prefix="openpto-bnb-") as scratch:
-                save_model(loaded.model, loaded.tokenizer, scratch)
+                save_model(job.loaded.model, job.loaded.tokenizer, scratch)
                 started = time.perf_counter()
                 model = AutoModelForCausalLM.from_pretrained(
-                    scratch, quantization_config=self._config(config), device_map="cpu"
-                    if device == "cpu" else device, dtype=loaded.dtype,
+                    scratch, quantization_config=self._config(job.config), device_map="cpu"
+                    if job.device == "cpu" else job.device, dtype=job.loaded.dtype,
                 )
                 seconds = time.perf_counter() - started
             model.eval()
             # lm_head stays float: transformers keeps the output projection out of bitsandbytes.
             model.save_pretrained(tmp)
-            loaded.tokenizer.save_pretrained(tmp)
+            job.loaded.tokenizer.save_pretrained(tmp)
         return BackendOutput(format=FORMAT_BNB, seconds=seconds, model=model,
-                             details={"size_bytes": folder_size(output)})
+                             details={"size_bytes": folder_size(job.output)})
