@@ -9,14 +9,13 @@ CPU through torch fallbacks (slow, but real); on CUDA it uses its own kernels.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from openpto.errors import ConfigError
+from openpto.errors import ConfigError, installed_library
 from openpto.pipeline.artifacts import (
     check_output,
     folder_size,
@@ -41,14 +40,10 @@ class BitsAndBytesBackend(QuantBackend):
     format: ClassVar[str] = FORMAT_BNB
 
     def availability(self) -> tuple[bool, str]:
-        try:
-            version = importlib.metadata.version("bitsandbytes")
-        except importlib.metadata.PackageNotFoundError:
-            return False, "bitsandbytes is not installed: pip install 'openpto[backends]'"
-        try:
-            import bitsandbytes  # noqa: F401
-        except (ImportError, RuntimeError) as exc:
-            return False, f"bitsandbytes {version} is installed but cannot load: {exc}"
+        version, missing = installed_library("bitsandbytes", "bitsandbytes", "backends",
+                                             (ImportError, RuntimeError))
+        if version is None:
+            return False, missing
         where = "CUDA kernels" if torch.cuda.is_available() else "CPU (torch fallbacks, slow)"
         return True, f"bitsandbytes {version}: NF4 and LLM.int8 on {where}"
 

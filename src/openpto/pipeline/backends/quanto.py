@@ -8,13 +8,12 @@ quanto JIT-compiles a small C++ extension the first time a quantized weight is u
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from openpto.errors import ConfigError
+from openpto.errors import ConfigError, installed_library
 from openpto.pipeline.artifacts import (
     check_output,
     folder_size,
@@ -39,14 +38,9 @@ class QuantoBackend(QuantBackend):
     format: ClassVar[str] = FORMAT_QUANTO
 
     def availability(self) -> tuple[bool, str]:
-        try:
-            version = importlib.metadata.version("optimum-quanto")
-        except importlib.metadata.PackageNotFoundError:
-            return False, "optimum-quanto is not installed: pip install 'openpto[backends]'"
-        try:
-            import optimum.quanto  # noqa: F401
-        except ImportError as exc:
-            return False, f"optimum-quanto {version} is installed but cannot load: {exc}"
+        version, missing = installed_library("optimum-quanto", "optimum.quanto", "backends")
+        if version is None:
+            return False, missing
         return True, f"optimum-quanto {version}: qint8 per row, qint4 groups of 128"
 
     def configure(self, config: QuantConfig) -> QuantConfig:
