@@ -200,24 +200,8 @@ def _convert(value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in _BOOLS:
             return _BOOLS[value.lower()]
         raise _BadValue("expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise _BadValue("expected an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _BadValue("expected a number")
+    if tp is int or tp is float:
+        return _number(value, tp)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -229,6 +213,19 @@ def _convert(value: Any, tp: Any) -> Any:
 
 _BOOLS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
           "1": True, "0": False}
+
+
+def _number(value: Any, tp: type[int] | type[float]) -> int | float:
+    """``value`` as ``tp``: a number of that kind (a float field takes an int too, a bool is no
+    number) or a string that spells one."""
+    if isinstance(value, int if tp is int else (int, float)) and not isinstance(value, bool):
+        return tp(value)
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    raise _BadValue("expected an integer" if tp is int else "expected a number")
 
 
 def _split_sequence(value: Any) -> list[Any]:

@@ -74,3 +74,22 @@ def require(module: str, extra: str, purpose: str = "") -> object:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependency(module.split(".")[0], extra, purpose) from exc
+
+
+def installed_library(
+    package: str, module: str, extra: str, errors: tuple[type[Exception], ...] = (ImportError,)
+) -> tuple[str | None, str]:
+    """``(version, "")`` when the distribution ``package`` is installed and ``module`` imports;
+    else ``(None, why not)``: ``require`` for a status line (``opt info``) instead of an error."""
+    import importlib
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None, f"{package} is not installed: pip install 'openpto[{extra}]'"
+    try:
+        importlib.import_module(module)
+    except errors as exc:
+        return None, f"{package} {version} is installed but cannot load: {exc}"
+    return version, ""

@@ -218,6 +218,15 @@ ProgressOption = Annotated[
     ProgressMode, typer.Option("--progress", help=PROGRESS_HELP, show_default=True)
 ]
 
+MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
+
+# The argument and options many commands share, declared once; each command gives the default.
+#: the MODEL argument of every command that loads one model
+ModelArgument = Annotated[str | None, typer.Argument(help=MODEL_HELP)]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
+DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+JsonOption = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+
 # Set by ``claim_stderr_for_jsonl`` when this process's stderr carries only JSON events.
 _jsonl_sink: JsonlProgress | None = None
 

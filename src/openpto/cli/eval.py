@@ -5,7 +5,10 @@ from __future__ import annotations
 import typer
 
 from openpto.cli.common import (
-    JSON_HELP,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelArgument,
     ProgressMode,
     ProgressOption,
     command_help,
@@ -13,7 +16,6 @@ from openpto.cli.common import (
     progress_for,
 )
 
-MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 TEXT_HELP = (
     "Text file, folder of .txt/.md, .jsonl, built-in corpus (stdlib-docstrings, pydoc-topics) "
     "or cached data set NAME[:CONFIG][:SPLIT]. Default: stdlib-docstrings."
@@ -26,15 +28,15 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_cmd(
-    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    model: ModelArgument = None,
     text: str | None = typer.Option(None, "--text", help=TEXT_HELP),
     text_field: str = typer.Option("text", help="Field with the text in JSONL or data set rows."),
     seq_len: int = typer.Option(512, help="Tokens per window (at least 2)."),
     max_tokens: int | None = typer.Option(None, help=MAX_TOKENS_HELP),
     batch_size: int = typer.Option(1, help="Windows per forward pass."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    as_json: JsonOption = False,
     progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Measure a model's perplexity on text.

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
 from openpto.cli.common import (
-    JSON_HELP,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelArgument,
     ProgressMode,
     ProgressOption,
     RichProgress,
@@ -16,7 +20,15 @@ from openpto.cli.common import (
     progress_for,
 )
 
-MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
+# The sampling options of opt generate and opt speculative, declared once.
+MaxNewTokensOption = Annotated[int, typer.Option(help="At most this many new tokens.")]
+TemperatureOption = Annotated[float, typer.Option(help="0 is greedy; higher is more random.")]
+TopPOption = Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1]; 1 is off.")]
+TopKOption = Annotated[int, typer.Option(help="Keep the K most likely tokens; 0 is off.")]
+SeedOption = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+ChatOption = Annotated[
+    bool, typer.Option("--chat/--raw", help="Use the tokenizer's chat template.")
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -29,22 +41,22 @@ def write_text(text: str) -> None:
 
 
 def generate_cmd(
-    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    model: ModelArgument = None,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
-    max_new_tokens: int = typer.Option(128, help="At most this many new tokens."),
-    temperature: float = typer.Option(0.0, help="0 is greedy; higher is more random."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass in (0, 1]; 1 is off."),
-    top_k: int = typer.Option(0, help="Keep the K most likely tokens; 0 is off."),
+    max_new_tokens: MaxNewTokensOption = 128,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
     min_p: float = typer.Option(0.0, help="Drop tokens below min_p x the top probability."),
     repetition_penalty: float = typer.Option(1.0, help="CTRL penalty on seen tokens; 1 is off."),
-    seed: int | None = typer.Option(None, help="Seed for reproducible sampling."),
+    seed: SeedOption = None,
     stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it comes."),
-    chat: bool = typer.Option(True, "--chat/--raw", help="Use the tokenizer's chat template."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    chat: ChatOption = True,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     backend: str = typer.Option("torch", help="Generation engine: torch, llamacpp or mlx."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonOption = False,
     progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Generate text from a prompt and stream it to the terminal.

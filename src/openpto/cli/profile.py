@@ -7,14 +7,16 @@ from pathlib import Path
 import typer
 
 from openpto.cli.common import (
-    JSON_HELP,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelArgument,
     ProgressMode,
     ProgressOption,
     command_help,
     emit,
     progress_for,
 )
-from openpto.cli.generate import MODEL_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -23,16 +25,16 @@ def register(app: typer.Typer) -> None:
 
 
 def profile_cmd(
-    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    model: ModelArgument = None,
     prompt_len: int = typer.Option(128, help="Prompt tokens per row."),
     gen_len: int = typer.Option(128, help="Generated tokens per row (at least 2)."),
     batch: int = typer.Option(1, help="Rows generated together."),
     repeats: int = typer.Option(5, help="Timed runs."),
     warmup: int = typer.Option(1, help="Untimed runs first."),
     modules: bool = typer.Option(False, help="Add per-module times from torch.profiler."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    as_json: JsonOption = False,
     progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Measure TTFT, TPOT, inter-token latency percentiles, prefill and decode tokens/s and peak
@@ -60,9 +62,9 @@ def bench_cmd(
     repeats: int = typer.Option(5, help="Timed runs per model."),
     warmup: int = typer.Option(1, help="Untimed runs per model first."),
     plot: Path | None = typer.Option(None, help="Write a PNG comparing the models."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    as_json: JsonOption = False,
     progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Profile several models or artifacts with one protocol, as a table and a PNG plot.

@@ -7,7 +7,14 @@ from typing import Any
 
 import typer
 
-from openpto.cli.common import JSON_HELP, ProgressMode, ProgressOption, emit, progress_for
+from openpto.cli.common import (
+    JsonOption,
+    ModelArgument,
+    ProgressMode,
+    ProgressOption,
+    emit,
+    progress_for,
+)
 from openpto.cli.method_config import (
     config_file_option,
     config_values,
@@ -18,7 +25,6 @@ from openpto.cli.method_config import (
 from openpto.config import build
 from openpto.errors import UsageError
 
-MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 METHOD_HELP = ("A registered quantization method: rtn, gptq, awq (torch), nf4/int8 "
                "(bitsandbytes), or a plugin's. --show-config lists its fields.")
 GROUP_HELP = (
@@ -52,7 +58,7 @@ def _group(value: str | None) -> int | str | None:
 
 
 def quantize_cmd(
-    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    model: ModelArgument = None,
     method: str = typer.Option("gptq", help=METHOD_HELP),
     bits: int = typer.Option(4, help="Bits per weight: 4 or 8 (2-8 with the torch backend)."),
     group_size: str | None = typer.Option(None, "--group-size", help=GROUP_HELP),
@@ -71,7 +77,7 @@ def quantize_cmd(
     config_file: str | None = config_file_option(),
     sets: list[str] = set_option(),
     show: bool = show_option(),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: JsonOption = False,
     progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Quantize a model's weights and write an artifact folder (compressed-tensors packed).

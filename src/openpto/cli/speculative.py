@@ -5,14 +5,24 @@ from __future__ import annotations
 import typer
 
 from openpto.cli.common import (
-    JSON_HELP,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelArgument,
     ProgressMode,
     ProgressOption,
     command_help,
     emit,
     progress_for,
 )
-from openpto.cli.generate import MODEL_HELP
+from openpto.cli.generate import (
+    ChatOption,
+    MaxNewTokensOption,
+    SeedOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+)
 
 DRAFT_HELP = (
     "A MODEL sharing the tokenizer, self:int4, self:int8 (the target quantized by RTN on packed "
@@ -25,21 +35,21 @@ def register(app: typer.Typer) -> None:
 
 
 def speculative_cmd(
-    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    model: ModelArgument = None,
     draft: str = typer.Option(..., "--draft", help=DRAFT_HELP),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
     gamma: int = typer.Option(4, help="Draft tokens per verification step (the start value)."),
     adaptive: bool = typer.Option(True, "--adaptive/--fixed", help="Adapt gamma as it runs."),
-    max_new_tokens: int = typer.Option(128, help="At most this many new tokens."),
-    temperature: float = typer.Option(0.0, help="0 is greedy; higher is more random."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass in (0, 1]; 1 is off."),
-    top_k: int = typer.Option(0, help="Keep the K most likely tokens; 0 is off."),
-    seed: int | None = typer.Option(None, help="Seed for reproducible sampling."),
-    chat: bool = typer.Option(True, "--chat/--raw", help="Use the tokenizer's chat template."),
+    max_new_tokens: MaxNewTokensOption = 128,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = None,
+    chat: ChatOption = True,
     baseline: bool = typer.Option(True, help="Also time the target alone and compare."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    as_json: JsonOption = False,
     progress: ProgressOption = ProgressMode.rich,
 ) -> None:
     """Generate with a draft proposing tokens and the target verifying them in one pass.

@@ -27,13 +27,16 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from openpto.architectures import architecture_of
 from openpto.errors import UnsupportedModel
+
+if TYPE_CHECKING:
+    from openpto.config import MethodConfig
 
 
 @dataclass
@@ -91,6 +94,13 @@ class CompressionResult:
     reports: list[LinearReport]
     seconds: float
     device: str
+
+    @classmethod
+    def since(cls, started: float, config: MethodConfig, reports: list[LinearReport],
+              device: str | torch.device) -> CompressionResult:
+        """The result of a pass over the model begun at ``time.perf_counter()`` ``started``."""
+        return cls(method=config.type_name, config=config.to_dict(), reports=reports,
+                   seconds=time.perf_counter() - started, device=str(device))
 
     def quantized_weights(self) -> dict[str, Any]:
         return {r.name: r.quantized for r in self.reports if r.quantized is not None}

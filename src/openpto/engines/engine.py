@@ -19,7 +19,7 @@ from typing import Any
 from openpto.core.sampling import SamplingParams
 from openpto.core.steps import RequestRules, StepRecord
 from openpto.engines.streams import RequestStream
-from openpto.errors import BackendUnavailable, OptError
+from openpto.errors import BackendUnavailable, OptError, require
 from openpto.registry import GENERATION_BACKENDS
 
 
@@ -182,12 +182,23 @@ class SerialEngine(Engine):
     safe to share between threads). Subclasses provide ``_token_ids`` (a generator of token ids
     for one request) and ``_embed``; stop strings, timings and cancellation are handled here."""
 
-    def __init__(self) -> None:
+    #: ``require``'s arguments for the library the backend runs on: (module, extra, purpose)
+    library: tuple[str, str, str]
+
+    def __init__(self, model: str | None = None, options: EngineOptions | None = None) -> None:
+        require(*self.library)  # fail before serving starts
+        self.spec = model
+        self.options = options or EngineOptions()
+        self._info: ModelInfo | None = None
         self._queue: queue.Queue[_Job | Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._running = 0
         self._draft_tokens = 0
         self._accepted_tokens = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info or ModelInfo(id=served_name(self.spec), backend=self.backend)
 
     def _start_worker(self) -> None:
         self._thread = threading.Thread(target=self._work, name=f"opt-{self.backend}", daemon=True)

@@ -27,7 +27,6 @@ from typing import Any
 from openpto.core.sampling import SamplingParams
 from openpto.engines.engine import (
     Embeddings,
-    EngineOptions,
     ModelInfo,
     SerialEngine,
     served_name,
@@ -89,19 +88,14 @@ class _Detokenizer:
 
 class LlamaCppEngine(SerialEngine):
     backend = "llamacpp"
-
-    def __init__(self, model: str | None = None, options: EngineOptions | None = None) -> None:
-        require("llama_cpp", "llamacpp", "the llama.cpp backend")  # fail before serving starts
-        super().__init__()
-        self.spec = model
-        self.options = options or EngineOptions()
-        self._llm: Any = None
-        self._embedder: Any = None
-        self._path: Path | None = None
-        self._info: ModelInfo | None = None
+    library = ("llama_cpp", "llamacpp", "the llama.cpp backend")
+    # Set by load().
+    _llm: Any = None
+    _embedder: Any = None
+    _path: Path | None = None
 
     def _open(self, **kwargs: Any) -> Any:
-        llama_cpp: Any = require("llama_cpp", "llamacpp", "the llama.cpp backend")
+        llama_cpp: Any = require(*self.library)
         assert self._path is not None
         threads = self.options.threads or os.cpu_count()
         # n_threads_batch too: Llama() otherwise prefills prompts with every CPU, whatever
@@ -137,10 +131,6 @@ class LlamaCppEngine(SerialEngine):
     @property
     def ready(self) -> bool:
         return self._llm is not None
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info or ModelInfo(id=served_name(self.spec), backend=self.backend)
 
     def _require(self) -> Any:
         if self._llm is None:
@@ -195,7 +185,7 @@ class LlamaCppEngine(SerialEngine):
 
     def _embed(self, texts: Sequence[str]) -> Embeddings:
         if self._embedder is None:
-            llama_cpp: Any = require("llama_cpp", "llamacpp", "the llama.cpp backend")
+            llama_cpp: Any = require(*self.library)
             self._embedder = self._open(embedding=True,
                                         pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
         vectors, tokens = self._embedder.embed(list(texts), normalize=True, return_count=True)

@@ -17,7 +17,6 @@ from typing import Any
 from openpto.core.sampling import SamplingParams
 from openpto.engines.engine import (
     Embeddings,
-    EngineOptions,
     ModelInfo,
     SerialEngine,
     served_name,
@@ -58,20 +57,15 @@ def _rope_overrides(folder: Path) -> dict[str, Any]:
 
 class MLXEngine(SerialEngine):
     backend = "mlx"
-
-    def __init__(self, model: str | None = None, options: EngineOptions | None = None) -> None:
-        require("mlx_lm", "mlx", "the MLX backend")  # fail before serving starts
-        super().__init__()
-        self.spec = model
-        self.options = options or EngineOptions()
-        self._model: Any = None
-        self._hf_tokenizer: Any = None
-        self._info: ModelInfo | None = None
+    library = ("mlx_lm", "mlx", "the MLX backend")
+    # Set by load().
+    _model: Any = None
+    _hf_tokenizer: Any = None
 
     def load(self) -> None:
         if self._model is not None:
             return
-        require("mlx_lm", "mlx", "the MLX backend")
+        require(*self.library)
         folder, name = mlx_folder(self.spec)
         # MLX keeps per-thread default streams: load on the thread that will generate.
         self._start_worker()
@@ -114,10 +108,6 @@ class MLXEngine(SerialEngine):
     @property
     def ready(self) -> bool:
         return self._model is not None
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info or ModelInfo(id=served_name(self.spec), backend=self.backend)
 
     def tokenize(self, text: str) -> list[int]:
         self._require()

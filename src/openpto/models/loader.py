@@ -120,12 +120,7 @@ def check_architecture(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
     from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
 
     path = folder / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CorruptFile(f"{path} does not hold a JSON object")
+    data = read_json_object(path)
     if trust_remote_code and "auto_map" in data:
         return data  # the model ships its own classes, which the user chose to trust
     model_type = data.get("model_type")
@@ -196,8 +191,8 @@ def _transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _read_artifact_metadata(folder: Path) -> dict[str, Any]:
-    path = folder / ARTIFACT_FILE
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (``CorruptFile`` when it is not valid JSON or not an object)."""
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -205,6 +200,10 @@ def _read_artifact_metadata(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CorruptFile(f"{path} does not hold a JSON object")
     return data
+
+
+def _read_artifact_metadata(folder: Path) -> dict[str, Any]:
+    return read_json_object(folder / ARTIFACT_FILE)
 
 
 def load_model(

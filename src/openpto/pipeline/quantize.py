@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from openpto.errors import ConfigError, UsageError
 from openpto.pipeline.artifacts import check_output, record_model
 from openpto.pipeline.backends import get_backend
-from openpto.pipeline.backends.base import describe
+from openpto.pipeline.backends.base import QuantizeJob, describe
 from openpto.pipeline.common import Workflow, open_run
 from openpto.pipeline.workflow import (
     QuantizeOptions,
@@ -188,9 +188,9 @@ def quantize(
         label = f"{resolved.type_name} w{resolved.bits}"
         with wf.run.trace("quantize", backend=options.backend) as attrs, \
                 wf.progress.task(f"quantize ({label})", total=count_layers(loaded)) as advance:
-            produced = engine.quantize(loaded, resolved, batches, out, metadata,
-                                       layer_recorder(wf, advance), device=options.device,
-                                       float_dtype=options.float_dtype)
+            produced = engine.quantize(QuantizeJob(
+                loaded, resolved, batches, out, metadata, layer_recorder(wf, advance),
+                device=options.device, float_dtype=options.float_dtype))
             attrs.update(seconds=produced.seconds, **produced.details)
         from openpto.pipeline.artifacts import ArtifactInfo, folder_size
 

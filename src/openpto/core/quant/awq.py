@@ -32,7 +32,7 @@ from openpto.core.calibrate import (
     find_linears,
 )
 from openpto.core.hessian import HessianAccumulator
-from openpto.core.quant.common import InputCollector, relative_output_error, run_calibrated
+from openpto.core.quant.common import collect_inputs, relative_output_error, run_calibrated
 from openpto.core.quant.configs import AWQConfig
 from openpto.core.quant.primitives import (
     compute_qparams,
@@ -211,13 +211,7 @@ class AWQCompressor:
         gsize = {
             n: resolve_group_size(lin.in_features, cfg.group_size) for n, lin in linears.items()
         }
-        collector = InputCollector(
-            linears, lambda lin: ActStats(lin.in_features, lin.weight.device)
-        )
-        try:
-            run_layer()
-        finally:
-            collector.remove()
+        stats_of = collect_inputs(linears, run_layer, ActStats)
 
         seconds = dict.fromkeys(linears, 0.0)
         alphas: dict[str, float | None] = {}
@@ -238,7 +232,7 @@ class AWQCompressor:
             maps = channel_maps(layer, group, channels, members[0].in_features)
             if maps is None:
                 continue
-            stats = collector.sink(group.linears[0])
+            stats = stats_of[group.linears[0]]
             s, alpha = search_scale(
                 [m.weight.data.float() for m in members],
                 stats.hessian.H,
@@ -261,7 +255,7 @@ class AWQCompressor:
         for name, linear in linears.items():
             started = time.perf_counter()
             w = linear.weight.data.float()
-            H = collector.sink(name).hessian.H
+            H = stats_of[name].hessian.H
             if name in input_scale:
                 se = input_scale[name]
                 H = H / (se.unsqueeze(1) * se.unsqueeze(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from openpto.core.calibrate import (
     CompressionResult,
     LayerCallback,
     LayerCompressor,
+    RunLayer,
     run_layer_sequential,
 )
 from openpto.errors import DataError
@@ -73,6 +74,33 @@ class InputCollector:
         self._last = None
 
 
+class Accumulator(Protocol):
+    def add_batch(self, x: torch.Tensor) -> None: ...
+
+
+def collect_inputs(
+    linears: dict[str, nn.Linear],
+    run_layer: RunLayer,
+    make: Callable[[int, torch.device], Accumulator],
+) -> dict[str, Any]:
+    """Run the layer once and accumulate each Linear's inputs; returns name -> accumulator.
+
+    A Linear called with the same tensor object as the Linear called just before it shares that
+    one's accumulator (decided on the first call, when the layer's call order is seen).
+    """
+    collector = InputCollector(
+        linears, lambda linear: make(linear.in_features, linear.weight.device)
+    )
+    try:
+        run_layer()
+    finally:
+        collector.remove()
+    missing = sorted(set(linears) - set(collector.sinks) - set(collector.shared_with))
+    if missing:
+        raise DataError(f"the calibration pass never reached {', '.join(missing)}")
+    return {name: collector.sink(name) for name in linears}
+
+
 def run_calibrated(
     model: nn.Module,
     config: MethodConfig,
@@ -89,10 +117,4 @@ def run_calibrated(
     started = time.perf_counter()
     reports = run_layer_sequential(model, calibration, compressor, device=device, on_layer=on_layer)
     where = str(device) if device is not None else str(next(model.parameters()).device)
-    return CompressionResult(
-        method=config.type_name,
-        config=config.to_dict(),
-        reports=reports,
-        seconds=time.perf_counter() - started,
-        device=where,
-    )
+    return CompressionResult.since(started, config, reports, where)

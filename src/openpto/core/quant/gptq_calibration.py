@@ -232,8 +232,7 @@ def gptq_transform(
         model, calibration, GPTQCompressor(config, dtype), device=where, dtype=dtype,
         on_layer=on_layer, float_samples=float_samples(config, calibration.shape[0]),
     )
-    return CompressionResult(config.type_name, config.to_dict(), reports,
-                             time.perf_counter() - started, str(where))
+    return CompressionResult.since(started, config, reports, where)
 
 
 def float_samples(config: GPTQConfig, samples: int) -> int:

@@ -71,10 +71,4 @@ def rtn_transform(
                     index, len(layers), time.perf_counter() - layer_started, layer_reports, None
                 )
             )
-    return CompressionResult(
-        method=config.type_name,
-        config=config.to_dict(),
-        reports=reports,
-        seconds=time.perf_counter() - started,
-        device=str(exec_device),
-    )
+    return CompressionResult.since(started, config, reports, exec_device)

@@ -14,8 +14,7 @@ uncorrelated); SparseGPT — its OBS loss (see ``openpto.core.sparsity.sparsegpt
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ from openpto.core.calibrate import (
     run_layer_sequential,
 )
 from openpto.core.hessian import HessianAccumulator
-from openpto.core.quant.common import InputCollector
+from openpto.core.quant.common import collect_inputs
 from openpto.core.sparsity.configs import (
     MagnitudeConfig,
     SparseGPTConfig,
@@ -42,10 +41,6 @@ from openpto.core.sparsity.configs import (
 from openpto.core.sparsity.masks import layer_mask, nm_mask, row_mask
 from openpto.core.sparsity.sparsegpt import sparsegpt
 from openpto.errors import DataError
-
-
-class _Accumulator(Protocol):
-    def add_batch(self, x: torch.Tensor) -> None: ...
 
 
 class SquaredNorms:
@@ -69,44 +64,26 @@ class SquaredNorms:
         return self.sums.sqrt().float()
 
 
-def collect_inputs(
-    linears: dict[str, nn.Linear],
-    run_layer: RunLayer,
-    make: Callable[[int, torch.device], _Accumulator],
-) -> dict[str, Any]:
-    """Run the layer once and accumulate each Linear's inputs; returns name -> accumulator.
-
-    A Linear called with the same tensor object as the Linear called just before it shares that
-    one's accumulator (decided on the first call, when the layer's call order is seen).
-    """
-    collector = InputCollector(
-        linears, lambda linear: make(linear.in_features, linear.weight.device)
-    )
-    try:
-        run_layer()
-    finally:
-        collector.remove()
-    missing = sorted(set(linears) - set(collector.sinks) - set(collector.shared_with))
-    if missing:
-        raise DataError(f"the calibration pass never reached {', '.join(missing)}")
-    return {name: collector.sink(name) for name in linears}
+#: what pruning one Linear gives: (new weight float32, keep mask, QuantizedWeight or None, error)
+Pruned = tuple[torch.Tensor, torch.Tensor, Any, float]
 
 
 class _Pruner:
     """Shared per-layer loop; subclasses say how one Linear is pruned."""
 
     needs_data = True
+    #: what each Linear's calibration inputs are accumulated into (None: none are)
+    accumulator: ClassVar[type[SquaredNorms] | type[HessianAccumulator] | None] = None
 
     def __init__(self, config: SparsityConfig) -> None:
         self.config = config
 
     def statistics(self, linears: dict[str, nn.Linear], run_layer: RunLayer) -> dict[str, Any]:
-        return {}
+        """Name -> the accumulated inputs of that Linear, after one pass of the layer."""
+        make = type(self).accumulator
+        return {} if make is None else collect_inputs(linears, run_layer, make)
 
-    def prune(
-        self, weight: torch.Tensor, stats: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, Any, float]:
-        """-> (new weight float32, keep mask, QuantizedWeight or None, error)."""
+    def prune(self, weight: torch.Tensor, stats: Any) -> Pruned:
         raise NotImplementedError
 
     def compress_layer(
@@ -142,9 +119,7 @@ class MagnitudePruner(_Pruner):
     needs_data = False
     config: MagnitudeConfig
 
-    def prune(
-        self, weight: torch.Tensor, stats: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, Any, float]:
+    def prune(self, weight: torch.Tensor, stats: Any) -> Pruned:
         w = weight.float()
         scores = w.abs()
         if self.config.nm is not None:
@@ -159,13 +134,9 @@ class MagnitudePruner(_Pruner):
 
 class WandaPruner(_Pruner):
     config: WandaConfig
+    accumulator = SquaredNorms
 
-    def statistics(self, linears: dict[str, nn.Linear], run_layer: RunLayer) -> dict[str, Any]:
-        return collect_inputs(linears, run_layer, SquaredNorms)
-
-    def prune(
-        self, weight: torch.Tensor, stats: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, Any, float]:
+    def prune(self, weight: torch.Tensor, stats: Any) -> Pruned:
         w = weight.float()
         norms = stats.column_norms().to(w.device)
         scores = w.abs() * norms.unsqueeze(0)
@@ -179,13 +150,9 @@ class WandaPruner(_Pruner):
 
 class SparseGPTPruner(_Pruner):
     config: SparseGPTConfig
+    accumulator = HessianAccumulator
 
-    def statistics(self, linears: dict[str, nn.Linear], run_layer: RunLayer) -> dict[str, Any]:
-        return collect_inputs(linears, run_layer, HessianAccumulator)
-
-    def prune(
-        self, weight: torch.Tensor, stats: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, Any, float]:
+    def prune(self, weight: torch.Tensor, stats: Any) -> Pruned:
         cfg = self.config
         result = sparsegpt(
             weight,
@@ -269,11 +236,5 @@ def sparsify_model(
             model, calibration, pruner, device=device, batch_size=batch_size, on_layer=on_layer
         )
         used = str(device) if device is not None else str(next(model.parameters()).device)
-    return CompressionResult(
-        method=config.type_name,
-        config=config.to_dict(),
-        reports=reports,
-        seconds=time.perf_counter() - started,
-        device=used,
-    )
+    return CompressionResult.since(started, config, reports, used)
 

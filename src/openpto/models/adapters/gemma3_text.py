@@ -3,10 +3,11 @@ local and global rotary bases, and no attention soft-capping."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from openpto.architectures import Architecture, GGUFLayout
-from openpto.models.adapters import llama
+from openpto.architectures import GGUFLayout
+from openpto.models.adapters import gemma2
 
 
 def gguf_metadata(writer: Any, config: dict[str, Any]) -> None:
@@ -18,11 +19,8 @@ def gguf_metadata(writer: Any, config: dict[str, Any]) -> None:
         writer.add_sliding_window(int(config["sliding_window"]))
 
 
-ARCHITECTURE = Architecture(
-    model_type="gemma3_text",
-    input_groups=llama.INPUT_GROUPS,
-    scale_pairs=llama.scale_pairs(mlp_norm="pre_feedforward_layernorm"),
-    norm_offset=1.0,
-    no_clip=llama.ARCHITECTURE.no_clip,
+# Gemma 2's modules, norms and AWQ pairs; its own GGUF name and keys, and an output tensor.
+ARCHITECTURE = dataclasses.replace(
+    gemma2.ARCHITECTURE, model_type="gemma3_text",
     gguf=GGUFLayout(arch="gemma3", metadata=gguf_metadata),
 )

@@ -1,15 +1,13 @@
 """Qwen3: Qwen2 with per-head RMSNorms on q and k (after the projections, so AWQ's pairs are
-Llama's) and an explicit head_dim."""
+Llama's, as Qwen2's are) and an explicit head_dim."""
 
 from __future__ import annotations
 
-from openpto.architectures import Architecture, GGUFLayout
-from openpto.models.adapters import llama
+import dataclasses
 
-ARCHITECTURE = Architecture(
-    model_type="qwen3",
-    input_groups=llama.INPUT_GROUPS,
-    scale_pairs=llama.scale_pairs(),
-    no_clip=llama.ARCHITECTURE.no_clip,
-    gguf=GGUFLayout(arch="qwen3"),
+from openpto.architectures import GGUFLayout
+from openpto.models.adapters import qwen2
+
+ARCHITECTURE = dataclasses.replace(
+    qwen2.ARCHITECTURE, model_type="qwen3", gguf=GGUFLayout(arch="qwen3")
 )

@@ -49,6 +49,23 @@ class BackendOutput:
 LayerHook = Callable[["LayerEvent"], None]
 
 
+@dataclass(frozen=True)
+class QuantizeJob:
+    """One quantization for a backend to do: the loaded model, the resolved config, the
+    calibration batches (None when the config takes no data) and the folder to write."""
+
+    loaded: LoadedModel
+    config: QuantConfig
+    calibration: torch.Tensor | None
+    output: Path
+    #: what goes into the artifact's ``openpto.json``
+    metadata: dict[str, Any]
+    on_layer: LayerHook
+    device: str = "cpu"
+    #: how tensors that are not quantized are stored, where the format lets the backend choose
+    float_dtype: str = "bfloat16"
+
+
 class QuantBackend(abc.ABC):
     name: ClassVar[str]
     #: the configs it takes (``type_name``s), where fixed; the torch backend takes any
@@ -116,18 +133,6 @@ class QuantBackend(abc.ABC):
         ``quantize`` takes it)."""
 
     @abc.abstractmethod
-    def quantize(
-        self,
-        loaded: LoadedModel,
-        config: QuantConfig,
-        calibration: torch.Tensor | None,
-        output: Path,
-        metadata: dict[str, Any],
-        on_layer: LayerHook,
-        *,
-        device: str = "cpu",
-        float_dtype: str = "bfloat16",
-    ) -> BackendOutput:
-        """Quantize ``loaded`` with ``config`` on ``device`` and write the folder ``output``
-        atomically, with ``metadata`` in its ``openpto.json``; ``float_dtype`` is how tensors that
-        are not quantized are stored, where the format lets the backend choose."""
+    def quantize(self, job: QuantizeJob) -> BackendOutput:
+        """Quantize ``job.loaded`` with ``job.config`` on ``job.device`` and write the folder
+        ``job.output`` atomically, with ``job.metadata`` in its ``openpto.json``."""

@@ -9,22 +9,20 @@ CPU through torch fallbacks (slow, but real); on CUDA it uses its own kernels.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import tempfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from openpto.errors import ConfigError
+from openpto.errors import ConfigError, installed_library
 from openpto.pipeline.artifacts import (
     check_output,
     folder_size,
     small_files_size,
     staged_folder,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
+from openpto.pipeline.backends.base import BackendOutput, QuantBackend, QuantizeJob
 
 if TYPE_CHECKING:
     from openpto.core.quant import QuantConfig
@@ -42,14 +40,10 @@ class BitsAndBytesBackend(QuantBackend):
     format: ClassVar[str] = FORMAT_BNB
 
     def availability(self) -> tuple[bool, str]:
-        try:
-            version = importlib.metadata.version("bitsandbytes")
-        except importlib.metadata.PackageNotFoundError:
-            return False, "bitsandbytes is not installed: pip install 'openpto[backends]'"
-        try:
-            import bitsandbytes  # noqa: F401
-        except (ImportError, RuntimeError) as exc:
-            return False, f"bitsandbytes {version} is installed but cannot load: {exc}"
+        version, missing = installed_library("bitsandbytes", "bitsandbytes", "backends",
+                                             (ImportError, RuntimeError))
+        if version is None:
+            return False, missing
         where = "CUDA kernels" if torch.cuda.is_available() else "CPU (torch fallbacks, slow)"
         return True, f"bitsandbytes {version}: NF4 and LLM.int8 on {where}"
 
@@ -101,35 +95,24 @@ class BitsAndBytesBackend(QuantBackend):
         total = parameter_bytes(loaded.model, stored)
         return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
 
-    def quantize(
-        self,
-        loaded: LoadedModel,
-        config: QuantConfig,
-        calibration: torch.Tensor | None,
-        output: Path,
-        metadata: dict[str, Any],
-        on_layer: LayerHook,
-        *,
-        device: str = "cpu",
-        float_dtype: str = "bfloat16",
-    ) -> BackendOutput:
+    def quantize(self, job: QuantizeJob) -> BackendOutput:
         from transformers import AutoModelForCausalLM
 
         from openpto.models import save_model
 
-        check_output(output)
-        with staged_folder(output, metadata, FORMAT_BNB) as tmp:
+        check_output(job.output)
+        with staged_folder(job.output, job.metadata, FORMAT_BNB) as tmp:
             with tempfile.TemporaryDirectory(prefix="openpto-bnb-") as scratch:
-                save_model(loaded.model, loaded.tokenizer, scratch)
+                save_model(job.loaded.model, job.loaded.tokenizer, scratch)
                 started = time.perf_counter()
                 model = AutoModelForCausalLM.from_pretrained(
-                    scratch, quantization_config=self._config(config), device_map="cpu"
-                    if device == "cpu" else device, dtype=loaded.dtype,
+                    scratch, quantization_config=self._config(job.config), device_map="cpu"
+                    if job.device == "cpu" else job.device, dtype=job.loaded.dtype,
                 )
                 seconds = time.perf_counter() - started
             model.eval()
             # lm_head stays float: transformers keeps the output projection out of bitsandbytes.
             model.save_pretrained(tmp)
-            loaded.tokenizer.save_pretrained(tmp)
+            job.loaded.tokenizer.save_pretrained(tmp)
         return BackendOutput(format=FORMAT_BNB, seconds=seconds, model=model,
-                             details={"size_bytes": folder_size(output)})
+                             details={"size_bytes": folder_size(job.output)})

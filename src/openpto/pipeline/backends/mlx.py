@@ -25,7 +25,7 @@ from openpto.pipeline.artifacts import (
     small_files_size,
     staged_folder,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
+from openpto.pipeline.backends.base import BackendOutput, QuantBackend, QuantizeJob
 
 if TYPE_CHECKING:
     from openpto.core.quant import QuantConfig
@@ -95,38 +95,28 @@ class MLXBackend(QuantBackend):
         total += 200 * tensors
         return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
 
-    def quantize(
-        self,
-        loaded: LoadedModel,
-        config: QuantConfig,
-        calibration: torch.Tensor | None,
-        output: Path,
-        metadata: dict[str, Any],
-        on_layer: LayerHook,
-        *,
-        device: str = "cpu",
-        float_dtype: str = "bfloat16",
-    ) -> BackendOutput:
+    def quantize(self, job: QuantizeJob) -> BackendOutput:
         if _version("mlx-lm") is None:
             raise MissingDependency("mlx-lm", "mlx", "the mlx backend")
         from mlx_lm.convert import convert
 
         from openpto.models import save_model
 
-        check_output(output)
-        with (staged_folder(output, metadata, FORMAT_MLX) as tmp,
+        check_output(job.output)
+        with (staged_folder(job.output, job.metadata, FORMAT_MLX) as tmp,
               tempfile.TemporaryDirectory(prefix="openpto-mlx-") as scratch):
             float_folder = Path(scratch) / "float"
-            save_model(loaded.model, loaded.tokenizer, float_folder)
+            save_model(job.loaded.model, job.loaded.tokenizer, float_folder)
             started = time.perf_counter()
             # mlx_lm prints progress on stdout, which belongs to --json output.
             with contextlib.redirect_stdout(sys.stderr):
                 convert(str(float_folder), str(tmp), quantize=True,
-                        q_group_size=int(config.group_size or 64), q_bits=config.bits)
+                        q_group_size=int(job.config.group_size or 64),
+                        q_bits=job.config.bits)
             seconds = time.perf_counter() - started
         return BackendOutput(format=FORMAT_MLX, seconds=seconds, model=None,
-                             score=lambda ids, seq_len: mlx_perplexity(output, ids, seq_len),
-                             details={"size_bytes": folder_size(output)})
+                             score=lambda ids, seq_len: mlx_perplexity(job.output, ids, seq_len),
+                             details={"size_bytes": folder_size(job.output)})
 
 
 def mlx_perplexity(folder: Path, ids: torch.Tensor, seq_len: int) -> float:

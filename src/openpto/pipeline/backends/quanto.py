@@ -8,21 +8,19 @@ quanto JIT-compiles a small C++ extension the first time a quantized weight is u
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from openpto.errors import ConfigError
+from openpto.errors import ConfigError, installed_library
 from openpto.pipeline.artifacts import (
     check_output,
     folder_size,
     small_files_size,
     staged_folder,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
+from openpto.pipeline.backends.base import BackendOutput, QuantBackend, QuantizeJob
 
 if TYPE_CHECKING:
     from openpto.core.quant import QuantConfig
@@ -40,14 +38,9 @@ class QuantoBackend(QuantBackend):
     format: ClassVar[str] = FORMAT_QUANTO
 
     def availability(self) -> tuple[bool, str]:
-        try:
-            version = importlib.metadata.version("optimum-quanto")
-        except importlib.metadata.PackageNotFoundError:
-            return False, "optimum-quanto is not installed: pip install 'openpto[backends]'"
-        try:
-            import optimum.quanto  # noqa: F401
-        except ImportError as exc:
-            return False, f"optimum-quanto {version} is installed but cannot load: {exc}"
+        version, missing = installed_library("optimum-quanto", "optimum.quanto", "backends")
+        if version is None:
+            return False, missing
         return True, f"optimum-quanto {version}: qint8 per row, qint4 groups of 128"
 
     def configure(self, config: QuantConfig) -> QuantConfig:
@@ -71,29 +64,18 @@ class QuantoBackend(QuantBackend):
         total = parameter_bytes(loaded.model, stored)
         return total + small_files_size(loaded.model, loaded.tokenizer, None, metadata)
 
-    def quantize(
-        self,
-        loaded: LoadedModel,
-        config: QuantConfig,
-        calibration: torch.Tensor | None,
-        output: Path,
-        metadata: dict[str, Any],
-        on_layer: LayerHook,
-        *,
-        device: str = "cpu",
-        float_dtype: str = "bfloat16",
-    ) -> BackendOutput:
+    def quantize(self, job: QuantizeJob) -> BackendOutput:
         import optimum.quanto as quanto
 
-        check_output(output)
-        weights = getattr(quanto, GRIDS[config.bits][0])
+        check_output(job.output)
+        weights = getattr(quanto, GRIDS[job.config.bits][0])
         started = time.perf_counter()
         qmodel = quanto.QuantizedModelForCausalLM.quantize(
-            loaded.model, weights=weights, exclude="lm_head"
+            job.loaded.model, weights=weights, exclude="lm_head"
         )
         seconds = time.perf_counter() - started
-        with staged_folder(output, metadata, FORMAT_QUANTO) as tmp:
+        with staged_folder(job.output, job.metadata, FORMAT_QUANTO) as tmp:
             qmodel.save_pretrained(str(tmp))
-            loaded.tokenizer.save_pretrained(tmp)
+            job.loaded.tokenizer.save_pretrained(tmp)
         return BackendOutput(format=FORMAT_QUANTO, seconds=seconds, model=qmodel._wrapped,
-                             details={"size_bytes": folder_size(output)})
+                             details={"size_bytes": folder_size(job.output)})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -19,7 +18,7 @@ from openpto.pipeline.artifacts import (
     scale_dtype_for,
     write_artifact,
 )
-from openpto.pipeline.backends.base import BackendOutput, LayerHook, QuantBackend
+from openpto.pipeline.backends.base import BackendOutput, QuantBackend, QuantizeJob
 
 if TYPE_CHECKING:
     from openpto.core.quant import QuantConfig
@@ -95,33 +94,23 @@ class TorchBackend(QuantBackend):
             scale_dtype_for(loaded.dtype), metadata, float_dtype=float_dtype,
         )
 
-    def quantize(
-        self,
-        loaded: LoadedModel,
-        config: QuantConfig,
-        calibration: torch.Tensor | None,
-        output: Path,
-        metadata: dict[str, Any],
-        on_layer: LayerHook,
-        *,
-        device: str = "cpu",
-        float_dtype: str = "bfloat16",
-    ) -> BackendOutput:
+    def quantize(self, job: QuantizeJob) -> BackendOutput:
         from openpto.api import quantize_
 
-        model = loaded.model
+        model = job.loaded.model
         started, cpu_started = time.perf_counter(), time.process_time()
-        result = quantize_(model, config, calibration, device=device, on_layer=on_layer)
+        result = quantize_(model, job.config, job.calibration, device=job.device,
+                           on_layer=job.on_layer)
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_started
         write_started, write_cpu = time.perf_counter(), time.process_time()
         # The model keeps computing with exactly what the artifact holds (scales and every
         # float tensor rounded to their storage dtypes), so an evaluation after quantization
         # measures the artifact.
-        stored = round_to_stored(model, result.quantized_weights(), float_dtype)
-        metadata = {**metadata, "method_config": config.to_dict()}
-        info = write_artifact(model, loaded.tokenizer, output, stored, metadata,
-                              float_dtype=float_dtype)
+        stored = round_to_stored(model, result.quantized_weights(), job.float_dtype)
+        metadata = {**job.metadata, "method_config": job.config.to_dict()}
+        info = write_artifact(model, job.loaded.tokenizer, job.output, stored, metadata,
+                              float_dtype=job.float_dtype)
         return BackendOutput(
             format=info.format,
             seconds=seconds,
