@@ -68,14 +68,14 @@ def generate_cmd(
 
     Example: opt generate smollm2-135m --prompt "Write a haiku about tea." --max-new-tokens 48
     """
-    from openpto.pipeline.generate import GenerationConfig, generate
+    import openpto
 
-    config = GenerationConfig(
+    config = openpto.GenerationConfig(
         prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         stop=tuple(stop or ()), chat=chat, device=device, dtype=dtype, backend=backend)
     live = stream and not as_json
-    records = generate(model, config, progress=progress_for(progress))
+    records = openpto.generate(model, config, progress=progress_for(progress))
     for record in records:
         if live and record.text:
             write_text(record.text)

@@ -46,11 +46,12 @@ def profile_cmd(
 
     Example: opt profile smollm2-135m --prompt-len 128 --gen-len 128 --repeats 5 --json
     """
-    from openpto.pipeline.profile import ProfileConfig, profile
+    import openpto
 
-    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
-                           warmup=warmup, modules=modules, device=device, dtype=dtype)
-    result = profile(model, config, progress=progress_for(progress))
+    config = openpto.ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch,
+                                   repeats=repeats, warmup=warmup, modules=modules,
+                                   device=device, dtype=dtype)
+    result = openpto.profile(model, config, progress=progress_for(progress))
     emit(result.to_dict(), as_json, title="profile")
 
 
@@ -73,11 +74,11 @@ def bench_cmd(
 
     Example: opt bench smollm2-135m ./artifacts/smollm2-int4 --gen-len 64 --plot bench.png
     """
-    from openpto.pipeline.profile import ProfileConfig, bench
+    import openpto
 
-    config = ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeats=repeats,
-                           warmup=warmup, device=device, dtype=dtype)
-    result = bench(models, config, plot=plot, progress=progress_for(progress)).to_dict()
+    config = openpto.ProfileConfig(prompt_len=prompt_len, gen_len=gen_len, batch=batch,
+                                   repeats=repeats, warmup=warmup, device=device, dtype=dtype)
+    result = openpto.bench(models, config, plot=plot, progress=progress_for(progress)).to_dict()
     if as_json:
         emit(result, True)
         return

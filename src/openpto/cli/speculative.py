@@ -61,11 +61,11 @@ def speculative_cmd(
 
     Example: opt speculative smollm2-135m --draft lookup --prompt "Repeat: the cat sat." --json
     """
-    from openpto.pipeline.generate import SpeculativeConfig, speculative
+    import openpto
 
-    config = SpeculativeConfig(
+    config = openpto.SpeculativeConfig(
         prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, seed=seed, chat=chat, device=device, dtype=dtype, draft=draft, gamma=gamma,
         adaptive=adaptive, baseline=baseline)
-    result = speculative(model, config, progress=progress_for(progress))
+    result = openpto.speculative(model, config, progress=progress_for(progress))
     emit(result.to_dict(), as_json, title="speculative")
