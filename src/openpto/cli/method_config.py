@@ -69,6 +69,18 @@ def resolve_config(cls: type[C], flags: dict[str, Any], config_file: str | None,
     return build(cls, values)
 
 
+def data_options(calib: str | None, samples: int, calib_seq_len: int,
+                 eval_text: str | None) -> dict[str, Any]:
+    """The calibration and evaluation options of a quantize or sparsify command line."""
+    import openpto
+
+    return {
+        "calibration": openpto.CalibrationOptions(text=calib, samples=samples,
+                                                  seq_len=calib_seq_len),
+        "evaluation": openpto.EvalOptions(text=eval_text) if eval_text is not None else None,
+    }
+
+
 def show_config(config: MethodConfig, as_json: bool) -> None:
     """The config as ``--show-config`` prints it: one JSON object (``type``, ``version``,
     ``description``, ``fields``: name, type, value, help), or a table for people."""

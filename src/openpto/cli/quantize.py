@@ -18,6 +18,7 @@ from openpto.cli.common import (
 from openpto.cli.method_config import (
     config_file_option,
     config_values,
+    data_options,
     set_option,
     show_config,
     show_option,
@@ -106,9 +107,7 @@ def quantize_cmd(
         show_config(config, as_json)
         return
     options = openpto.QuantizeOptions(
-        calibration=openpto.CalibrationOptions(text=calib, samples=samples,
-                                               seq_len=calib_seq_len),
-        evaluation=openpto.EvalOptions(text=eval_text) if eval_text is not None else None,
+        **data_options(calib, samples, calib_seq_len, eval_text),
         output=output, device=device, backend=backend, dry_run=dry_run, float_dtype=float_dtype,
     )
     result = openpto.quantize(model, config, options, progress=progress_for(progress))

@@ -16,6 +16,7 @@ from openpto.cli.common import (
 )
 from openpto.cli.method_config import (
     config_file_option,
+    data_options,
     resolve_config,
     set_option,
     show_config,
@@ -104,9 +105,7 @@ def sparsify_cmd(
         show_config(config, as_json)
         return
     options = openpto.SparsifyOptions(
-        calibration=openpto.CalibrationOptions(text=calib, samples=samples,
-                                               seq_len=calib_seq_len),
-        evaluation=openpto.EvalOptions(text=eval_text) if eval_text is not None else None,
+        **data_options(calib, samples, calib_seq_len, eval_text),
         output=output, device=device, float_dtype=float_dtype, sparse_format=sparse_format,
         dry_run=dry_run,
     )
