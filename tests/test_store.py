@@ -35,16 +35,23 @@ EXPECTED_SCHEMA = {
     "prompts": {
         "id": "INTEGER", "conversation_id": "TEXT", "model": "TEXT", "prompt": "TEXT",
         "response": "TEXT", "tokens_in": "INTEGER", "tokens_out": "INTEGER",
-        "duration_ms": "REAL", "created_at": "TEXT",
+        "duration_ms": "REAL", "created_at": "TEXT", "source": "TEXT", "run_id": "TEXT",
+        "source_id": "TEXT",
+    },
+    # the Agents SDK's SQLiteSession schema, created by the migration
+    "agent_sessions": {"session_id": "TEXT", "created_at": "TIMESTAMP", "updated_at": "TIMESTAMP"},
+    "agent_messages": {
+        "id": "INTEGER", "session_id": "TEXT", "message_data": "TEXT", "created_at": "TIMESTAMP",
     },
 }
 PRIMARY_KEYS = {"runs": ["id"], "metrics": ["id"], "traces": ["id"], "models": ["id"],
-                "datasets": ["id"], "prompts": ["id"]}
+                "datasets": ["id"], "prompts": ["id"], "agent_sessions": ["session_id"],
+                "agent_messages": ["id"]}
 
 
 def test_schema_is_pinned(tmp_path: Path) -> None:
     store = Store(tmp_path / "opt.db")
-    assert set(store.db.table_names()) == {*EXPECTED_SCHEMA, "_migrations"}
+    assert set(store.db.table_names()) == {*EXPECTED_SCHEMA, "_migrations", "sqlite_sequence"}
     for table, columns in EXPECTED_SCHEMA.items():
         actual = {c.name: c.type for c in store.db[table].columns}
         assert list(actual.items()) == list(columns.items()), table
@@ -60,7 +67,8 @@ def test_migrations_run_once(tmp_path: Path) -> None:
     Store(tmp_path / "opt.db")
     store = Store(tmp_path / "opt.db")
     assert [row["name"] for row in store.db["_migrations"].rows] == [
-        "m001_initial", "m002_indexes", "m003_run_process"]
+        "m001_initial", "m002_indexes", "m003_run_process",
+        "m004_prompt_sources_and_agent_sessions"]
 
 
 def test_run_succeeds_with_metrics_and_traces(tmp_path: Path) -> None:

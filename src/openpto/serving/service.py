@@ -214,6 +214,7 @@ class Service:
             "tokens_out": completion.completion_tokens,
             "duration_ms": completion.timings.total_seconds * 1000.0,
             "created_at": now_iso(),
+            "source": "server",
         }
         if self._writer is None:
             # sqlite connections belong to the thread that opened them: one writer thread.

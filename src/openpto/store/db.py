@@ -19,7 +19,8 @@ from openpto.errors import StoreError
 from openpto.store.migrations import migrate
 from openpto.store.process import process_alive, signals_held
 
-TABLES = ("runs", "metrics", "traces", "models", "datasets", "prompts")
+TABLES = ("runs", "metrics", "traces", "models", "datasets", "prompts", "agent_sessions",
+          "agent_messages")
 
 
 def opt_home() -> Path:

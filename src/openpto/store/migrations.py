@@ -121,6 +121,39 @@ def m003_run_process(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m004_prompt_sources_and_agent_sessions(db: sqlite_utils.Database) -> None:
+    """Prompts come from several front ends now (the agent, the server, ``llm``, the TUI):
+    each row says which, and the run it belongs to. ``source_id`` is the record's id in the
+    system it was imported from (``llm``'s response id), unique per source, so an import run
+    twice adds nothing. The Agents SDK's SQLite session tables are created here with the SDK's
+    own schema so that they exist, and are browsable, before the first conversation."""
+    prompts = db["prompts"]
+    prompts.add_column("source", str)  # type: ignore[union-attr]
+    prompts.add_column("run_id", str)  # type: ignore[union-attr]
+    prompts.add_column("source_id", str)  # type: ignore[union-attr]
+    db.execute("UPDATE prompts SET source = 'server' WHERE source IS NULL")
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS idx_prompts_source_id "
+               "ON prompts (source, source_id) WHERE source_id IS NOT NULL")
+    prompts.create_index(["conversation_id"], if_not_exists=True)  # type: ignore[union-attr]
+    db.execute("""
+        CREATE TABLE IF NOT EXISTS agent_sessions (
+            session_id TEXT PRIMARY KEY,
+            created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+            updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+        )""")
+    db.execute("""
+        CREATE TABLE IF NOT EXISTS agent_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id TEXT NOT NULL,
+            message_data TEXT NOT NULL,
+            created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+            FOREIGN KEY (session_id) REFERENCES agent_sessions (session_id) ON DELETE CASCADE
+        )""")
+    db.execute("CREATE INDEX IF NOT EXISTS idx_agent_messages_session_id "
+               "ON agent_messages (session_id, id)")
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply every migration not yet applied; return the names applied now."""
     db["_migrations"].create(  # type: ignore[union-attr]

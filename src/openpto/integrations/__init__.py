@@ -1,0 +1,1 @@
+"""Integrations with the tools people already run: Ollama and ``llm``."""
