@@ -154,8 +154,8 @@ async def _from_files(store: ModelStore, name: str, files: dict[str, str],
     try:
         await asyncio.to_thread(gguf_architecture, store.blob_path(digest))
     except CorruptFile as exc:
-        raise APIError(400, f"{filename}: {str(exc).split(': ', 1)[-1]}", "corrupt_gguf",
-                       "files") from exc
+        message = str(exc).replace(str(store.blob_path(digest)), filename)
+        raise APIError(400, message, "corrupt_gguf", "files") from exc
     statuses.append({"status": f"using existing layer {digest}", "digest": digest})
     return Manifest(name=name, blob=digest)
 

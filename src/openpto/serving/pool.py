@@ -163,6 +163,9 @@ class ModelPool:
         """The given engine ``key`` finished loading: count it as loaded."""
         entry, engine = self._given[key]
         self.starting.discard(key)
+        if entry.spec is None and entry.name in _alias_names():  # the default model, say
+            entry.spec = entry.name
+        entry.path = entry.path or _source_path(entry.spec)
         self._loaded[key] = Loaded(entry, engine, False, FOREVER, engine.info.size_bytes)
 
     def catalog(self) -> list[CatalogEntry]:
@@ -393,6 +396,24 @@ def _local_path(spec: str | None) -> Path | None:
         return None
     path = Path(spec).expanduser()
     return path if path.exists() else None
+
+
+def _alias_names() -> list[str]:
+    from openpto.models.aliases import alias_names
+
+    return alias_names()
+
+
+def _source_path(spec: str | None) -> Path | None:
+    """The file or folder a MODEL spec loads from (a GGUF file for an alias), if any."""
+    if not spec:
+        return None
+    from openpto.models import resolve_model
+
+    try:
+        return resolve_model(spec).path
+    except OptError:
+        return None
 
 
 def _aliases() -> list[CatalogEntry]:
