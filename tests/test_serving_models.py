@@ -110,7 +110,9 @@ def start_server(tmp: Path, **settings: Any) -> tuple[BackgroundServer, Server]:
     engine = TorchEngine.from_model(varied_tiny_model(), chat_tokenizer(), MAIN,
                                     EngineOptions(max_batch=2, threads=1))
     store_root = tmp / "ollama"
-    config = ServerSettings(models_dir=store_root, serve_local_models=False, **settings)
+    # A JSON body limit far below the GGUF's size: uploads stream past it.
+    config = ServerSettings(models_dir=store_root, serve_local_models=False,
+                            max_request_bytes=65_536, **settings)
     app = create_app(config, engine, access_sink=None, options=EngineOptions(threads=1))
     background = BackgroundServer(app)
     background.start()
@@ -339,6 +341,41 @@ def test_corrupt_gguf_is_refused_and_nothing_is_loaded(server: Server) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
         client.generate(model="mine", prompt="x", keep_alive="soon")
     assert caught.value.status_code == 400 and "keep_alive" in caught.value.error
+
+
+def test_recreate_reloads_and_delete_stops_serving(server: Server, models: Models) -> None:
+    client = server.client
+    client.create(model="moving", from_=str(models.folders["tiny-a"]))
+    first = client.generate(model="moving", prompt="def f(x):", raw=True, options=GREEDY)
+    assert first.response == models.greedy(models.folders["tiny-a"], prompt="def f(x):")
+    client.create(model="moving", from_=str(models.folders["tiny-b"]))  # loaded: replaced
+    second = client.generate(model="moving", prompt="def f(x):", raw=True, options=GREEDY)
+    assert second.response == models.greedy(models.folders["tiny-b"], prompt="def f(x):")
+    client.delete("moving")
+    assert "moving:latest" not in server.ps()
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.generate(model="moving", prompt="x")
+    assert caught.value.status_code == 404
+
+
+def test_create_refuses_what_it_cannot_keep(server: Server) -> None:
+    client = server.client
+    cases = [
+        (dict(model="p", from_=MAIN, parameters={"temperature": "hot"}), "parameters.temperature"),
+        (dict(model=MAIN, from_="tiny-a"), "started with"),
+        (dict(model="q", from_=MAIN, quantize="q4_K_M"), "opt quantize"),
+        (dict(model="r"), "files"),
+        (dict(model="s", from_="/no/such/folder"), "not found"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.create(**kwargs)  # type: ignore[arg-type]
+        assert caught.value.status_code in (400, 404) and message in caught.value.error, kwargs
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.push("mine")
+    assert caught.value.status_code == 400 and "registry" in caught.value.error
+    names = [m.model for m in client.list().models]
+    assert not {"p:latest", "q:latest", "r:latest", "s:latest"} & set(names)
 
 
 def test_json_bodies_whatever_the_content_type(server: Server) -> None:

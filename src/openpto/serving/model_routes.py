@@ -19,14 +19,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from openpto.errors import CorruptFile, ModelNotFound, OptError
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError, status_of
 from openpto.serving.model_store import Manifest, ModelStore, canonical, check_name
 from openpto.serving.pool import CatalogEntry, Loaded, ModelPool, iso
-from openpto.serving.schemas import OllamaShowRequest, _Lenient
+from openpto.serving.schemas import OllamaOptions, OllamaShowRequest, _Lenient
 from openpto.serving.service import Service
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)], tags=["ollama"])
@@ -103,6 +103,15 @@ async def upload_blob(digest: str, request: Request, service: ServiceDep) -> Res
 async def create(body: CreateRequest, service: ServiceDep) -> Any:
     name = canonical(body.model)
     check_name(name)
+    _not_the_servers_own(service, name)
+    if body.parameters:
+        try:
+            OllamaOptions.model_validate(body.parameters)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            raise APIError(400, f"parameters.{where}: {problem['msg']}", "invalid_value",
+                           "parameters") from None
     if body.quantize:
         raise APIError(400, "quantize is not supported here; quantize with opt quantize and "
                             "create from the artifact", "unsupported_parameter", "quantize")
@@ -197,11 +206,24 @@ def _local_spec(source: str) -> str:
 async def copy(body: CopyRequest, service: ServiceDep) -> Response:
     destination = canonical(body.destination)
     check_name(destination)
+    _not_the_servers_own(service, destination)
     _pool(service).find(body.source)  # 404 for a name that is not served here
     manifest = _from_model(_pool(service), destination, body.source)
     _store(service).put(manifest)
     await _pool(service).forget(destination)
     return Response(status_code=200)
+
+
+def _not_the_servers_own(service: Service, name: str) -> None:
+    if canonical(name) == _pool(service).primary:
+        raise APIError(400, f"{name!r} is the model this server was started with; choose "
+                            "another name", "name_taken", "model")
+
+
+@router.post("/push")
+async def push(service: ServiceDep) -> Any:
+    raise APIError(400, "this server keeps models on this machine and pushes to no registry",
+                   "unsupported", "model")
 
 
 @router.delete("/delete")

@@ -113,6 +113,7 @@ class Loaded:
     keep_alive: float
     size_bytes: int
     in_flight: int = 0
+    retired: bool = False  # deleted or re-created: serves its running requests, then unloads
     last_used: float = dataclasses.field(default_factory=time.time)
     idle_since: float = dataclasses.field(default_factory=time.time)
 
@@ -129,7 +130,8 @@ class Loaded:
 
     @property
     def expired(self) -> bool:
-        return self.rebuildable and not self.in_flight and self.expires_at <= time.time()
+        return self.rebuildable and not self.in_flight and (
+            self.retired or self.expires_at <= time.time())
 
 
 class ModelPool:
@@ -225,16 +227,20 @@ class ModelPool:
         seconds = parse_keep_alive(keep_alive)
         key = canonical(name)
         model = self._loaded.get(key)
-        if model is None:
+        if model is None or model.retired:
             async with self._load_lock:
                 model = self._loaded.get(key)
+                if model is not None and model.retired:
+                    await self._wait_idle(model)
+                    await self.unload(model, reason="replaced")
+                    model = None
                 if model is None:
                     model = await self._load(self.find(name))
         model.last_used = time.time()
         if not model.in_flight:
             model.idle_since = model.last_used
-        if seconds is not None:
-            model.keep_alive = seconds
+        if model.rebuildable:  # each request sets it, as in Ollama; unset means the default
+            model.keep_alive = self.default_keep_alive if seconds is None else seconds
         if model.expired:
             self._wake.set()
         return model
@@ -288,6 +294,14 @@ class ModelPool:
                                     "(see --max-loaded / --memory-budget)", "no_room")
             await asyncio.sleep(0.05)
 
+    async def _wait_idle(self, model: Loaded) -> None:
+        deadline = time.monotonic() + self.settings.load_wait_seconds
+        while model.in_flight:
+            if time.monotonic() > deadline:
+                raise APIError(503, f"{model.entry.name} is being replaced and still busy",
+                               "model_busy")
+            await asyncio.sleep(0.05)
+
     async def _enforce_budget(self, keep: str) -> None:
         budget = self.settings.memory_budget
         while budget and sum(m.size_bytes for m in self._loaded.values()) > budget:
@@ -331,11 +345,15 @@ class ModelPool:
                 await self.unload(model, reason="keep_alive")
 
     async def forget(self, name: str) -> None:
-        """The model was deleted: unload it now if idle, else once its requests end."""
+        """The model was deleted or re-created: unload it now if idle, else once its running
+        requests end; a new request loads what the name names now."""
         model = self._loaded.get(canonical(name))
-        if model is not None:
-            model.keep_alive = 0.0
-            self._wake.set()
+        if model is not None and model.rebuildable:
+            model.retired = True
+            if not model.in_flight:
+                await self.unload(model, reason="deleted")
+            else:
+                self._wake.set()
 
     def stats(self) -> EngineStats:
         total = EngineStats()
