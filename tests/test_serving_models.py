@@ -378,6 +378,31 @@ def test_create_refuses_what_it_cannot_keep(server: Server) -> None:
     assert not {"p:latest", "q:latest", "r:latest", "s:latest"} & set(names)
 
 
+def test_gguf_the_torch_path_cannot_read_names_the_llamacpp_extra(server: Server,
+                                                                   tmp_path: Path) -> None:
+    if _has_llama_cpp():
+        pytest.skip("llama.cpp is installed: it serves GGUF files itself")
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(path, "rwkv6")  # a whole GGUF file transformers does not read
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    client = server.client
+    client.create(model="odd", files={"rwkv.gguf": client.create_blob(path)})
+    before = server.ps()
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.generate(model="odd", prompt="x")
+    assert caught.value.status_code == 400
+    assert "rwkv6" in caught.value.error and "openpto[llamacpp]" in caught.value.error
+    assert server.ps() == before and "odd:latest" not in server.pool._loaded
+    client.delete("odd")
+
+
 def test_json_bodies_whatever_the_content_type(server: Server) -> None:
     """``curl -d '{...}'`` sends application/x-www-form-urlencoded; the body is still JSON."""
     form = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -400,6 +425,47 @@ def test_serve_flags_are_checked_before_starting(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "not a size" in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_opt_serve_process_with_pool_flags(tmp_path: Path, models: Models) -> None:
+    """The real ``opt serve`` with --max-loaded and --keep-alive, driven by the client."""
+    import os
+    import signal
+
+    from openpto.serving.background import free_port
+
+    port = free_port()
+    env = {**os.environ, "OPT_HOME": str(tmp_path / "home"), "OPT_DB": str(tmp_path / "opt.db"),
+           "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "openpto", "serve", str(models.folders["tiny-a"]), "--port",
+         str(port), "--max-loaded", "2", "--keep-alive", "1s", "--threads", "1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        url = json.loads(process.stdout.readline())["url"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        client = ollama.Client(host=url)
+        client.pull(str(models.folders["tiny-b"]))
+        reply = client.generate(model="tiny-b", prompt="def f(x):", raw=True, options=GREEDY)
+        assert reply.response == models.greedy(models.folders["tiny-b"], prompt="def f(x):")
+        assert sorted(m.model for m in client.ps().models) == ["tiny-a", "tiny-b:latest"]
+        deadline = time.monotonic() + 30  # --keep-alive 1s: tiny-b goes, tiny-a stays
+        while len(client.ps().models) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [m.model for m in client.ps().models] == ["tiny-a"]
+        assert (tmp_path / "home" / "ollama" / "manifests" / "tiny-b" / "latest.json").is_file()
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
 
 
 # -- the real default model ----------------------------------------------------------------------
