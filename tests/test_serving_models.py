@@ -230,6 +230,10 @@ def test_pull_of_local_folders_and_two_models_loaded_at_once(server: Server,
     assert client.pull("tiny-a").status == "success"  # already here: nothing to do
     a = client.generate(model="tiny-a", prompt="def f(x):", raw=True, options=GREEDY)
     b = client.generate(model="tiny-b:latest", prompt="def f(x):", raw=True, options=GREEDY)
+    again = client.generate(model="tiny-a", prompt="def f(x):", raw=True, options=GREEDY)
+    # Loading is counted in the request that needed it, as Ollama's load_duration is.
+    assert a.load_duration > again.load_duration and a.load_duration > 10**6
+    assert again.response == a.response
     assert a.response == models.greedy(models.folders["tiny-a"], prompt="def f(x):")
     assert b.response == models.greedy(models.folders["tiny-b"], prompt="def f(x):")
     assert a.response != b.response

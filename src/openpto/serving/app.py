@@ -146,7 +146,7 @@ def serve_model(
     from openpto.store import RunRecorder, Store
 
     engine_config = {k: v for k, v in dataclasses.asdict(options).items() if k != "resolve_draft"}
-    config = {"backend": backend, **settings.model_dump(exclude={"api_key"}),
+    config = {"backend": backend, **settings.model_dump(mode="json", exclude={"api_key"}),
               "auth": settings.api_key is not None, **engine_config}
     if options.draft and options.resolve_draft is None:
         options = dataclasses.replace(options, resolve_draft=resolve_draft)

@@ -67,7 +67,7 @@ def _final(service: Service, done: Completion, prompt_tokens: int) -> dict[str, 
         "done": True,
         "done_reason": done.finish_reason,
         "total_duration": int(t.total_seconds * _NS),
-        "load_duration": 0,  # the model was loaded at start-up, not for this request
+        "load_duration": int(service.acquire_seconds * _NS),  # loading it for this request
         "prompt_eval_count": prompt_tokens,
         "prompt_eval_duration": int(t.prefill_seconds * _NS),
         "eval_count": done.completion_tokens,
@@ -166,7 +166,8 @@ async def embed(body: OllamaEmbedRequest, service: ServiceDep) -> Any:
     started = time.perf_counter()
     result = await service.embed(texts)
     return {"model": service.model_id, "embeddings": result.vectors,
-            "total_duration": int((time.perf_counter() - started) * _NS), "load_duration": 0,
+            "total_duration": int((time.perf_counter() - started) * _NS),
+            "load_duration": int(service.acquire_seconds * _NS),
             "prompt_eval_count": result.tokens}
 
 

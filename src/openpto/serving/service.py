@@ -51,6 +51,8 @@ class Service:
         self.metrics = metrics
         self.pool = pool
         self.model: Loaded | None = None  # set on a bound copy
+        #: on a bound copy: how long ``use`` took (loading the model, or waiting for room)
+        self.acquire_seconds = 0.0
         self.started = time.time()
         self.load_seconds = 0.0
         self.load_error: str | None = None
@@ -69,9 +71,11 @@ class Service:
         if self.pool is None:
             self.check_model(name)
             return self
+        started = time.perf_counter()
         model = await self.pool.acquire(name, keep_alive)
         bound = copy.copy(self)
         bound.engine, bound.model = model.engine, model
+        bound.acquire_seconds = time.perf_counter() - started
         bound.check_ready()
         return bound
 
