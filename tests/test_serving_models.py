@@ -300,6 +300,47 @@ def test_max_loaded_unloads_the_least_recently_used(tmp_path: Path, models: Mode
         assert served.ps() == sorted([MAIN, "tiny-b:latest"])
     finally:
         background.stop()
+    background, served = start_server(tmp_path, max_loaded=1)
+    try:  # the server's own model stays, so nothing else fits: said at once
+        served.client.pull(str(models.folders["tiny-a"]))
+        with pytest.raises(ollama.ResponseError) as caught:
+            served.client.generate(model="tiny-a", prompt="x")
+        assert caught.value.status_code == 503 and "--max-loaded" in caught.value.error
+        assert served.ps() == [MAIN]
+    finally:
+        background.stop()
+
+
+def test_a_model_with_a_request_running_is_not_unloaded(tmp_path: Path, models: Models,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setenv("OPT_DB", str(tmp_path / "opt.db"))
+    background, served = start_server(tmp_path, max_loaded=2)
+    try:
+        client = served.client
+        for name in ("tiny-a", "tiny-b"):
+            client.pull(str(models.folders[name]))
+        long = {"temperature": 0, "num_predict": 900}
+        parts = client.generate(model="tiny-a", prompt="x", raw=True, options=long, stream=True)
+        first = next(parts)
+        replies: list[Any] = []
+        other = threading.Thread(target=lambda: replies.append(ollama.Client(
+            host=served.url).generate(model="tiny-b", prompt="x", raw=True, options=GREEDY)))
+        other.start()
+        # tiny-b's load waits for room (the lock is held) while tiny-a generates.
+        deadline = time.monotonic() + 30
+        while not served.pool._load_lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert served.pool._load_lock.locked() and "tiny-a:latest" in served.pool._loaded
+        rest = list(parts)
+        other.join(timeout=120)
+        assert rest[-1].done_reason == "length" and rest[-1].eval_count == 900
+        assert first.response + "".join(p.response for p in rest)
+        assert replies and replies[0].eval_count == GREEDY["num_predict"]
+        assert served.ps() == sorted([MAIN, "tiny-b:latest"])
+    finally:
+        background.stop()
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -289,6 +289,9 @@ class ModelPool:
             if victim is not None:
                 await self.unload(victim, reason="room")
                 continue
+            if not any(m.rebuildable for m in others):  # waiting would free nothing
+                raise APIError(503, f"no room to load {key}: the model this server was started "
+                                    "with takes all of --max-loaded / --memory-budget", "no_room")
             if time.monotonic() > deadline:
                 raise APIError(503, f"no room to load {key}: every loaded model is busy "
                                     "(see --max-loaded / --memory-budget)", "no_room")
