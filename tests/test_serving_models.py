@@ -499,10 +499,14 @@ def test_opt_serve_process_with_pool_flags(tmp_path: Path, models: Models) -> No
             time.sleep(0.1)
         client = ollama.Client(host=url)
         client.pull(str(models.folders["tiny-b"]))
-        reply = client.generate(model="tiny-b", prompt="def f(x):", raw=True, options=GREEDY)
+        reply = client.generate(model="tiny-b", prompt="def f(x):", raw=True, options=GREEDY,
+                                keep_alive="10m")
         assert reply.response == models.greedy(models.folders["tiny-b"], prompt="def f(x):")
         assert sorted(m.model for m in client.ps().models) == ["tiny-a", "tiny-b:latest"]
-        deadline = time.monotonic() + 30  # --keep-alive 1s: tiny-b goes, tiny-a stays
+        # A request without keep_alive gets the server's --keep-alive 1s: tiny-b goes, and
+        # tiny-a, the model the server was started with, stays.
+        client.generate(model="tiny-b", prompt="x", raw=True, options=GREEDY)
+        deadline = time.monotonic() + 30
         while len(client.ps().models) > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert [m.model for m in client.ps().models] == ["tiny-a"]
