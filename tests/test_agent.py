@@ -374,3 +374,54 @@ def test_max_turns_ends_the_run_with_a_clear_error(tmp_db: Path) -> None:
         run("loop", model, tmp_db, Recorder(), max_turns=2)
     (agent_run,) = Store(tmp_db).rows("runs", "kind = 'agent'")
     assert agent_run["status"] == "failed" and "within 2 turns" in agent_run["error"]
+
+
+def test_a_library_call_runs_in_a_worker_thread_so_the_loop_keeps_going(tmp_db: Path) -> None:
+    """While a tool's library call is blocked, the event loop still runs other work (the
+    stream): the call is on a worker thread, not on the loop."""
+    import threading
+
+    from openpto.agents.runner import _ToolGate
+    from openpto.agents.tools import ToolEnv, ToolSpec, object_schema
+    from openpto.store import RunRecorder
+
+    release = threading.Event()
+    threads: list[str] = []
+
+    def blocking(args: dict[str, Any], env: ToolEnv) -> Any:
+        threads.append(threading.current_thread().name)
+        if not release.wait(timeout=60):
+            raise RuntimeError("never released")
+        return {"done": True}
+
+    async def scenario() -> str:
+        recorder = RunRecorder(Store(tmp_db), "agent", "m")
+        recorder.start()
+        gate = _ToolGate(ToolEnv(tmp_db), True, Recorder().confirm, recorder)
+        spec = ToolSpec("slow", "blocks", object_schema({}), blocking)
+        task = asyncio.create_task(gate.call(spec, "c1", "{}"))
+        ticks = 0
+        while not threads:  # the loop keeps turning while the tool has started and is blocked
+            await asyncio.sleep(0.01)
+        for _ in range(5):
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 5 and not task.done()
+        release.set()
+        return await task
+
+    assert json.loads(asyncio.run(scenario())) == {"done": True}
+    assert threads and threads[0] != threading.main_thread().name
+
+
+def test_importing_the_runner_is_cheap() -> None:
+    """The TUI imports the runner for its dataclasses: no SDK, torch or server until a run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, openpto.agents.runner, openpto.agents.history; "
+            "heavy = {'agents', 'torch', 'openai', 'fastapi', 'transformers'} & set(sys.modules);"
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
