@@ -89,7 +89,8 @@ def test_json_prints_the_answer_the_tool_calls_session_and_run(
     endpoint.replies = [tool_reply("list_artifacts", {}),
                         text_reply("You have ", "no artifacts ", "yet.")]
     code, out, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "scripted",
-                              "--session", "cli", "--json", "What artifacts do I have?"],
+                              "--session", "cli", "--tool-choice", "list_artifacts", "--json",
+                              "What artifacts do I have?"],
                              capsys, monkeypatch)
     assert code == 0, err
     result = json.loads(out)
@@ -103,6 +104,10 @@ def test_json_prints_the_answer_the_tool_calls_session_and_run(
     assert {t["function"]["name"] for t in endpoint.requests[0]["tools"]} >= {
         "list_artifacts", "quantize", "query_database"}
     assert endpoint.requests[0]["stream"] is True
+    # The forced choice holds for the first turn only, so the model can answer after the call.
+    assert endpoint.requests[0]["tool_choice"] == {"type": "function",
+                                                   "function": {"name": "list_artifacts"}}
+    assert endpoint.requests[1].get("tool_choice") in (None, "auto")
     tool_message = endpoint.requests[1]["messages"][-1]
     assert tool_message["role"] == "tool" and json.loads(tool_message["content"]) == {
         "artifacts": []}
@@ -223,5 +228,8 @@ def test_bad_flags_are_usage_errors(tmp_db: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and "--base-url must be an http(s) URL" in err
     code, _, err = run_opt(["agent", "--max-turns", "0", "hi"], capsys, monkeypatch)
     assert code == 2 and "max-turns" in err
+    code, _, err = run_opt(["agent", "--tool-choice", "run_shell", "hi"], capsys, monkeypatch)
+    assert code == 2 and "--tool-choice 'run_shell' is none of: auto, required" in err
+    assert Store(tmp_db).rows("runs", "kind = 'agent'") == []
     code, out, _ = run_opt(["agent", "--help"], capsys, monkeypatch)
     assert code == 0 and "Example: opt agent" in out and "history" in out

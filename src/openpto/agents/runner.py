@@ -20,7 +20,8 @@ Front ends (the ``opt agent`` CLI, the TUI) call::
     fresh one with a generated name. ``yes``: run tools that write or take long without asking.
     ``max_turns``: the most model turns in one run. ``trace``: send the SDK's trace to OpenAI,
     honoured only when the endpoint is api.openai.com. ``db_path``: the database (None: the
-    usual ``opt.db``).
+    usual ``opt.db``). ``tool_choice``: None/"auto", "required", "none" or a tool's name, which
+    forces that call on the first turn (small models follow a forced choice far more reliably).
 
 Events, passed to ``on_event`` on the event loop's thread as they happen:
     ``TextDelta(text)`` — a piece of the model's reply text;
@@ -84,6 +85,9 @@ class AgentSettings:
     max_turns: int = 10
     trace: bool = False
     db_path: Path | None = None
+    #: None or "auto": the model decides; "required": some tool; a tool's name: that tool
+    #: (the first turn only: the SDK lets the model answer after the call); "none": no tool
+    tool_choice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ async def run_agent(prompt: str, settings: AgentSettings, *, confirm: Confirm,
     if settings.max_turns < 1:
         raise UsageError(f"--max-turns must be at least 1, not {settings.max_turns}")
     require("agents", "agents", "opt agent")
+    _check_tool_choice(settings.tool_choice, [s.name for s in build_tools()])
     if sdk_model is not None or endpoint is not None:
         return await _run(prompt, settings, confirm, on_event, endpoint, sdk_model)
     async with opened_endpoint(settings) as opened:
@@ -289,6 +294,8 @@ async def _run(prompt: str, settings: AgentSettings, confirm: Confirm,
     # Our small default model rambles at a non-zero temperature and within a long budget.
     model_settings = ModelSettings(temperature=0.0, max_tokens=512) if (
         endpoint is not None and endpoint.builtin) else ModelSettings()
+    if settings.tool_choice is not None:
+        model_settings = model_settings.resolve(ModelSettings(tool_choice=settings.tool_choice))
     agent = Agent(name="openpto", instructions=INSTRUCTIONS, tools=sdk_tools(specs, gate),
                   model=model, model_settings=model_settings)
     run_config = RunConfig(tracing_disabled=not tracing, trace_include_sensitive_data=False,
@@ -355,6 +362,12 @@ async def _stream(agent: Any, prompt: str, session: Any, max_turns: int, run_con
     output = result.final_output
     text = output if isinstance(output, str) else json.dumps(output, default=str)
     return text, list(calls.values()), result.context_wrapper.usage
+
+
+def _check_tool_choice(choice: str | None, tools: list[str]) -> None:
+    allowed = ["auto", "required", "none", *tools]
+    if choice is not None and choice not in allowed:
+        raise UsageError(f"--tool-choice {choice!r} is none of: {', '.join(allowed)}")
 
 
 def _field(raw: Any, name: str) -> Any:

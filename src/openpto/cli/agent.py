@@ -118,6 +118,8 @@ def ask_cmd(
     max_turns: int = typer.Option(10, min=1, help="Most model turns for one prompt."),
     trace: bool = typer.Option(False, "--trace", help="Send the SDK's trace to OpenAI (only "
                                "when the endpoint is api.openai.com)."),
+    tool_choice: str | None = typer.Option(
+        None, help="auto (default), required, none, or a tool's name to force that call first."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Ask the agent: it calls the toolkit's tools (info, models, evaluate, quantize, sparsify,
@@ -131,7 +133,7 @@ def ask_cmd(
     """
     runner = _runner()
     settings = runner.AgentSettings(base_url=base_url, model=model, session=session, yes=yes,
-                                    max_turns=max_turns, trace=trace)
+                                    max_turns=max_turns, trace=trace, tool_choice=tool_choice)
     console = Console(stderr=True) if as_json else Console()
     view = EventView(console)
     confirm = _ask_user(Console(stderr=True))
