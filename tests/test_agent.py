@@ -365,6 +365,20 @@ def test_datasette_canned_queries_for_prompts_and_sessions(tmp_db: Path) -> None
     assert (call["tool"], call["ok"], call["run_id"]) == ("list_artifacts", 1, result.run_id)
 
 
+def test_a_forced_tool_runs_first_then_the_model_answers_without_tools(tmp_db: Path) -> None:
+    def answers(call: ModelCall) -> Any:
+        assert call.tools == []  # withdrawn: the answer comes from the result
+        return [assistant_message(f"Artifacts: {tool_outputs(call)['f']}")]
+
+    model = ScriptedModel([[function_call("list_artifacts", {}, call_id="f")],
+                           ModelStep.respond(answers)])
+    result = run("what do I have?", model, tmp_db, Recorder(), tool_choice="list_artifacts")
+    model.assert_complete()
+    assert model.calls[0].model_settings.tool_choice == "list_artifacts"
+    assert len(model.calls[0].tools) == len(build_tools())
+    assert result.output == 'Artifacts: {"artifacts": []}'
+
+
 def test_max_turns_ends_the_run_with_a_clear_error(tmp_db: Path) -> None:
     from openpto.errors import AgentError
 

@@ -104,10 +104,11 @@ def test_json_prints_the_answer_the_tool_calls_session_and_run(
     assert {t["function"]["name"] for t in endpoint.requests[0]["tools"]} >= {
         "list_artifacts", "quantize", "query_database"}
     assert endpoint.requests[0]["stream"] is True
-    # The forced choice holds for the first turn only, so the model can answer after the call.
+    # The forced call comes first; then the model answers from its result.
     assert endpoint.requests[0]["tool_choice"] == {"type": "function",
                                                    "function": {"name": "list_artifacts"}}
     assert endpoint.requests[1].get("tool_choice") in (None, "auto")
+    assert not endpoint.requests[1].get("tools")  # withdrawn after the forced call
     tool_message = endpoint.requests[1]["messages"][-1]
     assert tool_message["role"] == "tool" and json.loads(tool_message["content"]) == {
         "artifacts": []}

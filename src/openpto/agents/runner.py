@@ -20,8 +20,9 @@ Front ends (the ``opt agent`` CLI, the TUI) call::
     fresh one with a generated name. ``yes``: run tools that write or take long without asking.
     ``max_turns``: the most model turns in one run. ``trace``: send the SDK's trace to OpenAI,
     honoured only when the endpoint is api.openai.com. ``db_path``: the database (None: the
-    usual ``opt.db``). ``tool_choice``: None/"auto", "required", "none" or a tool's name, which
-    forces that call on the first turn (small models follow a forced choice far more reliably).
+    usual ``opt.db``). ``tool_choice``: None/"auto", "required", "none" or a tool's name: that call
+    is made first, then the tools are withdrawn so the model answers from its result (small
+    models follow a forced choice far more reliably than they choose).
 
 Events, passed to ``on_event`` on the event loop's thread as they happen:
     ``TextDelta(text)`` — a piece of the model's reply text;
@@ -85,8 +86,8 @@ class AgentSettings:
     max_turns: int = 10
     trace: bool = False
     db_path: Path | None = None
-    #: None or "auto": the model decides; "required": some tool; a tool's name: that tool
-    #: (the first turn only: the SDK lets the model answer after the call); "none": no tool
+    #: None or "auto": the model decides; "required": some tool; "none": no tool; a tool's
+    #: name: that call first, then the tools are withdrawn and the model answers
     tool_choice: str | None = None
 
 
@@ -245,7 +246,10 @@ def _drop_refused_nulls(values: dict[str, Any], schema: dict[str, Any]) -> dict[
     return kept
 
 
-def sdk_tools(specs: list[ToolSpec], gate: _ToolGate) -> list[Any]:
+def sdk_tools(specs: list[ToolSpec], gate: _ToolGate, forced: bool = False) -> list[Any]:
+    """The specs as SDK function tools. ``forced`` (a tool named by ``tool_choice``): once
+    that call has run, the tools are withdrawn, so the next turn answers from its result
+    instead of calling again (a small model under ``auto`` often would)."""
     from agents import FunctionTool
 
     def invoker(spec: ToolSpec) -> Callable[[Any, str], Awaitable[str]]:
@@ -253,10 +257,13 @@ def sdk_tools(specs: list[ToolSpec], gate: _ToolGate) -> list[Any]:
             return await gate.call(spec, context.tool_call_id, raw)
         return invoke
 
+    def enabled(context: Any, agent: Any) -> bool:
+        return not (forced and gate.ok)
+
     # Not strict: strict mode would make every optional field required (OpenAI's rule).
     return [FunctionTool(name=s.name, description=s.description,
                          params_json_schema=s.parameters, on_invoke_tool=invoker(s),
-                         strict_json_schema=False) for s in specs]
+                         strict_json_schema=False, is_enabled=enabled) for s in specs]
 
 
 def _sdk_model(endpoint: Endpoint) -> Any:
@@ -294,9 +301,11 @@ async def _run(prompt: str, settings: AgentSettings, confirm: Confirm,
     # Our small default model rambles at a non-zero temperature and within a long budget.
     model_settings = ModelSettings(temperature=0.0, max_tokens=512) if (
         endpoint is not None and endpoint.builtin) else ModelSettings()
+    forced = settings.tool_choice not in (None, "auto", "required", "none")
     if settings.tool_choice is not None:
         model_settings = model_settings.resolve(ModelSettings(tool_choice=settings.tool_choice))
-    agent = Agent(name="openpto", instructions=INSTRUCTIONS, tools=sdk_tools(specs, gate),
+    agent = Agent(name="openpto", instructions=INSTRUCTIONS,
+                  tools=sdk_tools(specs, gate, forced),
                   model=model, model_settings=model_settings)
     run_config = RunConfig(tracing_disabled=not tracing, trace_include_sensitive_data=False,
                            workflow_name="opt agent",
