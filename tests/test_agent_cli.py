@@ -117,6 +117,23 @@ def test_json_prints_the_answer_the_tool_calls_session_and_run(
     assert out.count("\n") == 1
 
 
+def test_tools_and_max_tokens_narrow_the_request(
+        endpoint: ScriptedEndpoint, tmp_db: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint.replies = [text_reply("Fine.")]
+    code, out, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "m", "--tools",
+                              "list_artifacts, show_run", "--max-tokens", "40", "hi"], capsys,
+                             monkeypatch)
+    assert code == 0, err
+    (request,) = endpoint.requests
+    assert [t["function"]["name"] for t in request["tools"]] == ["list_artifacts", "show_run"]
+    assert request.get("max_tokens", request.get("max_completion_tokens")) == 40
+    code, _, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "m", "--tools",
+                            "list_artifacts,rm", "hi"], capsys, monkeypatch)
+    assert code == 2 and "--tools: rm (tools: machine_info" in err
+    assert len(endpoint.requests) == 1
+
+
 def test_the_key_is_used_but_never_printed_stored_or_traced(
         endpoint: ScriptedEndpoint, tmp_db: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

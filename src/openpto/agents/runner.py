@@ -22,7 +22,9 @@ Front ends (the ``opt agent`` CLI, the TUI) call::
     honoured only when the endpoint is api.openai.com. ``db_path``: the database (None: the
     usual ``opt.db``). ``tool_choice``: None/"auto", "required", "none" or a tool's name: that call
     is made first, then the tools are withdrawn so the model answers from its result (small
-    models follow a forced choice far more reliably than they choose).
+    models follow a forced choice far more reliably than they choose). ``tools``: offer only
+    these (None: all; fewer tools make a much shorter prompt for a small model).
+    ``max_tokens``: the most tokens of one model reply.
 
 Events, passed to ``on_event`` on the event loop's thread as they happen:
     ``TextDelta(text)`` — a piece of the model's reply text;
@@ -89,6 +91,10 @@ class AgentSettings:
     #: None or "auto": the model decides; "required": some tool; "none": no tool; a tool's
     #: name: that call first, then the tools are withdrawn and the model answers
     tool_choice: str | None = None
+    #: offer only these tools (None: all of them)
+    tools: tuple[str, ...] | None = None
+    #: the most tokens of one model reply (None: the endpoint's default; 512 on our own)
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ async def run_agent(prompt: str, settings: AgentSettings, *, confirm: Confirm,
     if settings.max_turns < 1:
         raise UsageError(f"--max-turns must be at least 1, not {settings.max_turns}")
     require("agents", "agents", "opt agent")
-    _check_tool_choice(settings.tool_choice, [s.name for s in build_tools()])
+    chosen_tools(settings)  # a bad tool name fails before anything starts
     if sdk_model is not None or endpoint is not None:
         return await _run(prompt, settings, confirm, on_event, endpoint, sdk_model)
     async with opened_endpoint(settings) as opened:
@@ -288,7 +294,7 @@ async def _run(prompt: str, settings: AgentSettings, confirm: Confirm,
     db_path = settings.db_path or default_db_path()
     store = Store(db_path)  # migrated: the session tables exist with the SDK's schema
     session_name = settings.session or new_session_name()
-    specs = build_tools()
+    specs = chosen_tools(settings)
     if endpoint is not None:
         model, model_name, described = _sdk_model(endpoint), endpoint.model, endpoint.describe()
     else:
@@ -298,9 +304,12 @@ async def _run(prompt: str, settings: AgentSettings, confirm: Confirm,
               "yes": settings.yes, "trace": tracing, "tools": [s.name for s in specs]}
     recorder = RunRecorder(store, "agent", model_name, config)
     gate = _ToolGate(ToolEnv(settings.db_path), settings.yes, confirm, recorder)
-    # Our small default model rambles at a non-zero temperature and within a long budget.
-    model_settings = ModelSettings(temperature=0.0, max_tokens=512) if (
-        endpoint is not None and endpoint.builtin) else ModelSettings()
+    # Our small default model rambles at a non-zero temperature and within a long budget, and
+    # does better with one call at a time.
+    model_settings = ModelSettings(temperature=0.0, max_tokens=512, parallel_tool_calls=False) \
+        if endpoint is not None and endpoint.builtin else ModelSettings()
+    if settings.max_tokens is not None:
+        model_settings = model_settings.resolve(ModelSettings(max_tokens=settings.max_tokens))
     forced = settings.tool_choice not in (None, "auto", "required", "none")
     if settings.tool_choice is not None:
         model_settings = model_settings.resolve(ModelSettings(tool_choice=settings.tool_choice))
@@ -373,10 +382,24 @@ async def _stream(agent: Any, prompt: str, session: Any, max_turns: int, run_con
     return text, list(calls.values()), result.context_wrapper.usage
 
 
-def _check_tool_choice(choice: str | None, tools: list[str]) -> None:
-    allowed = ["auto", "required", "none", *tools]
-    if choice is not None and choice not in allowed:
-        raise UsageError(f"--tool-choice {choice!r} is none of: {', '.join(allowed)}")
+def chosen_tools(settings: AgentSettings) -> list[ToolSpec]:
+    """The tools ``settings`` offer, built now; ``UsageError`` for a name that is no tool, a
+    forced choice outside them, or a bad number."""
+    specs = build_tools()
+    names = [s.name for s in specs]
+    if settings.tools is not None:
+        unknown = [n for n in settings.tools if n not in names]
+        if unknown or not settings.tools:
+            raise UsageError(f"--tools: {', '.join(unknown) or 'none given'} (tools: "
+                             f"{', '.join(names)})")
+        specs = [s for s in specs if s.name in settings.tools]
+    allowed = ["auto", "required", "none", *(s.name for s in specs)]
+    if settings.tool_choice is not None and settings.tool_choice not in allowed:
+        raise UsageError(f"--tool-choice {settings.tool_choice!r} is none of: "
+                         f"{', '.join(allowed)}")
+    if settings.max_tokens is not None and settings.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, not {settings.max_tokens}")
+    return specs
 
 
 def _field(raw: Any, name: str) -> Any:

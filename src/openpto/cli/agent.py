@@ -120,6 +120,9 @@ def ask_cmd(
                                "when the endpoint is api.openai.com)."),
     tool_choice: str | None = typer.Option(
         None, help="auto (default), required, none, or a tool's name to force that call first."),
+    tools: str | None = typer.Option(
+        None, help="Offer only these tools, comma-separated (default: all)."),
+    max_tokens: int | None = typer.Option(None, min=1, help="Most tokens of one model reply."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Ask the agent: it calls the toolkit's tools (info, models, evaluate, quantize, sparsify,
@@ -133,7 +136,8 @@ def ask_cmd(
     """
     runner = _runner()
     settings = runner.AgentSettings(base_url=base_url, model=model, session=session, yes=yes,
-                                    max_turns=max_turns, trace=trace, tool_choice=tool_choice)
+                                    max_turns=max_turns, trace=trace, tool_choice=tool_choice,
+                                    max_tokens=max_tokens, tools=_names(tools))
     console = Console(stderr=True) if as_json else Console()
     view = EventView(console)
     confirm = _ask_user(Console(stderr=True))
@@ -153,6 +157,12 @@ def ask_cmd(
               "session": settings.session or (last.session if last else None),
               "run_id": last.run_id if last else None,
               "exchanges": [r.to_dict() for r in results]}, True)
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 async def _interactive(runner: Any, settings: Any, view: EventView, confirm: Any) -> list[Any]:
