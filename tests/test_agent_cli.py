@@ -67,7 +67,12 @@ class ScriptedEndpoint:
         self.auth.append(request.headers.get("Authorization"))
         if not self.replies:
             return Response(json.dumps({"error": {"message": "script exhausted"}}), status=500)
-        body = "".join(f"data: {json.dumps(c)}\n\n" for c in self.replies.pop(0))
+        chunks = self.replies.pop(0)
+        if (self.requests[-1].get("stream_options") or {}).get("include_usage"):
+            chunks = [*chunks, {**chunk({}), "choices": [], "usage": {
+                "prompt_tokens": 100 + len(self.requests), "completion_tokens": 7,
+                "total_tokens": 107 + len(self.requests)}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
         return Response(body + "data: [DONE]\n\n", content_type="text/event-stream")
 
 
@@ -100,6 +105,10 @@ def test_json_prints_the_answer_the_tool_calls_session_and_run(
     (run,) = Store(tmp_db).rows("runs", "kind = 'agent'")
     assert run["id"] == result["run_id"] and run["status"] == "succeeded"
     assert run["model"] == "scripted"
+    # The exchange's prompts row adds up the token counts both streamed replies ended with.
+    (prompt,) = Store(tmp_db).rows("prompts")
+    assert (prompt["tokens_in"], prompt["tokens_out"]) == (101 + 102, 7 + 7)
+    assert prompt["response"] == result["output"] and prompt["run_id"] == result["run_id"]
     # The tools went out in the request; the tool's result came back in the second one.
     assert {t["function"]["name"] for t in endpoint.requests[0]["tools"]} >= {
         "list_artifacts", "quantize", "query_database"}
@@ -121,7 +130,7 @@ def test_tools_and_max_tokens_narrow_the_request(
         endpoint: ScriptedEndpoint, tmp_db: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint.replies = [text_reply("Fine.")]
-    code, out, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "m", "--tools",
+    code, _, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "m", "--tools",
                               "list_artifacts, show_run", "--max-tokens", "40", "hi"], capsys,
                              monkeypatch)
     assert code == 0, err

@@ -306,8 +306,11 @@ async def _run(prompt: str, settings: AgentSettings, confirm: Confirm,
     gate = _ToolGate(ToolEnv(settings.db_path), settings.yes, confirm, recorder)
     # Our small default model rambles at a non-zero temperature and within a long budget, and
     # does better with one call at a time.
-    model_settings = ModelSettings(temperature=0.0, max_tokens=512, parallel_tool_calls=False) \
-        if endpoint is not None and endpoint.builtin else ModelSettings()
+    # include_usage: the streamed reply ends with its token counts (for the prompts row).
+    model_settings = ModelSettings(include_usage=True)
+    if endpoint is not None and endpoint.builtin:
+        model_settings = model_settings.resolve(ModelSettings(
+            temperature=0.0, max_tokens=512, parallel_tool_calls=False))
     if settings.max_tokens is not None:
         model_settings = model_settings.resolve(ModelSettings(max_tokens=settings.max_tokens))
     forced = settings.tool_choice not in (None, "auto", "required", "none")
