@@ -439,3 +439,45 @@ def test_importing_the_runner_is_cheap() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_endpoint_comes_from_the_flags_then_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.models.default_models import get_default_model
+
+    from openpto.agents.endpoint import OPENAI_URL, Endpoint, external
+    from openpto.agents.runner import tracing_allowed
+
+    key = "sk-test-endpoint-0c4e9a"
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert external(None, None) is None  # nothing set: the built-in server
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    openai_ep = external(None, None)
+    assert openai_ep is not None
+    assert (openai_ep.base_url, openai_ep.model, openai_ep.api_key) == (
+        OPENAI_URL, get_default_model(), key)
+    assert openai_ep.is_openai and key not in repr(openai_ep)
+    assert key not in json.dumps(openai_ep.describe())
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")
+    assert external(None, "m") == Endpoint("http://127.0.0.1:9/v1", "m", key)
+    assert external("http://other:8000/v1", "m").base_url == "http://other:8000/v1"
+    other = external(None, "m")
+    assert other is not None and not other.is_openai
+
+    assert tracing_allowed(openai_ep, True)
+    assert not tracing_allowed(openai_ep, False)
+    assert not tracing_allowed(other, True)  # never to a non-OpenAI endpoint
+    assert not tracing_allowed(None, True)
+
+
+def test_tracing_is_off_for_a_run_that_may_not_trace(tmp_db: Path) -> None:
+    from agents.tracing import trace
+    from agents.tracing.traces import NoOpTrace
+
+    model = ScriptedModel([[assistant_message("hi")]])
+    run("hello", model, tmp_db, Recorder(), trace=True)
+    with trace("probe") as probe:
+        assert isinstance(probe, NoOpTrace)
+    (agent_run,) = Store(tmp_db).rows("runs", "kind = 'agent'")
+    assert json.loads(agent_run["config"])["trace"] is False

@@ -288,7 +288,7 @@ async def _run(prompt: str, settings: AgentSettings, confirm: Confirm,
 
     from openpto.store import RunRecorder, Store, default_db_path
 
-    tracing = endpoint is not None and endpoint.is_openai and settings.trace
+    tracing = tracing_allowed(endpoint, settings.trace)
     # Off globally too: the SDK would otherwise export traces of its own to OpenAI.
     set_tracing_disabled(not tracing)
     db_path = settings.db_path or default_db_path()
@@ -383,6 +383,11 @@ async def _stream(agent: Any, prompt: str, session: Any, max_turns: int, run_con
     output = result.final_output
     text = output if isinstance(output, str) else json.dumps(output, default=str)
     return text, list(calls.values()), result.context_wrapper.usage
+
+
+def tracing_allowed(endpoint: Endpoint | None, trace: bool) -> bool:
+    """Traces go to OpenAI only: when the endpoint is OpenAI's and ``--trace`` asks for them."""
+    return endpoint is not None and endpoint.is_openai and trace
 
 
 def chosen_tools(settings: AgentSettings) -> list[ToolSpec]:
