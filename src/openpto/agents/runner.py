@@ -147,6 +147,7 @@ async def run_agent(prompt: str, settings: AgentSettings, *, confirm: Confirm,
     if settings.max_turns < 1:
         raise UsageError(f"--max-turns must be at least 1, not {settings.max_turns}")
     require("agents", "agents", "opt agent")
+    require("jsonschema", "agents", "checking the agent's tool arguments")
     chosen_tools(settings)  # a bad tool name fails before anything starts
     if sdk_model is not None or endpoint is not None:
         return await _run(prompt, settings, confirm, on_event, endpoint, sdk_model)
