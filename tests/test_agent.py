@@ -481,3 +481,43 @@ def test_tracing_is_off_for_a_run_that_may_not_trace(tmp_db: Path) -> None:
         assert isinstance(probe, NoOpTrace)
     (agent_run,) = Store(tmp_db).rows("runs", "kind = 'agent'")
     assert json.loads(agent_run["config"])["trace"] is False
+
+
+def test_field_types_map_onto_json_schema() -> None:
+    from openpto.agents.schema import field_schema
+
+    assert field_schema("int") == {"type": "integer"}
+    assert field_schema("float | None", "a ratio", 0.5) == {
+        "type": ["number", "null"], "description": "a ratio (default 0.5)"}
+    assert field_schema("'compressed' | 'dense'") == {"enum": ["compressed", "dense"]}
+    assert field_schema("tuple[str, ...]")["type"] == "array"
+    # A type no JSON value can be (EvalConfig.text also takes a TextSource) leaves the union.
+    assert field_schema("str | TextSource | None")["type"] == ["string", "null"]
+    assert field_schema("Callable") == {}
+
+
+def test_the_read_only_tools_answer_from_the_library(tiny_folder: Path, tmp_db: Path) -> None:
+    """machine_info, list_models and a sparsify dry run (which writes nothing, so --yes is not
+    needed to see its plan) through the scripted model."""
+    model = ScriptedModel([
+        [function_call("machine_info", {}, call_id="i"),
+         function_call("list_models", {}, call_id="m"),
+         function_call("sparsify", {"model": str(tiny_folder), "method": "magnitude",
+                                    "config": {"sparsity": 0.5}, "dry_run": True},
+                       call_id="s")],
+        [assistant_message("done")]])
+    recorder = Recorder(approve=True)
+    run("tell me about this machine and prune my model", model, tmp_db, recorder)
+    outputs = {k: json.loads(v) for k, v in tool_outputs(model.calls[1]).items()}
+    import torch
+
+    assert outputs["i"]["torch"] == torch.__version__
+    assert "torch" in outputs["i"]["quantization_backends"]
+    assert outputs["m"]["default"] == "smollm2-135m"
+    assert [a["name"] for a in outputs["m"]["aliases"]] == ["smollm2-135m"]
+    planned = outputs["s"]
+    assert planned["dry_run"] is True and planned["method"] == "magnitude"
+    assert planned["sparsity"] == pytest.approx(0.5)
+    assert not Path(planned["output"]).exists()
+    assert recorder.asked == [("sparsify", {"model": str(tiny_folder), "method": "magnitude",
+                                            "config": {"sparsity": 0.5}, "dry_run": True})]

@@ -228,6 +228,10 @@ def test_interactive_session_from_piped_stdin_and_history(
     assert [m["kind"] for m in messages] == ["message", "message", "message", "tool_call",
                                              "tool_result", "message"]
     assert messages[3]["name"] == "list_models"
+    code, out, err = run_opt(["agent", "history"], capsys, monkeypatch)
+    assert code == 0 and "agent sessions" in out and "chat" in out
+    code, out, err = run_opt(["agent", "history", "chat"], capsys, monkeypatch)
+    assert code == 0 and "list_models({})" in out and "The default is smollm2-135m." in out
     code, out, err = run_opt(["agent", "history", "nope"], capsys, monkeypatch)
     assert code == 2 and "no agent session 'nope'" in err and "chat" in err
 

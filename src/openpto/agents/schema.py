@@ -23,15 +23,20 @@ _JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "s
 def field_schema(type_text: str, help_text: str = "", default: Any = None) -> dict[str, Any]:
     """The schema of one field from its declared type, e.g. ``int | str | None`` ->
     ``{"type": ["integer", "string", "null"]}``; ``'a' | 'b'`` (a Literal) -> an enum; a type
-    JSON has no name for (a TextSource, say) is left unconstrained but described."""
+    JSON cannot carry (a TextSource, say) is left out of the union."""
     parts = [p.strip() for p in type_text.split(" | ") if p.strip()]
     schema: dict[str, Any] = {}
     literals = [_literal(p) for p in parts]
     if parts and all(value is not _NOT_LITERAL for value in literals):
         schema["enum"] = literals
-    elif all(p in _JSON_TYPES or p.startswith("tuple[") for p in parts):
-        types = ["array" if p.startswith("tuple[") else _JSON_TYPES[p] for p in parts]
-        schema["type"] = types[0] if len(types) == 1 else list(dict.fromkeys(types))
+    else:
+        # A part JSON cannot carry (a TextSource object, say) is left out: a tool call can
+        # only pass the others. With none left, the field is unconstrained but described.
+        types = ["array" if p.startswith("tuple[") else _JSON_TYPES[p] for p in parts
+                 if p in _JSON_TYPES or p.startswith("tuple[")]
+        if types:
+            unique = list(dict.fromkeys(types))
+            schema["type"] = unique[0] if len(unique) == 1 else unique
     description = help_text.strip()
     if default is not None:
         description = f"{description} (default {default!r})" if description else \
