@@ -497,8 +497,8 @@ def test_field_types_map_onto_json_schema() -> None:
 
 
 def test_the_read_only_tools_answer_from_the_library(tiny_folder: Path, tmp_db: Path) -> None:
-    """machine_info, list_models and a sparsify dry run (which writes nothing, so --yes is not
-    needed to see its plan) through the scripted model."""
+    """machine_info, list_models and a sparsify dry run (asked about, as every sparsify call
+    is, and approved) through the scripted model."""
     model = ScriptedModel([
         [function_call("machine_info", {}, call_id="i"),
          function_call("list_models", {}, call_id="m"),

@@ -126,6 +126,19 @@ def test_json_prints_the_answer_the_tool_calls_session_and_run(
     assert out.count("\n") == 1
 
 
+def test_an_endpoint_that_reuses_call_ids_keeps_every_call(
+        endpoint: ScriptedEndpoint, tmp_db: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint.replies = [tool_reply("list_models", {}), tool_reply("show_run", {"run_id": "x"}),
+                        text_reply("Two calls.")]
+    code, out, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "m", "--json",
+                              "look around"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["tool_calls"] == [
+        {"name": "list_models", "arguments": {}, "ok": True},
+        {"name": "show_run", "arguments": {"run_id": "x"}, "ok": False}]
+
+
 def test_tools_and_max_tokens_narrow_the_request(
         endpoint: ScriptedEndpoint, tmp_db: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

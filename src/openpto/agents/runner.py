@@ -349,8 +349,9 @@ async def _stream(agent: Any, prompt: str, session: Any, max_turns: int, run_con
     import openai
     from agents import AgentsException, MaxTurnsExceeded, Runner
 
-    calls: dict[str, dict[str, Any]] = {}
-    names: dict[str, str] = {}
+    # A list, and the latest call of each id: some endpoints reuse ids from turn to turn.
+    calls: list[dict[str, Any]] = []
+    latest: dict[str, dict[str, Any]] = {}
     try:
         result = Runner.run_streamed(agent, prompt, session=session, max_turns=max_turns,
                                      run_config=run_config)
@@ -361,16 +362,15 @@ async def _stream(agent: Any, prompt: str, session: Any, max_turns: int, run_con
             elif event.type == "run_item_stream_event":
                 if event.name == "tool_called":
                     call_id, name, arguments = _call_of(event.item.raw_item)
-                    calls[call_id] = {"name": name, "arguments": arguments, "ok": False}
-                    names[call_id] = name
+                    latest[call_id] = {"name": name, "arguments": arguments, "ok": False}
+                    calls.append(latest[call_id])
                     on_event(ToolCalled(call_id, name, arguments))
                 elif event.name == "tool_output":
                     call_id = str(_field(event.item.raw_item, "call_id"))
                     ok = gate.ok.get(call_id, False)  # absent: a tool the agent does not have
-                    if call_id in calls:
-                        calls[call_id]["ok"] = ok
-                    on_event(ToolFinished(call_id, names.get(call_id, ""), str(event.item.output),
-                                          ok))
+                    call = latest.get(call_id, {"name": ""})
+                    call["ok"] = ok
+                    on_event(ToolFinished(call_id, call["name"], str(event.item.output), ok))
     except MaxTurnsExceeded:
         raise AgentError(f"the agent gave no final answer within {max_turns} turns "
                          "(--max-turns)") from None
@@ -383,7 +383,7 @@ async def _stream(agent: Any, prompt: str, session: Any, max_turns: int, run_con
         raise AgentError(f"the agent could not go on: {exc}") from None
     output = result.final_output
     text = output if isinstance(output, str) else json.dumps(output, default=str)
-    return text, list(calls.values()), result.context_wrapper.usage
+    return text, calls, result.context_wrapper.usage
 
 
 def tracing_allowed(endpoint: Endpoint | None, trace: bool) -> bool:
