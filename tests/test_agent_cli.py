@@ -126,10 +126,11 @@ def test_json_prints_the_answer_the_tool_calls_session_and_run(
     assert out.count("\n") == 1
 
 
-def test_an_endpoint_that_reuses_call_ids_keeps_every_call(
+def test_calls_over_several_turns_are_all_listed_and_reused_ids_refused(
         endpoint: ScriptedEndpoint, tmp_db: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    endpoint.replies = [tool_reply("list_models", {}), tool_reply("show_run", {"run_id": "x"}),
+    endpoint.replies = [tool_reply("list_models", {}, "call_1"),
+                        tool_reply("show_run", {"run_id": "x"}, "call_2"),
                         text_reply("Two calls.")]
     code, out, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "m", "--json",
                               "look around"], capsys, monkeypatch)
@@ -137,6 +138,13 @@ def test_an_endpoint_that_reuses_call_ids_keeps_every_call(
     assert json.loads(out)["tool_calls"] == [
         {"name": "list_models", "arguments": {}, "ok": True},
         {"name": "show_run", "arguments": {"run_id": "x"}, "ok": False}]
+    # An endpoint that gives a second call the id of a finished one: one clear line.
+    endpoint.replies = [tool_reply("list_models", {}, "call_1"),
+                        tool_reply("show_run", {"run_id": "x"}, "call_1")]
+    code, out, err = run_opt(["agent", "--base-url", endpoint.url, "--model", "m", "--json",
+                              "look around"], capsys, monkeypatch)
+    assert code == 1 and out == ""
+    assert "error: the agent could not go on: Model reused a completed tool call ID" in err
 
 
 def test_tools_and_max_tokens_narrow_the_request(
