@@ -11,9 +11,10 @@ Grammar text (plain strings, no llguidance needed to build them):
 - ``json_grammar(schema)``: a JSON value matching ``schema`` (``{"type": "object"}`` for
   ``response_format: json_object``).
 - ``tool_call_grammar(tools, choice, parallel)``: ``choice`` ``"required"`` or a tool name forces
-  one call (several with ``parallel``), each ``<tool_call>{"name": ..., "arguments": ...}
-  </tool_call>`` with arguments valid against that tool's schema; ``"auto"`` allows plain text
-  that never contains ``<tool_call>``, or text followed by well-formed calls.
+  one call (up to ``MAX_PARALLEL_CALLS`` with ``parallel``), each
+  ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` with arguments valid against that
+  tool's schema; ``"auto"`` allows plain text that never contains ``<tool_call>``, or text
+  followed by well-formed calls.
 
 JSON is forced into one canonical spacing (``", "`` and ``": "``, no newlines), and an object
 schema that lists ``properties`` without saying ``additionalProperties`` gets no extra keys in
@@ -40,6 +41,9 @@ import torch
 from openpto.engines.tool_calls import CLOSE_TAG, OPEN_TAG, Tool
 from openpto.errors import UsageError, require
 
+#: calls one parallel reply may hold: a small model asked for calls can repeat them until its
+#: token budget runs out, which would cut the last one off
+MAX_PARALLEL_CALLS = 8
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -106,7 +110,8 @@ def tool_call_grammar(tools: Sequence[Tool], choice: str = "required",
         raise UsageError(f"tool_choice names {choice!r}, which is not among the tools")
     bodies = [f"body_{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(chosen)]
     alternatives = " | ".join(f"body_{i}" for i in range(len(chosen)))
-    more = f' ("\\n" "{OPEN_TAG}" call_body "{CLOSE_TAG}")*' if parallel else ""
+    more = (f' ("\\n" "{OPEN_TAG}" call_body "{CLOSE_TAG}")~0..{MAX_PARALLEL_CALLS - 1}'
+            if parallel else "")
     lines = [f"call_body: {alternatives}", *bodies]
     if choice == "auto":
         # Either text that never opens a call, or text up to the first tag and then calls only.

@@ -142,7 +142,7 @@ async def chat(body: OllamaChatRequest, request: Request, service: ServiceDep) -
     if not body.messages:
         return _loaded(service, {"message": {"role": "assistant", "content": ""}})
     plan = tool_plans.plan_request(service.engine, tools=body.tools, tool_choice=None,
-                                   parallel=True, json_schema=_format_schema(body.format))
+                                   parallel=None, json_schema=_format_schema(body.format))
     if plan.parse_calls or any(m.role == "tool" or m.tool_calls for m in body.messages):
         prompt = service.engine.chat_prompt_with_tools(tool_plans.conversation(body.messages),
                                                        plan.tools)

@@ -10,6 +10,9 @@ decode under (``engines.grammar``) and whether the reply is parsed for calls
   can mask and the ``grammar`` extra is installed (otherwise freely: nothing to refuse).
   ``"required"`` or a named function: decoded under a grammar that forces a call, so it always
   parses; a backend that cannot mask or a missing extra is a 400 that says so.
+- ``parallel_tool_calls``: several calls in one reply only when the client sends ``true``; left
+  out, a reply holds one call (a small model offered more repeats its call until the token
+  budget runs out). Identical calls repeated within one reply are kept once.
 - ``response_format`` ``json_object``/``json_schema``: decoded under the schema's grammar (the
   same 400s). Together with tools that may be called it is refused: one grammar per reply.
 
@@ -114,7 +117,7 @@ def plan_request(engine: Any, *, tools: Sequence[Mapping[str, Any]] | None, tool
     except UsageError as exc:
         raise APIError(400, str(exc), "invalid_tool", "tools") from exc
     choice = _choice(tool_choice, parsed)
-    plan = ToolPlan(parsed, choice, parallel is not False)
+    plan = ToolPlan(parsed, choice, parallel is True)
     if json_schema is not None and plan.parse_calls:
         raise APIError(400, "a JSON response_format together with tools is not supported; "
                             "set tool_choice to 'none' or drop response_format",
@@ -169,11 +172,16 @@ async def constraints(engine: Any, plan: ToolPlan, n: int) -> list[TokenConstrai
 
 
 def parse(plan: ToolPlan, text: str) -> ParsedReply:
-    """The reply's calls (at most one unless ``parallel``); later calls stay as errors."""
+    """The reply's calls: the first unless ``parallel``, else each distinct one."""
     parsed = parse_reply(text, plan.tools)
-    if plan.parallel or len(parsed.tool_calls) <= 1:
-        return parsed
-    return dataclasses.replace(parsed, tool_calls=parsed.tool_calls[:1])
+    if not plan.parallel:
+        return dataclasses.replace(parsed, tool_calls=parsed.tool_calls[:1])
+    unique, seen = [], set()
+    for call in parsed.tool_calls:
+        if (call.name, call.arguments) not in seen:
+            seen.add((call.name, call.arguments))
+            unique.append(call)
+    return dataclasses.replace(parsed, tool_calls=unique)
 
 
 def openai_message(plan: ToolPlan, text: str) -> tuple[dict[str, Any], bool]:
