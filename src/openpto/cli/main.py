@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "openpto.cli.generate",
     "openpto.cli.speculative",
     "openpto.cli.profile",
+    "openpto.cli.agent",
 ]
 
 app = typer.Typer(
