@@ -30,6 +30,8 @@ COMMAND_MODULES = [
     "openpto.cli.generate",
     "openpto.cli.speculative",
     "openpto.cli.profile",
+    "openpto.cli.ollama",
+    "openpto.cli.llm",
 ]
 
 app = typer.Typer(
