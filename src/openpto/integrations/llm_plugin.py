@@ -21,7 +21,7 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def chat_messages(prompt: llm.Prompt, conversation: Any = None) -> list[dict[str
 
 class OptOptions(llm.Options):
     temperature: float | None = Field(None, ge=0, le=2,
-                                      description="0 is greedy (the default); higher is more random")
+                                      description="0 is greedy (default); higher is more random")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass; 1 is off")
     top_k: int | None = Field(None, ge=0, description="keep the K most likely tokens; 0 is off")
     max_tokens: int | None = Field(None, ge=1,
@@ -213,7 +213,8 @@ class OptEmbeddingModel(llm.EmbeddingModel):
         self.model_id = model_id
         self.spec = spec
 
-    def embed_batch(self, items: Any) -> Iterator[list[float]]:
+    def embed_batch(self, items: Iterable[str | bytes], *,
+                    key: str | None = None) -> Iterator[list[float]]:
         texts = [item if isinstance(item, str) else item.decode("utf-8") for item in items]
         return iter(_runner(self.spec).embed(texts))
 
@@ -248,7 +249,8 @@ def _serve_models(register: Any) -> None:
     for name in served_models(url, key):
         kwargs = {"model_id": SERVE_PREFIX + name, "model_name": name, "api_base": base,
                   "headers": headers}
-        chat, async_chat = Chat(**kwargs), AsyncChat(**kwargs)
+        chat: Any = Chat(**kwargs)
+        async_chat: Any = AsyncChat(**kwargs)
         chat.needs_key = async_chat.needs_key = None
         register(chat, async_chat)
 

@@ -38,7 +38,7 @@ def host_url(host: str | None = None) -> str:
 
 
 def client(host: str | None = None) -> Any:
-    ollama = require("ollama", "serve", "opt ollama")
+    ollama: Any = require("ollama", "serve", "opt ollama")
     return ollama.Client(host=host_url(host))
 
 
