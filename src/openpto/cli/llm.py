@@ -18,7 +18,7 @@ logs_app = typer.Typer(help="llm's logs.db.\n\nExample: opt llm logs import --js
 llm_app.add_typer(logs_app, name="logs")
 
 MODEL_HELP = "An llm model id (see: llm models); default opt/smollm2-135m."
-OPTION_HELP = "A model option, e.g. -o temperature 0.7 (repeatable)."
+OPTION_HELP = "A model option KEY=VALUE, e.g. -o temperature=0.7 (repeatable)."
 
 
 def register(app: typer.Typer) -> None:
@@ -35,13 +35,13 @@ def prompt_cmd(
     text: str = typer.Argument(..., help="The prompt."),
     model: str | None = typer.Option(None, "-m", "--model", help=MODEL_HELP),
     system: str | None = typer.Option(None, "-s", "--system", help="A system prompt."),
-    option: list[tuple[str, str]] = typer.Option([], "-o", "--option", help=OPTION_HELP),
+    option: list[str] = typer.Option([], "-o", "--option", help=OPTION_HELP),
     stream: bool = typer.Option(True, help="Print the text as it comes."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Prompt a model through llm (logged in llm's logs.db, as llm prompt logs it).
 
-    Example: opt llm prompt "Write a haiku about tea" -m opt/smollm2-135m -o max_tokens 60
+    Example: opt llm prompt "Write a haiku about tea" -o max_tokens=60
     """
     reply = _commands().prompt(text, model, system, option, stream=stream and not as_json)
     for chunk in reply.chunks:
@@ -103,7 +103,7 @@ def logs_import_cmd(
 def cmd_cmd(
     description: str = typer.Argument(..., help="What the command should do."),
     model: str | None = typer.Option(None, "-m", "--model", help=MODEL_HELP),
-    option: list[tuple[str, str]] = typer.Option([], "-o", "--option", help=OPTION_HELP),
+    option: list[str] = typer.Option([], "-o", "--option", help=OPTION_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (never runs it)"),
 ) -> None:
     """Draft a shell command with a model and print it; run it only after you answer yes.

@@ -89,14 +89,19 @@ def pull_cmd(model: str = typer.Argument(..., help="NAME[:TAG] to pull."),
     def show(chunk: dict[str, Any]) -> None:
         digest = chunk.get("digest")
         if digest and chunk.get("total"):
+            if not tasks:
+                bars.start()  # only once there is a layer: nothing to draw before
             if digest not in tasks:
                 tasks[digest] = bars.add_task(f"pulling {digest[7:19]}", total=chunk["total"])
             bars.update(tasks[digest], completed=chunk.get("completed") or 0)
         elif not as_json:
-            bars.console.print(str(chunk.get("status", "")))
+            bars.console.print(str(chunk.get("status", "")), highlight=False)
 
-    with bars:
+    try:
         result = _client().pull(host, model, show)
+    finally:
+        if tasks:
+            bars.stop()
     emit(result, as_json, "pull")
 
 

@@ -43,11 +43,16 @@ def get_model(model_id: str | None) -> Any:
         raise UsageError(f"{exc.args[0]} (see: llm models)") from exc
 
 
-def parse_options(model: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """``-o key value`` pairs validated by the model's own Options class."""
+def parse_options(model: Any, pairs: list[str]) -> dict[str, Any]:
+    """``-o key=value`` options validated by the model's own Options class."""
     from pydantic import ValidationError
 
-    raw = dict(pairs)
+    raw: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"an option is KEY=VALUE, got {pair!r}")
+        raw[key.strip()] = value
     try:
         validated = model.Options(**raw)
     except ValidationError as exc:
@@ -74,7 +79,7 @@ class PromptReply:
 
 
 def prompt(text: str, model_id: str | None = None, system: str | None = None,
-           options: list[tuple[str, str]] | None = None, stream: bool = True) -> PromptReply:
+           options: list[str] | None = None, stream: bool = True) -> PromptReply:
     """Start a prompt; iterate ``chunks`` for the text as it comes, then ``finish()``."""
     if not text.strip():
         raise UsageError("the prompt is empty")
@@ -168,7 +173,7 @@ class DraftedCommand:
 
 
 def draft(description: str, model_id: str | None = None,
-          options: list[tuple[str, str]] | None = None) -> str:
+          options: list[str] | None = None) -> str:
     import platform
 
     if not description.strip():

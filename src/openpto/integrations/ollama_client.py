@@ -50,7 +50,7 @@ def reported(url: str) -> Iterator[None]:
 
     try:
         yield
-    except ConnectionError as exc:
+    except (ConnectionError, httpx.ConnectError) as exc:
         raise OllamaUnreachable(
             f"nothing answers at {url}: start Ollama (ollama serve) or opt serve there, "
             "or pass --host") from exc
