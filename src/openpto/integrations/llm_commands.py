@@ -120,7 +120,11 @@ def log_response(response: Any) -> None:
 
 def plugins() -> list[dict[str, Any]]:
     """``llm``'s loaded plugins: name, hooks, version (what ``llm plugins`` prints)."""
-    plugins_list: list[dict[str, Any]] = _llm().get_plugins()
+    llm = _llm()
+    from llm.plugins import load_plugins
+
+    load_plugins()  # what llm's CLI does at start; the API loads them on first use only
+    plugins_list: list[dict[str, Any]] = llm.get_plugins()
     return plugins_list
 
 
@@ -149,14 +153,21 @@ def clean_command(text: str) -> str:
 
 
 def needs_shell(command: str) -> bool:
-    """True when the command means something only a shell would make of it."""
-    try:
-        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        tokens = list(lexer)
-    except ValueError:
-        return True  # unbalanced quotes
-    return any(set(token) & _SHELL_SYNTAX for token in tokens)
+    """True when the command means something only a shell would make of it: shell syntax
+    outside quotes, ``$`` or a backquote inside double quotes, or unbalanced quotes."""
+    quote = ""
+    for char in command:
+        if quote == "'":
+            quote = "" if char == "'" else quote
+        elif quote == '"':
+            if char in "$`\\":
+                return True
+            quote = "" if char == '"' else quote
+        elif char in "'\"":
+            quote = char
+        elif char in _SHELL_SYNTAX:
+            return True
+    return bool(quote)
 
 
 @dataclass(frozen=True)
