@@ -36,20 +36,28 @@ SERVE_PREFIX = "opt-serve/"
 # -- which models ------------------------------------------------------------------------------
 
 
-def local_models() -> list[tuple[str, str]]:
-    """``(llm model id, MODEL spec)``: the default alias, then each artifact in ``opt.db``."""
+def local_models() -> list[tuple[str, str, list[str]]]:
+    """``(llm model id, MODEL spec, aliases)``: the default alias, then each artifact in
+    ``opt.db`` as ``opt/<folder name>`` (``opt/<id>`` too, the id ``opt models list`` shows)."""
     from openpto.models.aliases import DEFAULT_ALIAS
     from openpto.store.db import default_db_path
 
-    found = [(MODEL_PREFIX + DEFAULT_ALIAS, DEFAULT_ALIAS)]
+    found = [(MODEL_PREFIX + DEFAULT_ALIAS, DEFAULT_ALIAS, [])]
     path = default_db_path()
     if not path.is_file():
         return found  # listing models must not create a database
     from openpto.store import Store
 
+    taken = {found[0][0]}
     for row in Store(path).rows("models"):
-        if row.get("path") and Path(str(row["path"])).is_dir():
-            found.append((MODEL_PREFIX + str(row["id"]), str(row["path"])))
+        folder = Path(str(row.get("path") or ""))
+        if not row.get("path") or not folder.is_dir():
+            continue
+        model_id = MODEL_PREFIX + folder.name
+        if model_id in taken:
+            model_id = f"{model_id}-{row['id']}"
+        taken.add(model_id)
+        found.append((model_id, str(folder), [MODEL_PREFIX + str(row["id"])]))
     return found
 
 
@@ -198,12 +206,31 @@ class OptAsyncModel(llm.AsyncModel):
                       conversation: Any) -> AsyncGenerator[str, None]:
         runner = _runner(self.spec)
         messages = chat_messages(prompt, conversation)
-        generation = await asyncio.to_thread(runner.generation, messages, prompt.options)
-        done = object()
-        while (record := await asyncio.to_thread(next, generation, done)) is not done:
-            if record.text:  # type: ignore[attr-defined]
-                yield record.text  # type: ignore[attr-defined]
-        _usage(response, generation)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def work() -> None:
+            # One thread for the whole generation: its run record holds a SQLite connection,
+            # which must stay in the thread that opened it.
+            try:
+                generation = runner.generation(messages, prompt.options)
+                for record in generation:
+                    if record.text:
+                        loop.call_soon_threadsafe(queue.put_nowait, ("text", record.text))
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", generation))
+            except BaseException as exc:  # handed to the awaiting side, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+
+        threading.Thread(target=work, name="opt-llm-generate", daemon=True).start()
+        while True:
+            kind, value = await queue.get()
+            if kind == "text":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                _usage(response, value)
+                return
 
 
 class OptEmbeddingModel(llm.EmbeddingModel):
@@ -260,12 +287,12 @@ def _serve_models(register: Any) -> None:
 
 @llm.hookimpl
 def register_models(register: Any) -> None:
-    for model_id, spec in local_models():
-        register(OptModel(model_id, spec), OptAsyncModel(model_id, spec))
+    for model_id, spec, aliases in local_models():
+        register(OptModel(model_id, spec), OptAsyncModel(model_id, spec), aliases=aliases)
     _serve_models(register)
 
 
 @llm.hookimpl
 def register_embedding_models(register: Any) -> None:
-    for model_id, spec in local_models():
-        register(OptEmbeddingModel(model_id, spec))
+    for model_id, spec, aliases in local_models():
+        register(OptEmbeddingModel(model_id, spec), aliases=aliases)
