@@ -42,7 +42,7 @@ def local_models() -> list[tuple[str, str, list[str]]]:
     from openpto.models.aliases import DEFAULT_ALIAS
     from openpto.store.db import default_db_path
 
-    found = [(MODEL_PREFIX + DEFAULT_ALIAS, DEFAULT_ALIAS, [])]
+    found: list[tuple[str, str, list[str]]] = [(MODEL_PREFIX + DEFAULT_ALIAS, DEFAULT_ALIAS, [])]
     path = default_db_path()
     if not path.is_file():
         return found  # listing models must not create a database
