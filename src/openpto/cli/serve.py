@@ -32,17 +32,26 @@ def serve_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (torch)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (torch)."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for the model."),
+    keep_alive: str = typer.Option("5m", help="Idle time before a model is unloaded: 5m, 30s, "
+                                   "0 (at once), -1 (never); requests may set their own."),
+    max_loaded: int = typer.Option(0, min=0, help="Most models loaded at once (0: no limit)."),
+    memory_budget: str | None = typer.Option(None, help="Bytes the loaded models may take "
+                                             "together, e.g. 2GB; LRU idle ones are unloaded."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (once, when it starts)"),
 ) -> None:
     """Serve a model over OpenAI- and Ollama-compatible HTTP APIs until interrupted.
 
     Example: opt serve smollm2-135m --port 8000 --api-key secret --max-batch 8
+
+    Other models (aliases, artifacts, models created with the Ollama API) load on first
+    request. Example: opt serve --max-loaded 2 --memory-budget 2GB --keep-alive 10m
     """
     # Front ends never import each other statically (import-linter); the server is started here.
     serving = importlib.import_module("openpto.serving")
     settings = serving.ServerSettings(
         host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin),
-        log_prompts=log_prompts, max_tokens_limit=max_tokens_limit)
+        log_prompts=log_prompts, max_tokens_limit=max_tokens_limit,
+        **serving.pool_settings(keep_alive, max_loaded, memory_budget))
     options = serving.EngineOptions(dtype=dtype, device=device, max_batch=max_batch, draft=draft,
                                     threads=threads)
 

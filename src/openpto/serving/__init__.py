@@ -29,7 +29,8 @@ from openpto.engines.engine import (  # noqa: E402
     make_engine,
 )
 from openpto.serving.app import create_app, serve, serve_model  # noqa: E402
+from openpto.serving.pool import pool_settings  # noqa: E402
 from openpto.serving.settings import ServerSettings  # noqa: E402
 
 __all__ = ["BACKENDS", "Engine", "EngineOptions", "ModelInfo", "ServerSettings", "create_app",
-           "make_engine", "serve", "serve_model"]
+           "make_engine", "pool_settings", "serve", "serve_model"]

@@ -40,12 +40,16 @@ class BodyLimit:
     app never sees a truncated request; later ``receive`` calls (disconnect) pass through.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed_prefixes: tuple[str, ...] = ()
+                 ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # Routes that stream their body (blob uploads) and enforce their own limit.
+        self.streamed_prefixes = streamed_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if (scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS")
+                or str(scope["path"]).startswith(self.streamed_prefixes)):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

@@ -1,4 +1,5 @@
-"""Ollama-compatible routes: generate and chat (NDJSON streaming), tags, show, ps, embed, version.
+"""Ollama-compatible routes: generate and chat (NDJSON streaming), embed, version (tags, show,
+ps and the model management are in ``model_routes``).
 
 Sampling defaults follow Ollama's documented ones (temperature 0.8, top_k 40, top_p 0.9) except
 ``repeat_penalty``, which stays off unless asked for: Ollama applies it to the last 64 tokens and
@@ -22,13 +23,13 @@ from openpto.core.sampling import SamplingParams
 from openpto.engines.streams import RequestStream
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
+from openpto.serving.model_defaults import model_system, with_model_messages, with_model_parameters
 from openpto.serving.schemas import (
     OllamaChatRequest,
     OllamaEmbeddingsRequest,
     OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaOptions,
-    OllamaShowRequest,
 )
 from openpto.serving.service import Completion, Service
 
@@ -42,7 +43,7 @@ def _now() -> str:
 
 
 def _params(service: Service, options: OllamaOptions | None, prompt_tokens: int) -> SamplingParams:
-    o = options or OllamaOptions.model_validate({})
+    o = with_model_parameters(service, options)
     max_tokens = o.num_predict if o.num_predict is not None and o.num_predict > 0 else None
     return service.sampling(
         max_tokens=max_tokens, prompt_tokens=prompt_tokens,
@@ -66,7 +67,7 @@ def _final(service: Service, done: Completion, prompt_tokens: int) -> dict[str, 
         "done": True,
         "done_reason": done.finish_reason,
         "total_duration": int(t.total_seconds * _NS),
-        "load_duration": 0,  # the model was loaded at start-up, not for this request
+        "load_duration": int(service.acquire_seconds * _NS),  # loading it for this request
         "prompt_eval_count": prompt_tokens,
         "prompt_eval_duration": int(t.prefill_seconds * _NS),
         "eval_count": done.completion_tokens,
@@ -114,14 +115,15 @@ def _loaded(service: Service, extra: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/generate")
 async def generate(body: OllamaGenerateRequest, request: Request, service: ServiceDep) -> Any:
-    service.check_model(body.model)
+    service = await service.use(body.model, body.keep_alive)
     _refuse(images=body.images, format=body.format, suffix=body.suffix, template=body.template)
     if not body.prompt and not body.context:
         return _loaded(service, {"response": ""})
     if body.raw:
         prompt = body.prompt
     else:
-        messages = [{"role": "system", "content": body.system}] if body.system else []
+        system = body.system or model_system(service)
+        messages = [{"role": "system", "content": system}] if system else []
         prompt = service.engine.chat_prompt([*messages, {"role": "user", "content": body.prompt}])
     context = service.check_token_ids(body.context, "context") if body.context else []
     ids = context + (service.prompt_ids(prompt) if body.prompt else [])
@@ -132,13 +134,13 @@ async def generate(body: OllamaGenerateRequest, request: Request, service: Servi
 
 @router.post("/chat")
 async def chat(body: OllamaChatRequest, request: Request, service: ServiceDep) -> Any:
-    service.check_model(body.model)
+    service = await service.use(body.model, body.keep_alive)
     _refuse(tools=body.tools, format=body.format,
             images=any(m.images for m in body.messages))
     if not body.messages:
         return _loaded(service, {"message": {"role": "assistant", "content": ""}})
-    prompt = service.engine.chat_prompt([{"role": m.role, "content": m.content}
-                                         for m in body.messages])
+    prompt = service.engine.chat_prompt(with_model_messages(service, [
+        {"role": m.role, "content": m.content} for m in body.messages]))
     ids = service.prompt_ids(prompt)
     stream = service.start(ids, _params(service, body.options, len(ids)))
     return await _respond(service, request, stream, streaming=body.stream, prompt=prompt,
@@ -146,77 +148,14 @@ async def chat(body: OllamaChatRequest, request: Request, service: ServiceDep) -
                           piece=lambda text: {"message": {"role": "assistant", "content": text}})
 
 
-def _details(service: Service) -> dict[str, Any]:
-    info = service.engine.info
-    return {"parent_model": "", "format": info.format, "family": info.family,
-            "families": [info.family], "parameter_size": _human(info.parameter_count),
-            "quantization_level": info.quantization}
-
-
-def _human(count: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f}{unit}"
-    return str(count)
-
-
-def _modified(service: Service) -> str:
-    created = datetime.datetime.fromtimestamp(service.engine.info.created, datetime.timezone.utc)
-    return created.isoformat().replace("+00:00", "Z")
-
-
-@router.get("/tags")
-async def tags(service: ServiceDep) -> Any:
-    info = service.engine.info
-    return {"models": [{"name": service.model_id, "model": service.model_id,
-                        "modified_at": _modified(service), "size": info.size_bytes,
-                        "digest": info.digest, "details": _details(service)}]}
-
-
-@router.post("/show")
-async def show(body: OllamaShowRequest, service: ServiceDep) -> Any:
-    name = body.model or body.name
-    if not name:
-        raise APIError(400, "model is required")
-    service.check_model(name)
-    info = service.engine.info
-    return {
-        "modelfile": f"# served by openpto ({info.backend} backend)\nFROM {info.path}\n",
-        "parameters": "",
-        "template": info.chat_template,
-        "details": _details(service),
-        "model_info": {
-            "general.architecture": info.family,
-            "general.parameter_count": info.parameter_count,
-            f"{info.family}.context_length": info.context_length,
-            f"{info.family}.embedding_length": info.embedding_length,
-        },
-        "capabilities": ["completion", "embedding"],
-        "modified_at": _modified(service),
-    }
-
-
 @router.get("/version")
 async def version() -> Any:
     return {"version": __version__}
 
 
-@router.get("/ps")
-async def ps(service: ServiceDep) -> Any:
-    if not service.engine.ready:
-        return {"models": []}
-    info = service.engine.info
-    # Ollama unloads idle models after keep_alive; this server keeps its one model until it stops.
-    never = datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc).isoformat()
-    return {"models": [{"name": service.model_id, "model": service.model_id,
-                        "size": info.size_bytes, "digest": info.digest,
-                        "details": _details(service), "expires_at": never.replace("+00:00", "Z"),
-                        "size_vram": 0, "context_length": info.context_length}]}
-
-
 @router.post("/embed")
 async def embed(body: OllamaEmbedRequest, service: ServiceDep) -> Any:
-    service.check_model(body.model)
+    service = await service.use(body.model, body.keep_alive)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not body.truncate:
         context = service.engine.info.context_length
@@ -227,12 +166,13 @@ async def embed(body: OllamaEmbedRequest, service: ServiceDep) -> Any:
     started = time.perf_counter()
     result = await service.embed(texts)
     return {"model": service.model_id, "embeddings": result.vectors,
-            "total_duration": int((time.perf_counter() - started) * _NS), "load_duration": 0,
+            "total_duration": int((time.perf_counter() - started) * _NS),
+            "load_duration": int(service.acquire_seconds * _NS),
             "prompt_eval_count": result.tokens}
 
 
 @router.post("/embeddings")
 async def embeddings(body: OllamaEmbeddingsRequest, service: ServiceDep) -> Any:
-    service.check_model(body.model)
+    service = await service.use(body.model)
     result = await service.embed([body.prompt])
     return {"embedding": result.vectors[0]}

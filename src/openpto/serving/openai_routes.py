@@ -22,6 +22,7 @@ from openpto.core.sampling import SamplingParams
 from openpto.engines.streams import RequestStream
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
+from openpto.serving.model_defaults import model_cards
 from openpto.serving.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -129,7 +130,7 @@ async def _stream(
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            service: ServiceDep) -> Any:
-    service.check_model(body.model)
+    service = await service.use(body.model)
     _refuse_unsupported(body)
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": _message_text(m)} for m in body.messages]
@@ -167,7 +168,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
-    service.check_model(body.model)
+    service = await service.use(body.model)
     _refuse_unsupported(body)
     prompts = _prompts(body.prompt)
     if body.echo and not all(isinstance(p, str) for p in prompts):
@@ -227,24 +228,17 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]
 
 @router.get("/models")
 async def list_models(service: ServiceDep) -> Any:
-    return {"object": "list", "data": [_model_card(service)]}
+    return {"object": "list", "data": model_cards(service)}
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, service: ServiceDep) -> Any:
-    service.check_model(model_id)
-    return _model_card(service)
-
-
-def _model_card(service: Service) -> dict[str, Any]:
-    info = service.engine.info
-    return {"id": service.model_id, "object": "model", "created": info.created,
-            "owned_by": "openpto", "backend": info.backend, "context_length": info.context_length}
+    return model_cards(service, model_id)[0]
 
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, service: ServiceDep) -> Any:
-    service.check_model(body.model)
+    service = await service.use(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or not all(isinstance(t, str) for t in texts):
         raise APIError(400, "input must be a string or a list of strings (token ids are not "

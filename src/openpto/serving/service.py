@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import copy
 import dataclasses
 import time
 import uuid
@@ -23,6 +25,7 @@ from openpto.engines.streams import RequestStream
 from openpto.errors import OptError
 from openpto.serving.errors import APIError
 from openpto.serving.metrics import ServerMetrics
+from openpto.serving.pool import Loaded, ModelPool
 from openpto.serving.settings import ServerSettings
 
 
@@ -38,23 +41,49 @@ class Completion:
 
 
 class Service:
-    def __init__(self, settings: ServerSettings, engine: Engine, metrics: ServerMetrics) -> None:
+    """The app's service; ``use(name)`` gives a copy bound to one loaded model of the pool,
+    through which a route tokenizes, samples and generates."""
+
+    def __init__(self, settings: ServerSettings, engine: Engine, metrics: ServerMetrics,
+                 pool: ModelPool | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
+        self.pool = pool
+        self.model: Loaded | None = None  # set on a bound copy
+        #: on a bound copy: how long ``use`` took (loading the model, or waiting for room)
+        self.acquire_seconds = 0.0
         self.started = time.time()
         self.load_seconds = 0.0
         self.load_error: str | None = None
-        self._store: Any = None
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._log = _PromptLog()
 
     # -- names and limits ------------------------------------------------------------------------
     @property
     def model_id(self) -> str:
+        if self.model is not None:
+            return self.model.entry.name
         return self.settings.model_id or self.engine.info.id
 
+    async def use(self, name: str, keep_alive: float | str | None = None) -> Service:
+        """This service bound to the model ``name``, loaded first if it is not (404 for a name
+        the server cannot serve); ``keep_alive`` as Ollama's requests give it."""
+        if self.pool is None:
+            self.check_model(name)
+            return self
+        started = time.perf_counter()
+        model = await self.pool.acquire(name, keep_alive)
+        bound = copy.copy(self)
+        bound.engine, bound.model = model.engine, model
+        bound.acquire_seconds = time.perf_counter() - started
+        bound.check_ready()
+        return bound
+
     def check_model(self, name: str) -> None:
-        """404 unless ``name`` is this server's model (Ollama clients may add ``:latest``)."""
+        """404 unless ``name`` is served here (Ollama clients may add ``:latest``)."""
+        if self.pool is not None:
+            self.pool.find(name)
+            return
         self.check_ready()
         if name not in (self.model_id, f"{self.model_id}:latest"):
             raise APIError(404, f"model {name!r} is not served here; this server serves "
@@ -124,9 +153,25 @@ class Service:
     # -- running -----------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         self.check_ready()
-        stream = RequestStream(asyncio.get_running_loop(), self.settings.stream_buffer,
-                               on_finish=self.metrics.observe_finished)
-        self.engine.submit(prompt_ids, params, stream)
+        loop = asyncio.get_running_loop()
+        model, pool = self.model, self.pool
+
+        def finished(last: StepRecord, tokens: int, gaps: list[float]) -> None:
+            self.metrics.observe_finished(last, tokens, gaps)
+            if model is not None and pool is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
+                    loop.call_soon_threadsafe(pool.release, model)
+
+        stream = RequestStream(loop, self.settings.stream_buffer, on_finish=finished)
+        # The lease keeps the model loaded until the request's last record.
+        if model is not None and pool is not None:
+            pool.lease(model)
+        try:
+            self.engine.submit(prompt_ids, params, stream)
+        except BaseException:
+            if model is not None and pool is not None:
+                pool.release(model)
+            raise
         return stream
 
     def start_n(self, prompt_ids: list[int], params: SamplingParams, n: int) -> list[RequestStream]:
@@ -195,7 +240,14 @@ class Service:
         if len(texts) > self.settings.max_prompt_items:
             raise APIError(400, f"at most {self.settings.max_prompt_items} inputs per request",
                            None, "input")
-        return await asyncio.wrap_future(self.engine.embed(texts))
+        model, pool = self.model, self.pool
+        if model is not None and pool is not None:
+            pool.lease(model)
+        try:
+            return await asyncio.wrap_future(self.engine.embed(texts))
+        finally:
+            if model is not None and pool is not None:
+                pool.release(model)
 
     # -- recording -----------------------------------------------------------------------------
     async def log_prompt(self, prompt: str, completion: Completion,
@@ -216,8 +268,22 @@ class Service:
             "created_at": now_iso(),
             "source": "server",
         }
+        await self._log.insert(row)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class _PromptLog:
+    """One writer thread for the prompts table, shared by every bound copy of the service
+    (sqlite connections belong to the thread that opened them)."""
+
+    def __init__(self) -> None:
+        self._store: Any = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def insert(self, row: dict[str, Any]) -> None:
         if self._writer is None:
-            # sqlite connections belong to the thread that opened them: one writer thread.
             self._writer = concurrent.futures.ThreadPoolExecutor(1, "opt-prompt-log")
         await asyncio.wrap_future(self._writer.submit(self._insert, row))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -35,3 +37,20 @@ class ServerSettings(BaseSettings):
     """The model name clients send and see; None uses the backend's name for it."""
     stream_buffer: int = Field(64, ge=1)
     """Events buffered per streaming request before new text is merged into the last one."""
+    keep_alive: str = "5m"
+    """How long a model stays loaded after its last request, unless the request says otherwise
+    (Ollama's default and forms: "5m", "30s", seconds, 0 = unload at once, negative = forever).
+    The model the server was started with stays loaded unless a request sets keep_alive."""
+    max_loaded: int = Field(0, ge=0)
+    """Most models loaded at once (0: no limit); the least recently used idle one makes room."""
+    memory_budget: int | None = Field(None, ge=1)
+    """Bytes the loaded models' weights may take together; idle ones are unloaded, least
+    recently used first, to stay under it. None: no budget."""
+    load_wait_seconds: float = Field(300.0, ge=0.0)
+    """How long a load waits for a busy model to finish when it needs that model's room."""
+    serve_local_models: bool = True
+    """Also list and serve the aliases and the artifacts of ``opt models list``."""
+    models_dir: Path | None = None
+    """Where created models (blobs, manifests) are kept; None: ``OPT_HOME/ollama``."""
+    max_blob_bytes: int = Field(64 * 2**30, ge=1)
+    """Largest blob ``POST /api/blobs/:digest`` accepts (a model file; 64 GiB)."""
