@@ -12,12 +12,17 @@
 - with ``OPT_SERVE_URL`` set (``OPT_API_KEY`` for its key), every model that ``opt serve`` lists
   at that address as ``opt-serve/<id>``, through llm's own OpenAI-compatible client.
 
-Starting ``llm`` imports no torch: the model loads on the first prompt, once per process.
+Tools (``llm --tool``/``-T``, ``--functions``) go through ``openpto.engines.tool_calls``: the
+tools are written into the prompt (by the chat template when it renders tools, else as a system
+block), and ``<tool_call>`` blocks in the reply become llm tool calls, held back from the
+streamed text. Starting ``llm`` imports no torch: the model loads on the first prompt, once per
+process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import threading
@@ -83,20 +88,21 @@ class _Runner:
                 dtype=os.environ.get("OPT_LLM_DTYPE", "float32"))
         return self._loaded
 
-    def prompt_text(self, messages: Sequence[dict[str, str]]) -> str:
-        """The conversation through the model's chat template, without a BOS token that the
-        tokenizer adds again."""
-        from openpto.core.generate import build_chat_prompt
+    def prompt_text(self, messages: Sequence[dict[str, Any]], tools: Sequence[Any] = ()) -> str:
+        """The conversation (and its tools) through the model's chat template, without a BOS
+        token that the tokenizer adds again."""
+        from openpto.engines.tool_calls import chat_prompt
 
         tokenizer = self.loaded().tokenizer
-        text = build_chat_prompt(tokenizer, messages)
+        text = chat_prompt(tokenizer, messages, tools)
         bos = getattr(tokenizer, "bos_token", None)
         if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [
                 tokenizer.bos_token_id]:
             text = text[len(bos):]
         return text
 
-    def generation(self, messages: Sequence[dict[str, str]], options: Any) -> Any:
+    def generation(self, messages: Sequence[dict[str, Any]], options: Any,
+                   tools: Sequence[Any] = ()) -> Any:
         import openpto
 
         values = {
@@ -105,7 +111,7 @@ class _Runner:
             "max_new_tokens": options.max_tokens or DEFAULT_MAX_TOKENS,
         }
         config = openpto.GenerationConfig(
-            prompt=self.prompt_text(messages), chat=False,
+            prompt=self.prompt_text(messages, tools), chat=False,
             **{k: v for k, v in values.items() if v is not None})
         return openpto.generate(self.loaded(), config)
 
@@ -133,11 +139,12 @@ def _runner(spec: str) -> _Runner:
 # -- conversations -----------------------------------------------------------------------------
 
 
-def chat_messages(prompt: llm.Prompt, conversation: Any = None) -> list[dict[str, str]]:
-    """``[{"role", "content"}]`` for this turn with its history: llm >= 0.32 hands the whole
+def chat_messages(prompt: llm.Prompt, conversation: Any = None) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages for this turn with its history: llm >= 0.32 hands the whole
     chain over as ``prompt.messages``; older ones only the current turn, so the history comes
-    from the conversation's earlier responses."""
-    messages: list[dict[str, str]] = []
+    from the conversation's earlier responses. Assistant tool calls become ``tool_calls``, tool
+    results ``tool`` messages (``engines.tool_calls`` renders both)."""
+    messages: list[dict[str, Any]] = []
     explicit = getattr(prompt, "_explicit_messages", None)
     if explicit is None and conversation is not None:
         for earlier in conversation.responses:
@@ -145,15 +152,70 @@ def chat_messages(prompt: llm.Prompt, conversation: Any = None) -> list[dict[str
                 messages.append({"role": "system", "content": earlier.prompt.system})
             messages.append({"role": "user", "content": earlier.prompt.prompt})
             messages.append({"role": "assistant", "content": earlier.text_or_raise()})
-    for message in prompt.messages:
-        text = "".join(getattr(part, "text", "") or getattr(part, "output", "") or ""
-                       for part in message.parts)
-        role = "user" if message.role == "tool" else message.role
-        if role == "system" and messages and messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": text}
-            continue
-        messages.append({"role": role, "content": text})
-    return messages
+    for part_message in prompt.messages:
+        messages.extend(_openai_messages(part_message))
+    merged: list[dict[str, Any]] = []
+    for item in messages:  # a later system prompt replaces the first
+        if item["role"] == "system" and merged and merged[0]["role"] == "system":
+            merged[0] = item
+        else:
+            merged.append(item)
+    return merged
+
+
+def _openai_messages(message: Any) -> list[dict[str, Any]]:
+    text = "".join(getattr(p, "text", "") or "" for p in message.parts
+                   if type(p).__name__ == "TextPart")
+    if message.role == "tool":
+        return [{"role": "tool", "tool_call_id": p.tool_call_id, "name": p.name,
+                 "content": p.exception or p.output} for p in message.parts
+                if type(p).__name__ == "ToolResultPart"]
+    calls = [{"id": p.tool_call_id or "", "type": "function",
+              "function": {"name": p.name, "arguments": p.arguments}}
+             for p in message.parts if type(p).__name__ == "ToolCallPart"]
+    out: dict[str, Any] = {"role": message.role, "content": text}
+    if calls:
+        out["tool_calls"] = calls
+    return [out]
+
+
+def prompt_tools(prompt: llm.Prompt) -> list[Any]:
+    """The prompt's function tools as ``engines.tool_calls.Tool``s (schemas checked)."""
+    from openpto.engines.tool_calls import parse_tools
+
+    return parse_tools([
+        {"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                          "parameters": t.input_schema or {
+                                              "type": "object", "properties": {}}}}
+        for t in prompt.tools if isinstance(t, llm.Tool)])
+
+
+class ReplySplitter:
+    """Streamed text in; the content to show out, and at the end llm ``ToolCall``s for every
+    well-formed ``<tool_call>`` block (a malformed one stays in the text, as the model wrote
+    it)."""
+
+    def __init__(self, tools: list[Any]) -> None:
+        from openpto.engines.tool_calls import ToolCallStream
+
+        self.tools = tools
+        self.stream = ToolCallStream() if tools else None
+
+    def push(self, text: str) -> str:
+        return self.stream.push(text) if self.stream is not None else text
+
+    def finish(self) -> tuple[str, list[llm.ToolCall]]:
+        if self.stream is None:
+            return "", []
+        from openpto.engines.tool_calls import parse_reply
+
+        held = self.stream.finish()
+        if not self.stream.tail:
+            return held, []
+        parsed = parse_reply(self.stream.tail, self.tools)
+        calls = [llm.ToolCall(name=c.name, arguments=json.loads(c.arguments),
+                              tool_call_id=c.id) for c in parsed.tool_calls]
+        return held + parsed.content, calls
 
 
 class OptOptions(llm.Options):
@@ -174,6 +236,7 @@ def _usage(response: Any, generation: Any) -> None:
 
 class OptModel(llm.Model):
     can_stream = True
+    supports_tools = True
 
     class Options(OptOptions):
         pass
@@ -184,16 +247,24 @@ class OptModel(llm.Model):
 
     def execute(self, prompt: llm.Prompt, stream: bool, response: Any,
                 conversation: Any) -> Iterator[str]:
+        tools = prompt_tools(prompt)
+        splitter = ReplySplitter(tools)
         generation = _runner(self.spec).generation(chat_messages(prompt, conversation),
-                                                   prompt.options)
+                                                   prompt.options, tools)
         for record in generation:
-            if record.text:
-                yield record.text
+            if record.text and (shown := splitter.push(record.text)):
+                yield shown
+        rest, calls = splitter.finish()
+        if rest:
+            yield rest
+        for call in calls:
+            response.add_tool_call(call)
         _usage(response, generation)
 
 
 class OptAsyncModel(llm.AsyncModel):
     can_stream = True
+    supports_tools = True
 
     class Options(OptOptions):
         pass
@@ -206,6 +277,8 @@ class OptAsyncModel(llm.AsyncModel):
                       conversation: Any) -> AsyncGenerator[str, None]:
         runner = _runner(self.spec)
         messages = chat_messages(prompt, conversation)
+        tools = prompt_tools(prompt)
+        splitter = ReplySplitter(tools)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -213,7 +286,7 @@ class OptAsyncModel(llm.AsyncModel):
             # One thread for the whole generation: its run record holds a SQLite connection,
             # which must stay in the thread that opened it.
             try:
-                generation = runner.generation(messages, prompt.options)
+                generation = runner.generation(messages, prompt.options, tools)
                 for record in generation:
                     if record.text:
                         loop.call_soon_threadsafe(queue.put_nowait, ("text", record.text))
@@ -225,10 +298,16 @@ class OptAsyncModel(llm.AsyncModel):
         while True:
             kind, value = await queue.get()
             if kind == "text":
-                yield value
+                if shown := splitter.push(value):
+                    yield shown
             elif kind == "error":
                 raise value
             else:
+                rest, calls = splitter.finish()
+                if rest:
+                    yield rest
+                for call in calls:
+                    response.add_tool_call(call)
                 _usage(response, value)
                 return
 
