@@ -56,7 +56,7 @@ def test_push_to_opt_serve_then_chat_with_the_model(serve, chat_artifact: Path, 
     assert 'SYSTEM """You are a helpful' in shown["modelfile"]
 
     # The same push again: the server has the blob, so nothing is uploaded.
-    code, out, _ = run_opt(args[:-3] + ["--json"], capsys, monkeypatch)
+    code, out, _ = run_opt([*args[:-3], "--json"], capsys, monkeypatch)
     assert code == 0 and json.loads(out)["uploaded"] is False
 
     messages = [{"role": "user", "content": "Tell me about tea."}]
