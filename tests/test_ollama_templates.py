@@ -3,6 +3,8 @@ Llama-3 Jinja templates (every conversation rendered identically), and the Model
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from openpto.integrations.chat_template import (
@@ -144,3 +146,37 @@ def test_the_modelfile_says_everything_the_push_creates() -> None:
     assert "# The chat template could not be converted: no known style" in draft
     assert "#   {{ messages }}" in draft
     assert not any(line.startswith("TEMPLATE") for line in draft.splitlines())
+
+
+def test_the_python_renderer_agrees_with_go(tmp_path: Path) -> None:
+    """Where Go is installed, Go's own text/template renders the same texts (CI has no Go)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from openpto.integrations.chat_template import STYLES, ollama_messages
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (apt-get install golang-go)")
+    binary = tmp_path / "render"
+    env = {**os.environ, "GOCACHE": str(tmp_path / "cache"), "GOPATH": str(tmp_path / "gopath"),
+           "GO111MODULE": "off"}
+    source = Path(__file__).parent / "go" / "render.go"
+    subprocess.run([go, "build", "-o", str(binary), str(source)], env=env, check=True,
+                   timeout=300)
+    cases = [("{{- range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+              "[{{ $i }}:{{ .Role }}={{ $m.Content }}{{ if $last }}!{{ end }}]{{- end }} "
+              '{{ if .Tools }}t{{ else if eq .System "s" }}n{{ else }}?{{ end }} '
+              '{{ and 1 0 }}{{ or 0 "x" }} {{ printf "%s-%d" "n" 3 }} {{ json .System }}',
+              ollama_messages(CONVERSATIONS[2], None)),
+             ("a  \n {{- .X -}} \n\t b", {"X": 1}),
+             ("{{ range .L }}{{ . }}{{ else }}empty{{ end }}", {"L": []})]
+    cases += [(style.template, ollama_messages(conversation, system))
+              for style in STYLES for conversation in CONVERSATIONS
+              for system in (None, "A default system prompt.")]
+    done = subprocess.run([str(binary)], input=json.dumps(
+        [{"template": t, "data": d} for t, d in cases]), capture_output=True, text=True,
+        check=True, timeout=60)
+    assert json.loads(done.stdout) == [render(t, d) for t, d in cases]

@@ -157,7 +157,7 @@ _FUNCS: dict[str, Callable[..., Any]] = {
     "or": lambda *a: next((x for x in a if _truth(x)), a[-1]),
     "len": lambda a: len(a or []),
     "index": lambda a, *keys: _index(a, keys),
-    "slice": lambda a, *ix: a[slice(*ix)],
+    "slice": lambda a, *ix: a[ix[0]:ix[1]] if len(ix) > 1 else a[ix[0]:] if ix else a,
     "print": lambda *a: "".join(_text(x) for x in a),
     "printf": _printf,
     "json": _json,
