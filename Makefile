@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,db,serve,quant,mlx,agents,grammar,tui,llm
+EXTRAS ?= dev,db,serve,quant,mlx,agents,grammar,tui,llm,security
 
 .PHONY: install demo test lint clean
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 
 import typer
 
 from openpto.cli.common import JSON_HELP, emit, stderr
+from openpto.errors import UsageError
 
 MODEL_HELP = "Alias, folder, .gguf file, artifact or cached hub id (default smollm2-135m)."
 DRAFT_HELP = ("Speculative draft for lone requests: a MODEL, self:int4, self:int8, "
@@ -33,11 +35,16 @@ def serve_cmd(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (torch)."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for the model."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (once, when it starts)"),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth",
+        help="Listen on a non-loopback address without an API key (anyone can use it)."),
 ) -> None:
     """Serve a model over OpenAI- and Ollama-compatible HTTP APIs until interrupted.
 
     Example: opt serve smollm2-135m --port 8000 --api-key secret --max-batch 8
     """
+    api_key = api_key or None  # an empty OPT_API_KEY is no key
+    check_bind(host, api_key, insecure_no_auth)
     # Front ends never import each other statically (import-linter); the server is started here.
     serving = importlib.import_module("openpto.serving")
     settings = serving.ServerSettings(
@@ -53,3 +60,26 @@ def serve_cmd(
             stderr.print(f"serving {info['model']} ({backend}) on {info['url']} (Ctrl-C stops)")
 
     serving.serve_model(model, backend, settings, options, on_started=started)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine. Names other than localhost count as not:
+    what they resolve to can change."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """A server reachable from other machines needs a key, unless the user says otherwise."""
+    if api_key is not None or is_loopback(host):
+        return
+    if not insecure_no_auth:
+        raise UsageError(
+            f"refusing to listen on {host} without an API key: pass --api-key (or set "
+            "OPT_API_KEY), or --insecure-no-auth to serve without one")
+    stderr.print(f"warning: serving on {host} with no API key (--insecure-no-auth): anyone who "
+                 "can reach this address can use the server")
