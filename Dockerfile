@@ -14,6 +14,7 @@ ARG CUDA=0
 ARG CPU_BASE=python:3.11-slim-bookworm
 ARG CUDA_BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
+# checkov:skip=CKV_DOCKER_7: the bases are build arguments whose defaults carry pinned tags
 FROM ${CPU_BASE} AS base-0
 
 FROM ${CUDA_BASE} AS base-1

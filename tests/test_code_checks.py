@@ -179,3 +179,17 @@ def test_check_bind_warns_when_told_to_serve_without_a_key(
         check_bind("10.1.2.3", None, False)
     check_bind("10.1.2.3", None, True)
     assert "warning: serving on 10.1.2.3 with no API key" in capsys.readouterr().err
+
+
+def test_the_key_can_come_from_a_file(tmp_path: Path) -> None:
+    from openpto.cli.serve import read_key_file
+    from openpto.errors import UsageError
+
+    (tmp_path / "key").write_text("s3cret-from-a-file\n")
+    assert read_key_file(tmp_path / "key") == "s3cret-from-a-file"
+    assert read_key_file(None) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UsageError, match="is empty"):
+        read_key_file(tmp_path / "empty")
+    with pytest.raises(UsageError, match="cannot read the API key file"):
+        read_key_file(tmp_path / "missing")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+from pathlib import Path
 
 import typer
 
@@ -26,6 +27,9 @@ def serve_cmd(
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: str | None = typer.Option(None, envvar="OPT_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' (not /health)."),
+    api_key_file: Path | None = typer.Option(
+        None, envvar="OPT_API_KEY_FILE",
+        help="Read the API key from this file (a container secret); --api-key wins."),
     cors_origin: list[str] = typer.Option([], help="Allow this browser origin (repeatable)."),
     max_batch: int = typer.Option(8, min=1, help="Most sequences decoded together (torch)."),
     draft: str | None = typer.Option(None, help=DRAFT_HELP),
@@ -43,7 +47,7 @@ def serve_cmd(
 
     Example: opt serve smollm2-135m --port 8000 --api-key secret --max-batch 8
     """
-    api_key = api_key or None  # an empty OPT_API_KEY is no key
+    api_key = api_key or read_key_file(api_key_file)  # an empty OPT_API_KEY is no key
     check_bind(host, api_key, insecure_no_auth)
     # Front ends never import each other statically (import-linter); the server is started here.
     serving = importlib.import_module("openpto.serving")
@@ -71,6 +75,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def read_key_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the API key file {path}: {exc.strerror}") from exc
+    if not key:
+        raise UsageError(f"the API key file {path} is empty")
+    return key
 
 
 def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
