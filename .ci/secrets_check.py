@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 
-EXCLUDE = r"(^|/)\.venv|\.git/|benchmarks/results/"
+EXCLUDE = r"(^|/)\.venv|\.git/|benchmarks/results/|^\.secrets\.baseline$"
 
 
 def findings(report: dict) -> set[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Fuzz ``opt serve`` with schemathesis: every route of its OpenAPI schema, with and without the key.
+"""Fuzz ``opt serve`` with schemathesis: every route of its OpenAPI schema, with and without a key.
 
 Starts ``opt serve`` in a subprocess on a tiny random model (with an API key, prompt logging on
 and a small ``--max-tokens-limit`` so that each generated request stays short), then, for each
