@@ -92,14 +92,15 @@ class ServeProcess:
     """``opt serve MODEL`` in a subprocess, with its stderr in a file."""
 
     def __init__(self, model: Path, db: Path, key: str | None, log: Path,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, max_tokens_limit: int = 16) -> None:
         from openpto.serving.background import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         args = [sys.executable, "-m", "openpto", "serve", str(model), "--port", str(self.port),
-                "--max-batch", "4", "--max-tokens-limit", "16", *(extra or [])]
+                "--max-batch", "4", "--max-tokens-limit", str(max_tokens_limit),
+                *(extra or [])]
         env = {**os.environ, "OPT_DB": str(db), "HF_HUB_OFFLINE": "1", "OPT_API_KEY": key or ""}
         self._log_handle = log.open("w")
         self.process = subprocess.Popen(args, env=env, stdout=self._log_handle,
