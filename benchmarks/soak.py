@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fuzz  # noqa: E402
-import harness  # noqa: E402
+import fuzz
+import harness
 
 PROMPTS = ["Tell me about the sea.", "def fibonacci(n):", "The history of Rome", "Hello"]
 
