@@ -51,5 +51,11 @@ except urllib.error.HTTPError as exc:
     assert exc.code == 401, exc.code
     print("without the key: 401")
 PY
+# The image's own HEALTHCHECK command, run inside the container as Docker would run it.
+healthcheck=$(buildah inspect --type image --format '{{json .Docker.Config.Healthcheck.Test}}' "$IMAGE")
+echo "== HEALTHCHECK $healthcheck" >&2
+mapfile -t check < <(python3 -c 'import json, sys; t = json.loads(sys.argv[1]); print("\n".join(t[1:]))' "$healthcheck")
+buildah run --user 10001:10001 "$ctr" -- "${check[@]}"
+echo "== HEALTHCHECK: healthy" >&2
 echo "== the image serves: ok" >&2
 grep -v "$KEY" "$log" | tail -5 >&2 || true
