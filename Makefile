@@ -53,8 +53,10 @@ compose-check:
 
 # pip-audit asks PyPI's JSON API (or OSV with AUDIT_SOURCE=osv) about every installed package.
 AUDIT_SOURCE ?= pypi
+# --strict: a package that could not be checked is a failure, not a silent skip.
+AUDIT_FLAGS ?= --strict
 audit:
-	$(BIN)/pip-audit --progress-spinner off -l -s $(AUDIT_SOURCE) --desc
+	$(BIN)/pip-audit --progress-spinner off -l -s $(AUDIT_SOURCE) --desc $(AUDIT_FLAGS)
 
 sbom:
 	@mkdir -p build
