@@ -166,7 +166,8 @@ def fuzz(schema: dict[str, Any], url: str, headers: dict[str, str], max_examples
             report.statuses[status] += 1
             if status >= 500 and status not in DOCUMENTED_5XX:
                 report.failures.append({"operation": operation.label, "status": status,
-                                        "body": response.text[:300]})
+                                        "body": response.text[:300],
+                                        "request": repr(case.body)[:500]})
 
         return send
 

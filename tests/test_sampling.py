@@ -84,6 +84,17 @@ def test_temperature_scales_logits() -> None:
     torch.testing.assert_close(p, torch.softmax(logits / 2.0, dim=-1))
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-38, 1e-5])
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_nan(temperature: float) -> None:
+    """Found by fuzzing opt serve: logits / 1e-300 overflowed to inf and softmax to nan."""
+    logits = torch.tensor([[2.0, 7.5, -1.0, 7.0], [-3.0, -2.0, -2.5, float("-inf")]])
+    params = SamplingParams(temperature=temperature, seed=0)
+    p = probabilities(logits, params)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    assert sample_next(logits, params, make_generator(params)).tolist() == [1, 1]
+
+
 def test_repetition_penalty_math() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0], [2.0, -2.0, 1.0, -1.0]])
     previous = torch.tensor([[0, 1, 1], [2, 3, 0]])

@@ -113,6 +113,9 @@ def apply_repetition_penalty(
     return torch.where(counts > 0, penalised, logits)
 
 
+_TINY_TEMPERATURE = 1e-4
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on a batch of logits [B, V]; removed tokens get -inf.
 
@@ -123,7 +126,15 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """
     out = logits.float()
     if params.temperature > 0:
-        out = out / params.temperature
+        if params.temperature < _TINY_TEMPERATURE:
+            # Dividing by a temperature this small overflows float32 to inf (and softmax to
+            # nan); shifted by the row's max first, the scaled logits stay <= 0 and the
+            # distribution tends to the argmax, as it should. Below float32's smallest normal
+            # number the temperature itself would round to 0 (0 / 0 = nan at the max).
+            out = out - out.max(dim=-1, keepdim=True).values
+            out = out / max(params.temperature, torch.finfo(torch.float32).tiny)
+        else:
+            out = out / params.temperature
     vocab = out.shape[-1]
     if 0 < params.top_k < vocab:
         top = torch.topk(out, params.top_k, dim=-1)
