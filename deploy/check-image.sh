@@ -51,11 +51,21 @@ except urllib.error.HTTPError as exc:
     assert exc.code == 401, exc.code
     print("without the key: 401")
 PY
-# The image's own HEALTHCHECK command, run inside the container as Docker would run it.
-healthcheck=$(buildah inspect --type image --format '{{json .Docker.Config.Healthcheck.Test}}' "$IMAGE")
-echo "== HEALTHCHECK $healthcheck" >&2
-mapfile -t check < <(python3 -c 'import json, sys; t = json.loads(sys.argv[1]); print("\n".join(t[1:]))' "$healthcheck")
+# The image's own HEALTHCHECK command, run inside the container as Docker would run it (with
+# this check's port: the container shares this machine's network, where 8000 may be taken).
+mapfile -t check < <(buildah inspect --type image "$IMAGE" | python3 -c '
+import json, sys
+test = json.load(sys.stdin)["Docker"]["config"]["Healthcheck"]["Test"]
+assert test[0] == "CMD", test
+print("\n".join(arg.replace(":8000/", ":" + sys.argv[1] + "/") for arg in test[1:]))' "$PORT")
+echo "== HEALTHCHECK ${check[*]}" >&2
 buildah run --user 10001:10001 "$ctr" -- "${check[@]}"
 echo "== HEALTHCHECK: healthy" >&2
+# The image's CMD listens on 0.0.0.0: without a key it must refuse to start.
+if refusal=$(buildah run --user 10001:10001 "$ctr" -- opt serve --host 0.0.0.0 --port "$((PORT + 1))" 2>&1); then
+    echo "the image served on 0.0.0.0 without a key" >&2; exit 1
+fi
+grep -q "refusing to listen on 0.0.0.0 without an API key" <<<"$refusal"
+echo "== without a key on 0.0.0.0: refused ($refusal)" >&2
 echo "== the image serves: ok" >&2
 grep -v "$KEY" "$log" | tail -5 >&2 || true
