@@ -109,7 +109,16 @@ def apply_repetition_penalty(
     weights = ones if mask is None else mask.to(logits.dtype)
     # scatter_add counts occurrences deterministically even when a row repeats a token.
     counts = torch.zeros_like(logits).scatter_add_(1, previous.to(logits.device), weights)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    finfo = torch.finfo(logits.dtype)
+    if penalty < finfo.tiny or penalty > 1 / finfo.tiny:
+        # A penalty this far from 1 would round to 0 or overflow in the logits' dtype (x / 0 =
+        # inf, -inf * 0 = nan); clamped, the penalised logits stay finite, ordered as before.
+        penalty = min(max(penalty, finfo.tiny), 1 / finfo.tiny)
+        penalised = torch.where(logits > 0, (logits / penalty).clamp(max=finfo.max),
+                                (logits * penalty).clamp(min=-finfo.max))
+        penalised = torch.where(torch.isneginf(logits), logits, penalised)
+    else:
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(counts > 0, penalised, logits)
 
 
