@@ -13,7 +13,10 @@ url="http://127.0.0.1:$PORT"
 ctr=$(buildah from "$IMAGE")
 log=$(mktemp)
 cleanup() {
-    [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    if [ -n "${pid:-}" ]; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
     buildah rm "$ctr" >/dev/null
     rm -f "$log"
 }
