@@ -84,6 +84,8 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM runtime AS dev
 ARG OPT_UID=10001
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
 USER 0
 WORKDIR /src
 COPY --from=builder /src /src
