@@ -11,9 +11,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,db,serve,quant,mlx,agents,grammar,tui,llm
+EXTRAS ?= dev,db,serve,quant,mlx,agents,grammar,tui,llm,security
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean image image-check compose-check audit sbom checkov security fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,49 @@ lint:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# -- deployment and security (docs/deploy.md, docs/security.md) ---------------------------------
+# The image is built without a daemon: buildah on vfs storage, on a Debian base made by
+# mmdebstrap (apt-get install buildah mmdebstrap). WHEELS / CA_BUNDLE are passed through.
+image:
+	deploy/build-image.sh
+
+image-check:
+	deploy/check-image.sh
+
+compose-check:
+	@mkdir -p build && printf 'placeholder\n' > build/compose-check-key
+	OPT_API_KEY_FILE=build/compose-check-key docker-compose -f compose.yaml config -q
+	@echo "compose.yaml: valid"
+
+# pip-audit asks PyPI's JSON API (or OSV with AUDIT_SOURCE=osv) about every installed package.
+AUDIT_SOURCE ?= pypi
+# --strict: a package that could not be checked is a failure, not a silent skip.
+AUDIT_FLAGS ?= --strict
+audit:
+	$(BIN)/pip-audit --progress-spinner off -l -s $(AUDIT_SOURCE) --desc $(AUDIT_FLAGS)
+
+sbom:
+	@mkdir -p build
+	$(BIN)/cyclonedx-py environment --of JSON -o build/sbom.cdx.json $(BIN)/python
+	@echo "wrote build/sbom.cdx.json"
+
+# checkov has many dependencies: it lives in a venv of its own, off the project's.
+CHECKOV_VENV ?= /tmp/checkov-venv
+checkov:
+	test -x $(CHECKOV_VENV)/bin/checkov || (python3 -m venv $(CHECKOV_VENV) && $(CHECKOV_VENV)/bin/pip install --quiet checkov)
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download -f Dockerfile --framework dockerfile
+
+security:
+	$(BIN)/bandit -q -c pyproject.toml -r src
+	$(BIN)/python .ci/secrets_check.py
+	$(BIN)/hadolint Dockerfile
+
+# Longer runs than the test suite's: schemathesis over every route, and the soak.
+FUZZ_EXAMPLES ?= 200
+fuzz:
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fuzz.py --max-examples $(FUZZ_EXAMPLES)
+
+SOAK_SECONDS ?= 180
+soak:
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS)

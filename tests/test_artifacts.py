@@ -106,6 +106,7 @@ def test_a_failure_mid_save_leaves_nothing_that_looks_complete(  # type: ignore[
 ) -> None:
     import safetensors.torch
 
+    from openpto.errors import WriteError
     from openpto.pipeline.artifacts import write_artifact
 
     model, tok = tiny
@@ -120,7 +121,7 @@ def test_a_failure_mid_save_leaves_nothing_that_looks_complete(  # type: ignore[
 
     # The weights are complete on disk when the fault strikes, openpto.json not yet.
     monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
-    with pytest.raises(OSError, match="no space left"):
+    with pytest.raises(WriteError, match="no space left on device; nothing was left half-written"):
         write_artifact(model, tok, tmp_path / "art", quantized, {})
     assert len(written) == 1 and written[0].parent.name.startswith(".art.tmp-")
     assert not written[0].exists()

@@ -84,6 +84,31 @@ def test_temperature_scales_logits() -> None:
     torch.testing.assert_close(p, torch.softmax(logits / 2.0, dim=-1))
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-38, 1e-5])
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_nan(temperature: float) -> None:
+    """Found by fuzzing opt serve: logits / 1e-300 overflowed to inf and softmax to nan."""
+    logits = torch.tensor([[2.0, 7.5, -1.0, 7.0], [-3.0, -2.0, -2.5, float("-inf")]])
+    params = SamplingParams(temperature=temperature, seed=0)
+    p = probabilities(logits, params)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p, torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    assert sample_next(logits, params, make_generator(params)).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-300, 1e-39, 1e300])
+def test_an_extreme_repetition_penalty_keeps_the_distribution_finite(penalty: float) -> None:
+    """Found by fuzzing opt serve: repetition_penalty=5e-324 made logits / penalty inf."""
+    logits = torch.tensor([[2.0, 7.5, -1.0, float("-inf")], [3.0, 1.0, 0.0, -2.0]])
+    previous = torch.tensor([[0, 2, 3], [1, 3, 3]])
+    params = SamplingParams(temperature=1.0, repetition_penalty=penalty, seed=0)
+    out = apply_repetition_penalty(logits, previous, penalty)
+    assert not torch.isnan(out).any() and torch.isneginf(out[0, 3])
+    p = probabilities(logits, params)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(dim=-1), torch.ones(2))
+    sample_next(logits, params, make_generator(params), previous=previous)
+
+
 def test_repetition_penalty_math() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0], [2.0, -2.0, 1.0, -1.0]])
     previous = torch.tensor([[0, 1, 1], [2, 3, 0]])

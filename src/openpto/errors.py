@@ -46,6 +46,11 @@ class StoreError(OptError):
     """A database problem: a write statement in a read-only query, a missing table, a bad path."""
 
 
+class WriteError(OptError):
+    """An output that could not be written (disk full, read-only file system, permissions);
+    nothing half-written is left in its place."""
+
+
 class BackendUnavailable(OptError):
     """A backend or kernel that cannot run on this machine."""
 

@@ -123,8 +123,20 @@ def apply_repetition_penalty(
     weights = ones if mask is None else mask.to(logits.dtype)
     # scatter_add counts occurrences deterministically even when a row repeats a token.
     counts = torch.zeros_like(logits).scatter_add_(1, previous.to(logits.device), weights)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    finfo = torch.finfo(logits.dtype)
+    if penalty < finfo.tiny or penalty > 1 / finfo.tiny:
+        # A penalty this far from 1 would round to 0 or overflow in the logits' dtype (x / 0 =
+        # inf, -inf * 0 = nan); clamped, the penalised logits stay finite, ordered as before.
+        penalty = min(max(penalty, finfo.tiny), 1 / finfo.tiny)
+        penalised = torch.where(logits > 0, (logits / penalty).clamp(max=finfo.max),
+                                (logits * penalty).clamp(min=-finfo.max))
+        penalised = torch.where(torch.isneginf(logits), logits, penalised)
+    else:
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(counts > 0, penalised, logits)
+
+
+_TINY_TEMPERATURE = 1e-4
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -137,7 +149,15 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """
     out = logits.float()
     if params.temperature > 0:
-        out = out / params.temperature
+        if params.temperature < _TINY_TEMPERATURE:
+            # Dividing by a temperature this small overflows float32 to inf (and softmax to
+            # nan); shifted by the row's max first, the scaled logits stay <= 0 and the
+            # distribution tends to the argmax, as it should. Below float32's smallest normal
+            # number the temperature itself would round to 0 (0 / 0 = nan at the max).
+            out = out - out.max(dim=-1, keepdim=True).values
+            out = out / max(params.temperature, torch.finfo(torch.float32).tiny)
+        else:
+            out = out / params.temperature
     vocab = out.shape[-1]
     if 0 < params.top_k < vocab:
         top = torch.topk(out, params.top_k, dim=-1)

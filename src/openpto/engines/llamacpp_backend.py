@@ -173,7 +173,7 @@ class LlamaCppEngine(SerialEngine):
 
     def _token_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
         llm = self._require()
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))  # nosec B311  # a sampling seed, not security
         room = self.info.context_length - len(prompt_ids)
         for count, token in enumerate(llm.generate(
             prompt_ids, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,

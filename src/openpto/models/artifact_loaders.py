@@ -191,7 +191,7 @@ def load_bitsandbytes(request: ArtifactRequest) -> LoadedModel:
 
     request.check_folder()
     _import_library("bitsandbytes", "bitsandbytes", "bitsandbytes artifacts")
-    model = AutoModelForCausalLM.from_pretrained(request.folder, dtype=request.dtype,
+    model = AutoModelForCausalLM.from_pretrained(request.folder, dtype=request.dtype,  # nosec B615  # local folder
                                                  device_map=str(request.device))
     return request.loaded(model.eval())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
+import pickle  # nosec B403  # only its exception class is used
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,20 +159,20 @@ def _load_folder(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_folder(folder, trust_remote_code)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)  # nosec B615  # local folder
     if drop_quantization and hasattr(config, "quantization_config"):
         # The artifact loader swaps in packed modules itself; transformers must not try to.
         del config.quantization_config
     quiet = _transformers_errors_only() if drop_quantization else contextlib.nullcontext()
     try:
         with quiet:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(  # nosec B615  # local folder
                 folder, config=config, dtype=dtype, trust_remote_code=trust_remote_code
             )
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as exc:
         # Only .bin checkpoints get here corrupt: safetensors were checked above.
         raise CorruptFile(f"{folder}: a .bin weights file is corrupt or truncated: {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)  # nosec B615  # local folder
     return model, tokenizer
 
 
@@ -312,7 +312,7 @@ class ArtifactRequest:
         from transformers import AutoTokenizer
 
         sha = files_sha256(weight_files(self.folder))
-        tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        tokenizer = AutoTokenizer.from_pretrained(self.folder)  # nosec B615  # local folder
         return LoadedModel(model, tokenizer, self.source.name, self.source.kind, self.folder, sha,
                            {**self.metadata, "kernel": self.format})
 

@@ -80,7 +80,7 @@ def _from_hub_cache(spec: str) -> ModelSource | None:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(spec, local_files_only=True))
+        folder = Path(snapshot_download(spec, local_files_only=True))  # nosec B615  # local cache only
     except (HFValidationError, LocalEntryNotFoundError):
         return None
     if not (folder / "config.json").is_file():

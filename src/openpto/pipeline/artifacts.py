@@ -34,7 +34,7 @@ from torch import nn
 
 from openpto.core.quant.primitives import pack_int32
 from openpto.core.quant.tensor import QuantizedWeight
-from openpto.errors import UsageError
+from openpto.errors import UsageError, WriteError
 from openpto.models import sparse_format
 from openpto.models.resolve import ARTIFACT_FILE
 
@@ -501,6 +501,9 @@ def write_artifact(
         # openpto.json goes last: its presence is what makes a folder an artifact.
         (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         _replace(tmp, output)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(output, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -518,9 +521,21 @@ def staged_folder(output: Path, metadata: dict[str, Any], fmt: str) -> Iterator[
         info = {**metadata, "format": fmt}
         (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         _replace(tmp, output)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(output, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_error(output: Path, exc: OSError) -> WriteError:
+    """The one-line error for a failed write; the partial folder is already removed and an
+    older artifact at ``output`` is left as it was."""
+    reason = exc.strerror or str(exc)
+    return WriteError(f"cannot write the artifact {output}: {reason}"
+                      + (f" ({exc.filename})" if exc.filename else "")
+                      + "; nothing was left half-written")
 
 
 def _replace(tmp: Path, output: Path) -> None:

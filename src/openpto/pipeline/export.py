@@ -147,7 +147,7 @@ def _add_tokenizer(writer: Any, folder: Path, source_gguf: Path | None) -> None:
     import gguf
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)  # nosec B615  # local folder
     data = json.loads((folder / "tokenizer.json").read_text())
     model = data.get("model") or {}
     if model.get("type") != "BPE":

@@ -9,6 +9,8 @@ import os
 import socket
 import sqlite3
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -86,16 +88,33 @@ class Store:
     # Each write holds Ctrl-C and SIGTERM back until it is committed, so that the trace or
     # status of a stage that a signal interrupts is still recorded (the signal follows).
     def insert(self, table: str, row: dict[str, Any]) -> None:
-        with signals_held(), self.db.conn:
+        with self._writing(), signals_held(), self.db.conn:
             self.db[table].insert(_jsonify(row))  # type: ignore[union-attr]
 
     def upsert(self, table: str, row: dict[str, Any], pk: str = "id") -> None:
-        with signals_held(), self.db.conn:
+        with self._writing(), signals_held(), self.db.conn:
             self.db[table].upsert(_jsonify(row), pk=pk)  # type: ignore[union-attr]
 
     def update(self, table: str, pk: str, values: dict[str, Any]) -> None:
-        with signals_held(), self.db.conn:
+        with self._writing(), signals_held(), self.db.conn:
             self.db[table].update(pk, _jsonify(values))  # type: ignore[union-attr]
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that SQLite refuses (locked, read-only, disk full) is one clear StoreError."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                reason = "is locked by another process (waited 5 s for it)"
+            elif "readonly" in text or "read-only" in text:
+                reason = "is read-only (check the file's and its folder's permissions)"
+            elif "full" in text:
+                reason = "cannot grow: the disk is full"
+            else:
+                reason = "refused a write"
+            raise StoreError(f"the database {self.path} {reason}: {text}") from exc
 
     def record_dataset(
         self, name: str, source: str, sha256: str, tokens: int

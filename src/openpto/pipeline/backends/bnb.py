@@ -105,7 +105,7 @@ class BitsAndBytesBackend(QuantBackend):
             with tempfile.TemporaryDirectory(prefix="openpto-bnb-") as scratch:
                 save_model(job.loaded.model, job.loaded.tokenizer, scratch)
                 started = time.perf_counter()
-                model = AutoModelForCausalLM.from_pretrained(
+                model = AutoModelForCausalLM.from_pretrained(  # nosec B615  # local folder
                     scratch, quantization_config=self._config(job.config), device_map="cpu"
                     if job.device == "cpu" else job.device, dtype=job.loaded.dtype,
                 )
