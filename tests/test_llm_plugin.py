@@ -155,7 +155,7 @@ def test_a_running_opt_serve_is_registered_from_opt_serve_url(artifact: tuple[Pa
                          "message": {"role": "assistant", "content": "Paris."}}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
         env = _env(tmp_path, artifact[1], OPT_SERVE_URL=server.url_for("/"),
-                   OPT_API_KEY="sekret")
+                   OPT_API_KEY="sekret")  # pragma: allowlist secret
         assert "opt-serve/smollm2-135m" in _llm(env, "models")
         assert _llm(env, "-m", "opt-serve/smollm2-135m", "--no-stream", "Capital?") \
             == "Paris.\n"

@@ -200,12 +200,12 @@ def _operand(token: str, dot: Any, scope: _Scope) -> Any:
     if token.startswith("`"):
         return token[1:-1]
     if token in ("true", "false"):
-        return token == "true"
-    if token == "nil":
+        return token == "true"  # nosec B105  # a template token, not a password
+    if token == "nil":  # nosec B105  # a template token, not a password
         return None
     if re.fullmatch(r"-?\d+", token):
         return int(token)
-    if token == ".":
+    if token == ".":  # nosec B105  # a template token, not a password
         return dot
     if token.startswith("."):
         value = dot
@@ -252,7 +252,7 @@ def _pipeline(tokens: list[str], dot: Any, scope: _Scope) -> Any:
     depth = 0
     for token in tokens:
         depth += {"(": 1, ")": -1}.get(token, 0)
-        if token == "|" and depth == 0:
+        if token == "|" and depth == 0:  # nosec B105  # a template token, not a password
             commands.append([])
         else:
             commands[-1].append(token)

@@ -12,7 +12,7 @@ that needs them is printed and refused, for the user to paste into a shell thems
 from __future__ import annotations
 
 import shlex
-import subprocess
+import subprocess  # nosec B404  # argument lists only, never a shell
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -132,7 +132,7 @@ def install_plugin(name: str) -> dict[str, Any]:
     """``pip install NAME`` into this environment (where ``llm`` and ``opt`` run)."""
     if not name.strip() or name.startswith("-"):
         raise UsageError(f"not a package name: {name!r}")
-    done = subprocess.run([sys.executable, "-m", "pip", "install", name],
+    done = subprocess.run([sys.executable, "-m", "pip", "install", name],  # nosec B603  # pip with a checked package name, no shell
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
@@ -212,7 +212,7 @@ def run_drafted(description: str, command: str, *, interactive: bool,
         return DraftedCommand(description, command, reason="declined")
     argv = shlex.split(command)
     try:
-        done = subprocess.run(argv, check=False)
+        done = subprocess.run(argv, check=False)  # nosec B603  # the command the user confirmed, split without a shell
     except OSError as exc:
         raise OptError(f"cannot run {argv[0]!r}: {exc}") from exc
     return DraftedCommand(description, command, ran=True, returncode=done.returncode)
