@@ -19,7 +19,7 @@ from textual.screen import Screen
 from openpto.errors import OptError
 from openpto.store import Store
 from openpto.tui.forms import Catalog
-from openpto.tui.jobs import run_json
+from openpto.tui.jobs import JobFailed, run_json
 from openpto.tui.screens.agent import AgentScreen
 from openpto.tui.screens.base import OptScreen
 from openpto.tui.screens.compress import CompressScreen, QuantizeScreen, SparsifyScreen
@@ -64,7 +64,8 @@ class OptApp(App[None]):
     ]
 
     def __init__(self, *, theme: str | None = None, db_path: str | Path | None = None,
-                 config_file: Path | None = None) -> None:
+                 config_file: Path | None = None, catalog: Catalog | None = None,
+                 machine: dict[str, Any] | None = None) -> None:
         self.config_file = config_file if config_file is not None else config_path()
         self.config_error: str | None = None
         try:
@@ -72,8 +73,9 @@ class OptApp(App[None]):
         except OptError as exc:
             self.user_config, self.config_error = UserConfig(), str(exc)
         self.db_path = Path(db_path).expanduser() if db_path is not None else None
-        self.catalog = Catalog()
-        self._machine: dict[str, Any] | None = None
+        self.catalog = catalog if catalog is not None else Catalog()
+        #: ``opt info --json`` once read (given: no child process is started for it)
+        self.machine = machine
         #: the top-level screens made so far, by mode name (each registers itself on mount)
         self.screens_made: dict[str, OptScreen] = {}
         super().__init__()
@@ -86,9 +88,17 @@ class OptApp(App[None]):
     def on_mount(self) -> None:
         self.apply_theme(self.requested_theme)
         self.apply_keymap()
+        self.run_worker(self._prefetch_catalog(), group="catalog")
         if self.config_error:
             self.notify(f"{self.config_error} (using the built-in defaults)", severity="error",
                         timeout=10)
+
+    async def _prefetch_catalog(self) -> None:
+        """Read the registered methods early, so the forms are ready when first opened."""
+        try:
+            await self.catalog.methods()
+        except (OSError, ValueError, JobFailed) as exc:
+            self.notify(f"cannot read the registered methods: {exc}", severity="error")
 
     # -- state the screens share -----------------------------------------------------------
     def store(self) -> Store:
@@ -96,9 +106,9 @@ class OptApp(App[None]):
         return Store(self.db_path)
 
     async def machine_info(self) -> dict[str, Any]:
-        if self._machine is None:
-            self._machine = await run_json(["info"], self.db_path)
-        return self._machine
+        if self.machine is None:
+            self.machine = await run_json(["info"], self.db_path)
+        return self.machine
 
     def runs_changed(self) -> None:
         """A job wrote to the database: the Home and Runs screens reload when shown."""
@@ -194,11 +204,14 @@ class OptApp(App[None]):
 
 
 def make_app(theme: str | None = None, db_path: str | Path | None = None,
-             config_file: Path | None = None) -> OptApp:
-    """The app, as ``opt-tui``, ``opt tui`` and the tests build it."""
+             config_file: Path | None = None, catalog: Catalog | None = None,
+             machine: dict[str, Any] | None = None) -> OptApp:
+    """The app, as ``opt-tui``, ``opt tui`` and the tests build it. ``catalog`` and ``machine``
+    (the registered methods, ``opt info``'s JSON) are read in child processes unless given."""
     if theme is not None and theme not in THEMES:
         raise ValueError(f"theme {theme!r}: dark or light")
-    return OptApp(theme=theme, db_path=db_path, config_file=config_file)
+    return OptApp(theme=theme, db_path=db_path, config_file=config_file, catalog=catalog,
+                  machine=machine)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from openpto.tui.jobs import python_json
@@ -60,17 +59,22 @@ def catalog_from(configs: list[dict[str, Any]]) -> dict[str, MethodSpec]:
 class Catalog:
     """The registered methods, fetched once per process (about 2 s: the child imports torch)."""
 
-    def __init__(self, cache_file: Path | None = None) -> None:
-        self._methods: dict[str, MethodSpec] | None = None
-        self._lock = asyncio.Lock()
-        self.cache_file = cache_file
+    def __init__(self, configs: list[dict[str, Any]] | None = None) -> None:
+        """``configs``: ``openpto.configs()``'s list when the caller has it already."""
+        self._methods = catalog_from(configs) if configs is not None else None
+        self._loading: asyncio.Future[dict[str, MethodSpec]] | None = None
 
     async def methods(self) -> dict[str, MethodSpec]:
-        async with self._lock:
-            if self._methods is None:
-                configs = await python_json(CATALOG_CODE)
-                self._methods = catalog_from(configs)
+        if self._methods is not None:
+            return self._methods
+        if self._loading is None or self._loading.done():
+            # One child process however many screens ask at once.
+            self._loading = asyncio.ensure_future(self._fetch())
+        self._methods = await asyncio.shield(self._loading)
         return self._methods
+
+    async def _fetch(self) -> dict[str, MethodSpec]:
+        return catalog_from(await python_json(CATALOG_CODE))
 
     def of_kind(self, kind: str) -> list[MethodSpec]:
         return [m for m in (self._methods or {}).values() if m.kind == kind]

@@ -16,18 +16,21 @@ def free_port() -> int:
 
 
 async def wait_for_http(url: str, process: asyncio.subprocess.Process,
-                        timeout: float = 120.0) -> bool:
-    """Poll ``url`` until it answers; False when the process exits or the time runs out."""
+                        timeout: float = 120.0, ready_below: int = 500) -> bool:
+    """Poll ``url`` until it answers with a status below ``ready_below`` (``/health`` of
+    ``opt serve`` says 503 while the model loads); False when the process exits or the time
+    runs out."""
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=2.0) as client:
         while time.monotonic() < deadline:
             if process.returncode is not None:
                 return False
             try:
-                await client.get(url)
-                return True
+                if (await client.get(url)).status_code < ready_below:
+                    return True
             except httpx.HTTPError:
-                await asyncio.sleep(0.3)
+                pass
+            await asyncio.sleep(0.3)
     return False
 
 

@@ -98,7 +98,8 @@ class AgentScreen(OptScreen):
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                 env=job_env(self.opt.db_path), start_new_session=True)
             url = f"http://127.0.0.1:{port}"
-            if not await wait_for_http(f"{url}/health", self.server, timeout=300):
+            if not await wait_for_http(f"{url}/health", self.server, timeout=300,
+                                       ready_below=300):
                 self.server = None
                 raise OSError("the local opt serve did not start")
             self.server_url = url

@@ -109,17 +109,17 @@ class ServeScreen(OptScreen):
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=job_env(self.opt.db_path), start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        ok = await wait_for_http(f"{url}/health", self.process, timeout=300)
+        ok = await wait_for_http(f"{url}/health", self.process, timeout=300, ready_below=300)
         if not ok:
             reason = await self._stderr_tail()
             self.process = None
             status.update("stopped")
             self.fail(f"opt serve did not start: {reason}")
             return
-        self.url = url
-        status.update(f"serving at {url}/v1 (OpenAI) and {url}/api (Ollama)")
-        self.notify(f"serving at {url}", title="Serve")
         self.model_id = await self._served_model(url)
+        self.url = url
+        status.update(f"serving {self.model_id} at {url}/v1 (OpenAI) and {url}/api (Ollama)")
+        self.notify(f"serving at {url}", title="Serve")
         self.metrics_timer = self.set_interval(1.0, self.poll_metrics, name="metrics")
 
     async def _served_model(self, url: str) -> str:
@@ -219,4 +219,6 @@ class ServeScreen(OptScreen):
             self.fail(f"chat request failed: {exc}")
             return
         self.history.append({"role": "assistant", "content": reply})
-        log.write(f"model: {reply}")
+        # A terminal must not receive the model's control characters as they are.
+        shown = "".join(c if c.isprintable() or c == "\n" else "\ufffd" for c in reply)
+        log.write(f"model: {shown}")

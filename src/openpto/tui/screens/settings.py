@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from textual.app import ComposeResult
@@ -35,7 +36,7 @@ class SettingsScreen(OptScreen):
         config = self.opt.user_config
         yield Header()
         with VerticalScroll(id="settings"):
-            yield Label(f"saved to {self.opt.config_file}", classes="help")
+            yield Label(f"saved to {_tilde(self.opt.config_file)}", classes="help")
             yield Label("[defaults] (empty: the command's own default)", classes="section")
             for key, label, placeholder in DEFAULT_FIELDS:
                 yield Horizontal(Label(label, classes="field-name"),
@@ -100,6 +101,12 @@ class SettingsScreen(OptScreen):
         self.opt.user_config = config
         self.opt.apply_keymap()
         self.notify(f"saved to {path}", title="Settings")
+
+
+def _tilde(path: Path) -> str:
+    home = str(Path.home())
+    text = str(path)
+    return "~" + text[len(home):] if text.startswith(home + "/") else text
 
 
 __all__ = ["SettingsScreen", "config_path"]

@@ -29,6 +29,8 @@ class MethodForm(Vertical):
         self.methods: dict[str, MethodSpec] = {m.name: m for m in methods or []}
         self.initial = initial
         self.errors: dict[str, str] = {}
+        #: the method whose fields are on screen (None while they are being rebuilt)
+        self.built_for: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Select([(m, m) for m in self.methods], prompt="method (loading the registry…)",
@@ -59,6 +61,7 @@ class MethodForm(Vertical):
         await self._build_fields()
 
     async def _build_fields(self) -> None:
+        self.built_for = None
         box = self.query_one("#fields", Vertical)
         await box.remove_children()
         method = self.method
@@ -67,6 +70,7 @@ class MethodForm(Vertical):
             return
         rows = [self._row(spec) for spec in method.fields]
         await box.mount_all(rows)
+        self.built_for = method.name
         self._validate_all()
 
     def _row(self, spec: FieldSpec) -> Horizontal:
