@@ -12,12 +12,12 @@ import pytest
 
 pytest.importorskip("textual")
 
-from textual.widgets import DataTable, Input, Label, RichLog, Select  # noqa: E402
+from textual.widgets import DataTable, Input, Label, RichLog, Select
 
-from openpto.tui.app import OptApp, make_app  # noqa: E402
-from openpto.tui.forms import Catalog  # noqa: E402
-from openpto.user_config import load  # noqa: E402
-from tests.tui_helpers import (  # noqa: E402
+from openpto.tui.app import OptApp, make_app
+from openpto.tui.forms import Catalog
+from openpto.user_config import load
+from tests.tui_helpers import (
     MACHINE,
     registered_configs,
     save_tiny_model,
@@ -103,8 +103,9 @@ async def test_cancelling_a_job_leaves_a_failed_run_and_no_artifact(
     output = tmp_path / "never"
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await open_quantize(app, pilot, tiny_folder, method="gptq")
-        screen.query_one("#opt-samples", Input).value = "4"
-        screen.query_one("#opt-calib-seq-len", Input).value = "32"
+        # Enough calibration (256 x 256 tokens) that the job is still running when cancelled.
+        screen.query_one("#opt-samples", Input).value = "256"
+        screen.query_one("#opt-calib-seq-len", Input).value = "256"
         screen.query_one("#opt-output", Input).value = str(output)
         await pilot.press("ctrl+r")
         db = tmp_path / "opt.db"
@@ -255,3 +256,28 @@ async def test_the_serve_screen_starts_and_stops_a_real_server(
                        what="the server to stop")
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/health", timeout=2)
+
+
+LEAN_CODE = """
+import json, sys
+from openpto.tui.app import make_app
+app = make_app(db_path=sys.argv[1], config_file=None)
+async def visit(pilot):
+    for key in ("f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9", "f1"):
+        await pilot.press(key)
+        await pilot.pause(0.2)
+    print(json.dumps(sorted(m for m in ("torch", "transformers", "fastapi", "agents")
+                            if m in sys.modules)), flush=True)
+    app.exit()
+app.run(headless=True, size=(80, 24), auto_pilot=visit)
+"""
+
+
+def test_the_ui_process_never_imports_torch(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LEAN_CODE, str(tmp_path / "opt.db")],
+                         capture_output=True, text=True, timeout=180, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -7,45 +7,49 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from openpto.errors import OptError
-from openpto.store import Store
 from openpto.tui.forms import Catalog
 from openpto.tui.jobs import JobFailed, run_json
-from openpto.tui.screens.agent import AgentScreen
 from openpto.tui.screens.base import OptScreen
-from openpto.tui.screens.compress import CompressScreen, QuantizeScreen, SparsifyScreen
-from openpto.tui.screens.help import HelpScreen
-from openpto.tui.screens.home import HomeScreen
-from openpto.tui.screens.measure import MeasureScreen
-from openpto.tui.screens.runs import RunDetail, RunsScreen
-from openpto.tui.screens.serve import ServeScreen
-from openpto.tui.screens.settings import SettingsScreen
 from openpto.user_config import UserConfig, config_path, load
+
+if TYPE_CHECKING:
+    from openpto.store import Store
 
 THEMES = {"dark": "textual-dark", "light": "textual-light"}
 
-#: (mode name, title, key, factory): every top-level screen, in menu order
-SCREENS: list[tuple[str, str, str, Callable[[], OptScreen]]] = [
-    ("home", "Home", "1", HomeScreen),
-    ("quantize", "Quantize", "2", QuantizeScreen),
-    ("sparsify", "Sparsify", "3", SparsifyScreen),
-    ("measure", "Evaluate / Profile / Bench", "4", MeasureScreen),
-    ("serve", "Serve", "5", ServeScreen),
-    ("agent", "Agent", "6", AgentScreen),
-    ("runs", "Runs / Datasette", "7", RunsScreen),
-    ("settings", "Settings", "8", SettingsScreen),
+#: (mode name, title, key, "module:class"): every top-level screen, in menu order. A screen's
+#: module is imported when the screen is first opened, which keeps the first paint quick.
+SCREENS: list[tuple[str, str, str, str]] = [
+    ("home", "Home", "1", "home:HomeScreen"),
+    ("quantize", "Quantize", "2", "compress:QuantizeScreen"),
+    ("sparsify", "Sparsify", "3", "compress:SparsifyScreen"),
+    ("measure", "Evaluate / Profile / Bench", "4", "measure:MeasureScreen"),
+    ("serve", "Serve", "5", "serve:ServeScreen"),
+    ("agent", "Agent", "6", "agent:AgentScreen"),
+    ("runs", "Runs / Datasette", "7", "runs:RunsScreen"),
+    ("settings", "Settings", "8", "settings:SettingsScreen"),
 ]
-SCREEN_CLASSES: list[type[Screen[Any]]] = [HomeScreen, CompressScreen, MeasureScreen,
-                                           ServeScreen, AgentScreen, RunsScreen, SettingsScreen]
+
+
+def screen_class(spec: str) -> type[OptScreen]:
+    module, _, name = spec.partition(":")
+    cls: type[OptScreen] = getattr(importlib.import_module(f"openpto.tui.screens.{module}"), name)
+    return cls
+
+
+def _make_screen(spec: str) -> Screen[Any]:
+    return screen_class(spec)()
 
 
 class OptApp(App[None]):
@@ -83,7 +87,7 @@ class OptApp(App[None]):
 
     DEFAULT_MODE = "home"
     MODES: ClassVar[dict[str, str | Callable[[], Screen[Any]]]] = {
-        name: factory for name, _, _, factory in SCREENS}
+        name: functools.partial(_make_screen, spec) for name, _, _, spec in SCREENS}
 
     def on_mount(self) -> None:
         self.apply_theme(self.requested_theme)
@@ -103,6 +107,8 @@ class OptApp(App[None]):
     # -- state the screens share -----------------------------------------------------------
     def store(self) -> Store:
         """A fresh handle on the run database (one per call: workers run in other threads)."""
+        from openpto.store import Store
+
         return Store(self.db_path)
 
     async def machine_info(self) -> dict[str, Any]:
@@ -123,6 +129,8 @@ class OptApp(App[None]):
         return getattr(serve, "url", None)
 
     def show_run(self, run_id: str) -> None:
+        from openpto.tui.screens.runs import RunDetail
+
         self.push_screen(RunDetail(run_id))
 
     # -- theme and keys --------------------------------------------------------------------
@@ -140,7 +148,8 @@ class OptApp(App[None]):
     def keymap_actions(self) -> list[tuple[str, str, str]]:
         """Every binding that has an id: (id, description, default keys), for Settings."""
         seen: dict[str, tuple[str, str, str]] = {}
-        for cls in [type(self), *SCREEN_CLASSES]:
+        classes = {screen_class(spec) for _, _, _, spec in SCREENS}
+        for cls in [type(self), *sorted(classes, key=lambda c: c.__name__)]:
             for binding in getattr(cls, "BINDINGS", []):
                 if isinstance(binding, Binding) and binding.id and binding.id not in seen:
                     seen[binding.id] = (binding.id, f"{binding.id}: {binding.description}",
@@ -158,6 +167,8 @@ class OptApp(App[None]):
         self.switch_mode(name)
 
     def action_help(self) -> None:
+        from openpto.tui.screens.help import HelpScreen
+
         self.push_screen(HelpScreen(self.help_text()))
 
     def help_text(self) -> str:

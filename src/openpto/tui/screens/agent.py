@@ -1,19 +1,19 @@
 """Agent: chat with the ``opt agent`` agent. Text streams in, tool calls and their results
 appear as they happen, and a tool that writes or runs long asks first in a modal dialog.
 
-The agent runs in this process through ``openpto.agents.runner.run_agent`` (imported by name:
-front ends never import each other statically), against an OpenAI-compatible endpoint: the
-base URL given here, else the Serve screen's server, else an ``opt serve`` child this screen
-starts, so the model itself never loads into the UI process.
+The agent runs in a child process (``openpto.tui.agent_child``, which calls
+``openpto.agents.runner.run_agent``) speaking JSON lines, so that the model and the tools never
+load torch into the UI process. Its endpoint: the base URL given here, else the Serve screen's
+server, else the agent's own built-in server (started by the child).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import json
 import signal
-from pathlib import Path
+import sys
 from typing import Any, ClassVar
 
 from textual import work
@@ -23,10 +23,9 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, RichLog, Static
 
-from openpto.tui.jobs import job_env, opt_command
-from openpto.tui.screens.base import SHOWN_ERRORS, OptScreen
+from openpto.tui.jobs import job_env
+from openpto.tui.screens.base import OptScreen
 from openpto.tui.screens.dialogs import Confirm
-from openpto.tui.servers import free_port, wait_for_http
 
 
 class AgentScreen(OptScreen):
@@ -42,20 +41,19 @@ class AgentScreen(OptScreen):
     def __init__(self) -> None:
         super().__init__(name="agent")
         self.session: str | None = None
-        self.server: asyncio.subprocess.Process | None = None
-        self.server_url: str | None = None
+        self.child: asyncio.subprocess.Process | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(classes="field-row"):
             yield Label("base URL", classes="field-name")
-            yield Input("", placeholder="OpenAI-compatible /v1 URL (empty: a local opt serve)",
+            yield Input("", placeholder="/v1 URL (empty: the Serve screen's, else built-in)",
                         id="base-url", compact=True)
             yield Label("model", classes="field-name")
             yield Input("", placeholder="(the server's)", id="agent-model", compact=True)
-        yield Label("session: new", id="agent-session")
+        yield Label("session: new", id="agent-session", markup=False)
         yield RichLog(id="agent-log", wrap=True, markup=True)
-        yield Static("", id="agent-reply")
+        yield Static("", id="agent-reply", markup=False)
         yield Input(placeholder="ask the agent, e.g. which artifacts do I have?", id="prompt",
                     compact=True)
         yield Footer(compact=True)
@@ -72,8 +70,12 @@ class AgentScreen(OptScreen):
         self.query_one("#agent-log", RichLog).clear()
 
     def action_cancel(self) -> None:
-        self.workers.cancel_group(self, "agent")
-        self.notify("agent run cancelled")
+        if self.child is None:
+            self.notify("the agent is not running")
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.child.send_signal(signal.SIGINT)
+        self.notify("stopping the agent…")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id != "prompt" or not event.value.strip():
@@ -83,93 +85,84 @@ class AgentScreen(OptScreen):
         self.query_one("#agent-log", RichLog).write(f"[b]you:[/b] {_escape(prompt)}")
         self.ask(prompt)
 
-    async def base_url(self) -> str:
+    def base_url(self) -> str | None:
         typed = self.query_one("#base-url", Input).value.strip()
         if typed:
             return typed
         serve_url = self.opt.serving_url()
-        if serve_url:
-            return f"{serve_url}/v1"
-        if self.server_url is None:
-            port = free_port()
-            self.notify("starting a local opt serve for the agent…")
-            self.server = await asyncio.create_subprocess_exec(
-                *opt_command("serve", "--port", str(port)), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                env=job_env(self.opt.db_path), start_new_session=True)
-            url = f"http://127.0.0.1:{port}"
-            if not await wait_for_http(f"{url}/health", self.server, timeout=300,
-                                       ready_below=300):
-                self.server = None
-                raise OSError("the local opt serve did not start")
-            self.server_url = url
-        return f"{self.server_url}/v1"
+        return f"{serve_url}/v1" if serve_url else None
 
     @work(group="agent", exclusive=True)
     async def ask(self, prompt: str) -> None:
         log = self.query_one("#agent-log", RichLog)
-        try:
-            runner = importlib.import_module("openpto.agents.runner")
-        except ImportError as exc:
-            self.fail(f"the agent is not available: {exc} (pip install 'openpto[agents]')")
-            return
-        try:
-            base_url = await self.base_url()
-        except SHOWN_ERRORS as exc:
-            self.fail(str(exc))
-            return
-        model = self.query_one("#agent-model", Input).value.strip() or None
-        settings = runner.AgentSettings(base_url=base_url, model=model, session=self.session,
-                                        db_path=Path(self.opt.db_path) if self.opt.db_path
-                                        else None)
-        text: list[str] = []
         reply = self.query_one("#agent-reply", Static)
-
-        def on_event(event: Any) -> None:
-            kind = type(event).__name__
-            if kind == "TextDelta":
-                text.append(event.text)
-                reply.update("agent: " + "".join(text))  # the reply as it streams in
-            elif kind == "ToolCalled":
-                _flush(log, text)
-                reply.update("")
-                log.write(f"[cyan]→ {event.name}[/cyan]({_escape(_short(event.arguments))})")
-            elif kind == "ToolFinished":
-                colour = "green" if event.ok else "red"
-                log.write(f"[{colour}]← {event.name}: {_escape(_short(event.output))}[/{colour}]")
-
-        async def confirm(name: str, arguments: dict[str, Any]) -> bool:
-            dialog: Screen[bool] = Confirm(f"Let the agent run {name}?", arguments)
-            return bool(await self.app.push_screen_wait(dialog))  # type: ignore[arg-type]
-
+        settings = {"base_url": self.base_url(), "session": self.session,
+                    "model": self.query_one("#agent-model", Input).value.strip() or None,
+                    "db_path": str(self.opt.db_path) if self.opt.db_path else None}
+        self.child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "openpto.tui.agent_child", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env=job_env(self.opt.db_path), start_new_session=True)
+        child = self.child
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write((json.dumps({"prompt": prompt, "settings": settings}) + "\n").encode())
+        await child.stdin.drain()
+        text: list[str] = []
         try:
-            result = await runner.run_agent(prompt, settings, confirm=confirm, on_event=on_event)
-        except NotImplementedError as exc:
-            self.fail(f"the agent runner is not available in this version: {exc}")
-            return
-        except SHOWN_ERRORS as exc:
-            self.fail(f"agent: {exc}")
-            return
-        streamed = bool(text)
-        _flush(log, text)
-        reply.update("")
-        if not streamed and result.output:
-            log.write(f"[b]agent:[/b] {_escape(result.output)}")
-        self.session = result.session or self.session
-        self.query_one("#agent-session", Label).update(
-            f"session: {self.session} · run {result.run_id}")
+            async for raw in child.stdout:
+                try:
+                    message = json.loads(raw)
+                except ValueError:
+                    continue
+                kind = message.get("type")
+                if kind == "TextDelta":
+                    text.append(message.get("text", ""))
+                    reply.update("agent: " + "".join(text))  # the reply as it streams in
+                elif kind == "ToolCalled":
+                    _flush(log, text)
+                    reply.update("")
+                    log.write(f"[cyan]→ {_escape(message.get('name', ''))}[/cyan]"
+                              f"({_escape(_short(message.get('arguments')))})")
+                elif kind == "ToolFinished":
+                    colour = "green" if message.get("ok") else "red"
+                    log.write(f"[{colour}]← {_escape(message.get('name', ''))}: "
+                              f"{_escape(_short(message.get('output')))}[/{colour}]")
+                elif kind == "confirm":
+                    dialog: Screen[bool] = Confirm(
+                        f"Let the agent run {message.get('name')}?", message.get("arguments"))
+                    answer = bool(await self.app.push_screen_wait(dialog))  # type: ignore[arg-type]
+                    child.stdin.write((json.dumps({"answer": answer}) + "\n").encode())
+                    await child.stdin.drain()
+                elif kind == "result":
+                    streamed = bool(text)
+                    _flush(log, text)
+                    reply.update("")
+                    if not streamed and message.get("output"):
+                        log.write(f"[b]agent:[/b] {_escape(str(message['output']))}")
+                    self.session = message.get("session") or self.session
+                    self.query_one("#agent-session", Label).update(
+                        f"session: {self.session} · run {message.get('run_id')}")
+                elif kind == "error":
+                    self.fail(f"agent: {message.get('error')}")
+            await child.wait()
+        finally:
+            await self.stop_child()
         self.opt.runs_changed()
 
-    async def stop_server(self) -> None:
-        if self.server is not None and self.server.returncode is None:
+    async def stop_child(self) -> None:
+        child, self.child = self.child, None
+        if child is not None and child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.server.send_signal(signal.SIGINT)
+                child.send_signal(signal.SIGINT)
             try:
-                await asyncio.wait_for(self.server.wait(), 15)
+                await asyncio.wait_for(child.wait(), 10)
             except asyncio.TimeoutError:
-                self.server.kill()
-                await self.server.wait()
-        self.server, self.server_url = None, None
+                child.kill()
+                await child.wait()
+
+    async def stop_server(self) -> None:
+        """Called when the app exits: the agent's process goes with it."""
+        await self.stop_child()
 
 
 def _flush(log: RichLog, text: list[str]) -> None:

@@ -33,4 +33,4 @@ class OptScreen(Screen[None]):
         return cast("OptApp", self.app)
 
     def fail(self, message: str) -> None:
-        self.notify(message, title="error", severity="error", timeout=8)
+        self.notify(message, title="error", severity="error", timeout=8, markup=False)

@@ -72,7 +72,7 @@ class CompressScreen(OptScreen):
                                      Input(value, id=f"opt-{flag}",
                                            placeholder="(default)", compact=True),
                                      classes="field-row")
-                yield Label("size preview: ctrl+o", id="preview")
+                yield Label("size preview: ctrl+o", id="preview", markup=False)
                 with Horizontal(classes="buttons"):
                     yield Button("Run (ctrl+r)", variant="primary", id="run", compact=True)
                     yield Button("Size preview (ctrl+o)", id="preview-button", compact=True)

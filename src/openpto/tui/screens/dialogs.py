@@ -28,10 +28,10 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box"):
-            yield Label(self.question, classes="dialog-title")
+            yield Label(self.question, classes="dialog-title", markup=False)
             if self.details:
                 yield Static(json.dumps(self.details, indent=2, default=str)[:2000],
-                             classes="dialog-details")
+                             classes="dialog-details", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Yes (y)", variant="primary", id="yes", compact=True)
                 yield Button("No (n)", id="no", compact=True)

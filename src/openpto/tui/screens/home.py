@@ -10,15 +10,16 @@ from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Label, Static
 
-from openpto.tui import data
 from openpto.tui.jobs import run_json
 from openpto.tui.screens.base import SHOWN_ERRORS, OptScreen
-from openpto.tui.widgets.job_panel import human_bytes
+from openpto.tui.units import human_bytes
 
 QUICK_ACTIONS = [
-    ("quantize", "F3 Quantize"), ("sparsify", "F4 Sparsify"), ("measure", "F5 Evaluate"),
-    ("serve", "F6 Serve"), ("agent", "F7 Agent"), ("runs", "F8 Runs"), ("settings", "F9 Settings"),
+    ("quantize", "Quantize"), ("sparsify", "Sparsify"), ("measure", "Evaluate"),
+    ("serve", "Serve"), ("agent", "Agent"), ("runs", "Runs"), ("settings", "Settings"),
 ]
+KEYS_HINT = ("F2 Home · F3 Quantize · F4 Sparsify · F5 Evaluate · F6 Serve · F7 Agent · "
+             "F8 Runs · F9 Settings · F1 or ? help · ctrl+p every action")
 
 
 def machine_summary(info: dict[str, Any]) -> str:
@@ -44,7 +45,8 @@ class HomeScreen(OptScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="home"):
-            yield Static("reading this machine (opt info)…", id="machine")
+            yield Static("reading this machine (opt info)…", id="machine", markup=False)
+            yield Label(KEYS_HINT, classes="help")
             with Horizontal(id="quick"):
                 for name, label in QUICK_ACTIONS:
                     yield Button(label, id=f"go-{name}", classes="quick", compact=True)
@@ -81,6 +83,8 @@ class HomeScreen(OptScreen):
 
     @work(thread=True, group="home-tables", exclusive=True)
     def load_tables(self) -> None:
+        from openpto.tui import data  # the store's imports wait until after the first paint
+
         try:
             store = self.opt.store()
             runs, models = data.recent_runs(store), data.artifacts(store)

@@ -71,7 +71,7 @@ class MeasureScreen(OptScreen):
                 yield Button("Cancel (ctrl+g)", variant="error", id="cancel", compact=True)
                 yield Select(MEASURES, value="perplexity", allow_blank=False, id="measure",
                              compact=True)
-            yield Label("", id="live")
+            yield Label("", id="live", markup=False)
         with Horizontal(id="measure-out"):
             yield DataTable(id="measure-table", cursor_type="row")
             yield CompareChart(id="compare")

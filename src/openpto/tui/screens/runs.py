@@ -43,7 +43,7 @@ class RunsScreen(OptScreen):
             yield Select([(t, t) for t in TABLES], value="runs", allow_blank=False, id="table",
                          compact=True)
             yield Input(placeholder="filter: text in any column", id="filter", compact=True)
-        yield Label("", id="runs-status")
+        yield Label("", id="runs-status", markup=False)
         yield DataTable(id="rows", cursor_type="row", zebra_stripes=True)
         yield Footer(compact=True)
 
@@ -163,13 +163,13 @@ class RunDetail(OptScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll(id="detail"):
-            yield Static("", id="run-summary")
+            yield Static("", id="run-summary", markup=False)
             yield Label("metrics", classes="section")
             yield DataTable(id="metrics", cursor_type="row")
             yield Label("traces (stages and layers)", classes="section")
             yield DataTable(id="traces", cursor_type="row")
             yield Label("config", classes="section")
-            yield Static("", id="run-config")
+            yield Static("", id="run-config", markup=False)
         yield Footer(compact=True)
 
     def on_mount(self) -> None:

@@ -59,8 +59,8 @@ class ServeScreen(OptScreen):
             with Horizontal(classes="buttons"):
                 yield Button("Start (ctrl+r)", variant="primary", id="start", compact=True)
                 yield Button("Stop (ctrl+g)", variant="error", id="stop", compact=True)
-            yield Label("stopped", id="serve-status")
-            yield Label("", id="serve-metrics")
+            yield Label("stopped", id="serve-status", markup=False)
+            yield Label("", id="serve-metrics", markup=False)
         yield RichLog(id="chat-log", wrap=True, markup=False)
         yield Input(placeholder="say something to the served model (Enter sends)", id="chat",
                     compact=True)

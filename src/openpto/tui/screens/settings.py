@@ -37,18 +37,19 @@ class SettingsScreen(OptScreen):
         yield Header()
         with VerticalScroll(id="settings"):
             yield Label(f"saved to {_tilde(self.opt.config_file)}", classes="help")
-            yield Label("[defaults] (empty: the command's own default)", classes="section")
+            yield Label("[defaults] (empty: the command's own default)", classes="section",
+                        markup=False)
             for key, label, placeholder in DEFAULT_FIELDS:
                 yield Horizontal(Label(label, classes="field-name"),
                                  Input(str(config.defaults.get(key, "")), placeholder=placeholder,
                                        id=f"default-{key}", compact=True), classes="field-row")
-            yield Label("[tui]", classes="section")
+            yield Label("[tui]", classes="section", markup=False)
             yield Horizontal(Label("theme", classes="field-name"),
                              Select([(t, t) for t in THEMES], value=config.theme,
                                     allow_blank=False, id="theme", compact=True),
                              classes="field-row")
             yield Label("[tui.keys] (key names as Textual writes them, e.g. ctrl+r, f5; "
-                        "comma-separated for several)", classes="section")
+                        "comma-separated for several)", classes="section", markup=False)
             for binding_id, description, default in self.opt.keymap_actions():
                 yield Horizontal(Label(description, classes="field-name"),
                                  Input(config.keys.get(binding_id, ""), placeholder=default,

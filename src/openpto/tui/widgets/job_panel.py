@@ -19,17 +19,8 @@ from openpto.progress import (
     StageProgress,
     StageStarted,
 )
+from openpto.tui.units import human_bytes  # noqa: F401 (re-exported)
 from openpto.tui.widgets.charts import LayerChart
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class JobPanel(Vertical):
@@ -42,8 +33,8 @@ class JobPanel(Vertical):
         self.layers_done = 0
 
     def compose(self) -> ComposeResult:
-        yield Label("idle", id="job-stage")
-        yield ProgressBar(id="job-bar", show_eta=True)
+        yield Label("idle", id="job-stage", markup=False)
+        yield ProgressBar(total=1, id="job-bar", show_eta=True)  # idle: not animated
         if self.with_chart:
             yield LayerChart(id="layer-chart")
         yield RichLog(id="job-log", wrap=True, markup=False, max_lines=2000)

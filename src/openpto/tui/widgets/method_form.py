@@ -35,7 +35,7 @@ class MethodForm(Vertical):
     def compose(self) -> ComposeResult:
         yield Select([(m, m) for m in self.methods], prompt="method (loading the registry…)",
                      allow_blank=True, id="method", compact=True)
-        yield Label("", id="method-description", classes="help")
+        yield Label("", id="method-description", classes="help", markup=False)
         yield Vertical(id="fields")
 
     def set_methods(self, methods: list[MethodSpec], initial: str | None = None) -> None:
@@ -75,7 +75,7 @@ class MethodForm(Vertical):
 
     def _row(self, spec: FieldSpec) -> Horizontal:
         if spec.is_bool:
-            editor: Checkbox | Input = Checkbox(spec.name, bool(spec.default),
+            editor: Checkbox | Input = Checkbox(spec.name, bool(spec.default), compact=True,
                                                 id=f"field-{spec.name}")
         else:
             editor = Input(spec.default_text(), placeholder=f"{spec.type} (empty: default)",
@@ -83,7 +83,8 @@ class MethodForm(Vertical):
         label = Label(spec.name if not spec.is_bool else "", classes="field-name")
         label.tooltip = spec.help
         editor.tooltip = spec.help
-        return Horizontal(label, editor, Label("", id=f"error-{spec.name}", classes="field-error"),
+        return Horizontal(label, editor, Label("", id=f"error-{spec.name}", classes="field-error",
+                                markup=False),
                           classes="field-row")
 
     def on_input_changed(self, event: Input.Changed) -> None:
