@@ -54,6 +54,11 @@ class PluginError(OptError):
     """A plugin that registers what it may not, such as a name another plugin registered."""
 
 
+class AgentError(OptError):
+    """An ``opt agent`` run that could not finish: the model endpoint failed or refused, the
+    model's reply could not be used, or it took more turns than ``--max-turns`` allows."""
+
+
 class MissingDependency(OptError):
     """An optional dependency that is not installed; the message names the extra to install."""
 

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "openpto.cli.speculative",
     "openpto.cli.profile",
     "openpto.cli.tui",
+    "openpto.cli.agent",
 ]
 
 app = typer.Typer(

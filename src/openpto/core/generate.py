@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from openpto.core.kvcache import forward_logits, new_cache
-from openpto.core.sampling import SamplingParams, make_generator, sample_next
+from openpto.core.sampling import SamplingParams, TokenConstraint, make_generator, sample_next
 from openpto.core.static_decode import CAPACITY_STEP, DecodeMode, open_decoder
 from openpto.core.steps import (
     FinishReason,
@@ -136,8 +136,11 @@ def token_steps(
     *,
     generator: torch.Generator | None = None,
     decode: DecodeMode = "auto",
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[int]:
     """Sampled token ids of one request (batch 1), each on the host, at most ``max_tokens``.
+
+    ``constraint`` masks the logits before each token is sampled and is told the token after.
 
     The consumer stops pulling when the request's rules say it is done; closing the generator
     releases the decoder. ``decode`` picks the cache and step (``core.static_decode``).
@@ -158,8 +161,13 @@ def token_steps(
     try:
         logits = decoder.prefill(history)
         for produced in range(1, params.max_tokens + 1):
+            if constraint is not None:
+                logits = logits.clone()  # a graph's output buffer is not ours to write
+                constraint.mask_(logits)
             token = sample_next(logits, params, generator, history if penalise else None)
             token_id = int(token.item())  # the host read that times the step
+            if constraint is not None:
+                constraint.accept(token_id)
             yield token_id
             if produced == params.max_tokens:
                 return

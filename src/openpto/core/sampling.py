@@ -16,6 +16,9 @@ Public types and functions (the server's batch decoder calls these once per step
   ``params``/``generator`` may also be sequences with one entry per row (mixed requests in one
   batch).
 - ``make_generator(params, device)``: a ``torch.Generator`` seeded from ``params.seed``.
+- ``TokenConstraint``: what a per-request logit mask (a grammar) provides: ``mask_(logits)``
+  before a row is sampled, ``accept(token_id)`` after. The decoders call both; which tokens are
+  allowed is the constraint's business (``engines.grammar``).
 
 Everything is pure torch on whatever device the logits live on; nothing here syncs the device.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -79,6 +83,16 @@ class SamplingParams:
         data = dataclasses.asdict(self)
         data["stop"] = list(self.stop)
         return data
+
+
+class TokenConstraint(Protocol):
+    """A per-request rule over next tokens (a grammar's matcher)."""
+
+    def mask_(self, logits: torch.Tensor) -> None:
+        """Set the logits [1, V] of tokens not allowed next to ``-inf``, in place."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance past the token that was sampled from the masked logits."""
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:

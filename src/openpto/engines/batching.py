@@ -29,6 +29,8 @@ The loop, at every token boundary:
    (the shorter side is left-padded to the longer);
 5. run one decode step for every running row, sample with ``core.sampling.sample_next`` (each
    row with its own params and generator), and push each token through the row's rules;
+   a row with a ``TokenConstraint`` (a grammar) has its own logits masked before sampling and
+   its matcher advanced after; the other rows' logits are left exactly as they were;
 6. remove finished rows and trim cache columns that have become padding in every row.
 
 The scheduler never waits for a client: records go to bounded, coalescing ``RequestStream``s.
@@ -51,7 +53,7 @@ import torch.nn.functional as F
 
 from openpto.core.generate import left_pad, token_steps
 from openpto.core.kvcache import forward_logits, new_cache
-from openpto.core.sampling import SamplingParams, make_generator, sample_next
+from openpto.core.sampling import SamplingParams, TokenConstraint, make_generator, sample_next
 from openpto.core.static_decode import DecodeMode
 from openpto.core.steps import FinishReason, RequestRules
 from openpto.engines.engine import Embeddings, EngineStats
@@ -71,6 +73,7 @@ class _Sequence:
     stream: RequestStream
     rules: RequestRules
     generator: torch.Generator | None
+    constraint: TokenConstraint | None = None
     generated: list[int] = dataclasses.field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model (= tokens in the cache)
     done: bool = False
@@ -123,11 +126,13 @@ class BatchScheduler:
         self._thread.start()
 
     # -- any thread ----------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
+               constraint: TokenConstraint | None = None) -> None:
         generator = None if params.greedy else make_generator(params, self.device)
         rules = RequestRules(self.tokenizer, prompt_ids, params, self.eos,
                              context_length=self.context_length, arrived=stream.arrived)
-        self._inbox.put(_Sequence(list(prompt_ids), params, stream, rules, generator))
+        self._inbox.put(_Sequence(list(prompt_ids), params, stream, rules, generator,
+                                  constraint))
 
     def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
         future: concurrent.futures.Future[Embeddings] = concurrent.futures.Future()
@@ -239,6 +244,17 @@ class BatchScheduler:
         self._accept_tokens(rows, self._sample(rows, logits))
 
     def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        constrained = [i for i, s in enumerate(rows) if s.constraint is not None]
+        if constrained:
+            logits = logits.clone()
+            for i in constrained:
+                rows[i].constraint.mask_(logits[i : i + 1])  # type: ignore[union-attr]
+        tokens = self._sample_masked(rows, logits)
+        for i in constrained:
+            rows[i].constraint.accept(tokens[i])  # type: ignore[union-attr]
+        return tokens
+
+    def _sample_masked(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
         params = [s.params for s in rows]
         if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
             return [int(t) for t in sample_next(logits, params[0]).tolist()]
@@ -324,12 +340,13 @@ class BatchScheduler:
         seq.rules.start()
         remaining = seq.params.replace(max_tokens=seq.params.max_tokens - len(seq.generated))
         stats: Any = None
-        if self.speculative is not None:
+        # A draft proposes tokens the grammar has not seen: constrained requests decode plainly.
+        if self.speculative is not None and seq.constraint is None:
             tokens, stats = self.speculative(seq.context, remaining, seq.generator)
             drafted, accepted = stats.drafted, stats.accepted
         else:
             tokens = token_steps(self.model, seq.context, remaining, generator=seq.generator,
-                                 decode=self.decode)
+                                 decode=self.decode, constraint=seq.constraint)
         try:
             self._pull_alone(seq, tokens)
         except Exception as exc:  # the lone request fails, the server does not

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
-from openpto.core.sampling import SamplingParams
+from openpto.core.sampling import SamplingParams, TokenConstraint
 from openpto.core.steps import RequestRules, StepRecord
 from openpto.engines.streams import RequestStream
 from openpto.errors import BackendUnavailable, OptError, require
@@ -104,8 +104,28 @@ class Engine(abc.ABC):
         """The prompt text of a conversation, through the model's chat template."""
 
     @abc.abstractmethod
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
-        """Start generating; events go to ``stream``. Must not block on the model."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
+               constraint: TokenConstraint | None = None) -> None:
+        """Start generating; events go to ``stream``. Must not block on the model.
+
+        ``constraint`` (from ``constraint()``) masks every next token of this request only."""
+
+    #: whether ``constraint`` works: the backend lets each request's logits be masked
+    supports_constraints: bool = False
+
+    def constraint(self, grammar: str) -> TokenConstraint:
+        """A fresh per-request mask for ``grammar`` (``engines.grammar`` Lark text)."""
+        raise BackendUnavailable(
+            f"the {self.backend} backend cannot constrain decoding (tool_choice required or "
+            "named, response_format json_object/json_schema); serve with --backend torch")
+
+    def chat_prompt_with_tools(self, messages: Sequence[dict[str, Any]],
+                               tools: Sequence[Any] = ()) -> str:
+        """The prompt of a conversation that may carry tools, tool calls and tool results
+        (``engines.tool_calls``): here through the system block and plain messages."""
+        from openpto.engines.tool_calls import plain_messages
+
+        return self.chat_prompt(plain_messages(messages, tools))
 
     @abc.abstractmethod
     def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
@@ -141,8 +161,9 @@ def make_engine(backend: str, model: str | None, options: EngineOptions) -> Engi
     return factory(model, options)
 
 
-def engine_records(engine: Engine, prompt_ids: list[int],
-                   params: SamplingParams) -> Generator[StepRecord, None, None]:
+def engine_records(engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                   constraint: TokenConstraint | None = None,
+                   ) -> Generator[StepRecord, None, None]:
     """One request's ``StepRecord``s from ``engine``, synchronously, as the engine pushes them.
 
     Engines push to a ``RequestStream`` bound to an event loop (the HTTP layer's); this drives a
@@ -156,7 +177,7 @@ def engine_records(engine: Engine, prompt_ids: list[int],
     # bound protects the server's scheduler from slow clients; here the reader is the caller).
     stream = RequestStream(loop, max_pending=params.max_tokens + 2)
     try:
-        engine.submit(prompt_ids, params, stream)
+        engine.submit(prompt_ids, params, stream, constraint)
         while not stream.finished:
             for record in loop.run_until_complete(stream.next_events()):
                 if record.finish_reason == "error":
@@ -218,7 +239,10 @@ class SerialEngine(Engine):
     @abc.abstractmethod
     def _embed(self, texts: Sequence[str]) -> Embeddings: ...
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
+               constraint: TokenConstraint | None = None) -> None:
+        if constraint is not None:
+            self.constraint("")  # raises: this backend's decode loop cannot take a mask
         self._queue.put(_Job(prompt_ids, params, stream))
 
     def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:

@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 
 from openpto.core.generate import build_chat_prompt, eos_ids
-from openpto.core.sampling import SamplingParams
+from openpto.core.sampling import SamplingParams, TokenConstraint
 from openpto.core.static_decode import DECODE_MODES, DecodeMode
 from openpto.engines.batching import BatchScheduler
 from openpto.engines.engine import (
@@ -39,6 +39,9 @@ class TorchEngine(Engine):
         self._tokenizer: Any = None
         self._info: ModelInfo | None = None
         self._scheduler: BatchScheduler | None = None
+        self._grammars: Any = None
+
+    supports_constraints = True
 
     @classmethod
     def from_model(
@@ -122,8 +125,22 @@ class TorchEngine(Engine):
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         return build_chat_prompt(self._tokenizer, messages)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
-        self._require().submit(prompt_ids, params, stream)
+    def chat_prompt_with_tools(self, messages: Sequence[dict[str, Any]],
+                               tools: Sequence[Any] = ()) -> str:
+        from openpto.engines.tool_calls import chat_prompt
+
+        return chat_prompt(self._tokenizer, messages, tools)
+
+    def constraint(self, grammar: str) -> TokenConstraint:
+        from openpto.engines.grammar import GrammarCompiler
+
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self._tokenizer, self.info.vocab_size or None)
+        return self._grammars.constraint(grammar)  # type: ignore[no-any-return]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
+               constraint: TokenConstraint | None = None) -> None:
+        self._require().submit(prompt_ids, params, stream, constraint)
 
     def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
         return self._require().embed(texts)

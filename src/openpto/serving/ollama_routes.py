@@ -3,7 +3,10 @@
 Sampling defaults follow Ollama's documented ones (temperature 0.8, top_k 40, top_p 0.9) except
 ``repeat_penalty``, which stays off unless asked for: Ollama applies it to the last 64 tokens and
 this server to the whole context, so a default-on penalty would change outputs more than it should.
-Not supported, refused with a 400: images, tools, ``format`` (JSON mode), ``suffix``.
+Chat takes ``tools`` (the model may call them: ``tool_choice`` auto, see ``serving.tools``;
+calls come back as ``message.tool_calls`` with ``function.arguments`` an object) and ``format``
+(``"json"`` or a JSON Schema, decoded under its grammar). Not supported, refused with a 400:
+images, ``format`` on generate, ``suffix``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from fastapi.responses import StreamingResponse
 from openpto import __version__
 from openpto.core.sampling import SamplingParams
 from openpto.engines.streams import RequestStream
+from openpto.engines.tool_calls import ToolCallStream
+from openpto.serving import tools as tool_plans
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
 from openpto.serving.schemas import (
@@ -133,17 +138,95 @@ async def generate(body: OllamaGenerateRequest, request: Request, service: Servi
 @router.post("/chat")
 async def chat(body: OllamaChatRequest, request: Request, service: ServiceDep) -> Any:
     service.check_model(body.model)
-    _refuse(tools=body.tools, format=body.format,
-            images=any(m.images for m in body.messages))
+    _refuse(images=any(m.images for m in body.messages))
     if not body.messages:
         return _loaded(service, {"message": {"role": "assistant", "content": ""}})
-    prompt = service.engine.chat_prompt([{"role": m.role, "content": m.content}
-                                         for m in body.messages])
+    plan = tool_plans.plan_request(service.engine, tools=body.tools, tool_choice=None,
+                                   parallel=None, json_schema=_format_schema(body.format))
+    if plan.parse_calls or any(m.role == "tool" or m.tool_calls for m in body.messages):
+        prompt = service.engine.chat_prompt_with_tools(tool_plans.conversation(body.messages),
+                                                       plan.tools)
+    else:
+        prompt = service.engine.chat_prompt([{"role": m.role, "content": m.content}
+                                             for m in body.messages])
     ids = service.prompt_ids(prompt)
-    stream = service.start(ids, _params(service, body.options, len(ids)))
+    params = _params(service, body.options, len(ids))
+    if plan.grammar is not None:
+        masks = await tool_plans.constraints(service.engine, plan, 1)
+        stream = service.start_constrained(ids, params, masks)[0]
+    else:
+        stream = service.start(ids, params)
+    if plan.parse_calls:
+        return await _respond_with_tools(service, request, stream, plan, streaming=body.stream,
+                                         prompt=prompt, prompt_tokens=len(ids))
     return await _respond(service, request, stream, streaming=body.stream, prompt=prompt,
                           prompt_tokens=len(ids),
                           piece=lambda text: {"message": {"role": "assistant", "content": text}})
+
+
+def _format_schema(fmt: str | dict[str, Any] | None) -> Any:
+    if not fmt:
+        return None
+    if fmt == "json":
+        return {"type": "object"}
+    if isinstance(fmt, str):
+        raise APIError(400, f"format must be 'json' or a JSON Schema, got {fmt!r}")
+    return tool_plans.check_schema(fmt, "format")
+
+
+def _ollama_message(plan: tool_plans.ToolPlan, text: str) -> dict[str, Any]:
+    parsed = tool_plans.parse(plan, text)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.tool_calls:
+        message["tool_calls"] = [c.to_ollama() for c in parsed.tool_calls]
+    if parsed.errors:
+        message["tool_call_errors"] = [e.to_dict() for e in parsed.errors]
+    return message
+
+
+async def _respond_with_tools(service: Service, request: Request, stream: RequestStream,
+                              plan: tool_plans.ToolPlan, *, streaming: bool, prompt: str,
+                              prompt_tokens: int) -> Any:
+    """``_respond`` for a reply that may call tools: text streams until a ``<tool_call>`` may
+    begin; the calls come in one message record just before the final one."""
+    base = {"model": service.model_id}
+    if not streaming:
+        done = await service.collect(stream, request)
+        await service.log_prompt(prompt, done)
+        return {**base, "created_at": _now(), "message": _ollama_message(plan, done.text),
+                **_final(service, done, prompt_tokens)}
+
+    def record(message: dict[str, Any]) -> str:
+        return json.dumps({**base, "created_at": _now(), "message": message,
+                           "done": False}) + "\n"
+
+    async def lines() -> AsyncIterator[str]:
+        splitter = ToolCallStream()
+        parts: list[str] = []
+        tokens = 0
+        try:
+            async for event in service.events(stream):
+                tokens += event.tokens
+                parts.append(event.text)
+                shown = splitter.push(event.text) if event.text else ""
+                if event.finish_reason is not None:
+                    shown += splitter.finish()
+                if shown:
+                    yield record({"role": "assistant", "content": shown})
+                if event.finish_reason is None:
+                    continue
+                if splitter.tail:
+                    yield record(_ollama_message(plan, splitter.tail))
+                done = Completion("".join(parts), event.finish_reason, prompt_tokens, tokens,
+                                  event)
+                yield json.dumps({**base, "created_at": _now(),
+                                  "message": {"role": "assistant", "content": ""},
+                                  **_final(service, done, prompt_tokens)}) + "\n"
+                await service.log_prompt(prompt, done)
+        except APIError as exc:  # headers are sent: report in-band, as Ollama does
+            yield json.dumps({"error": exc.message}) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 def _details(service: Service) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """OpenAI-compatible routes: chat and text completions (SSE streaming), models, embeddings.
 
 ``n`` > 1 is supported: each choice runs as its own sequence in the batch (with a seed, choice i
-uses seed + i). Not supported, refused with a 400 naming the field: tools, logprobs, JSON mode,
-images, frequency/presence penalties other than 0, ``suffix``, ``best_of`` > ``n``.
+uses seed + i). Chat takes ``tools``, ``tool_choice``, ``parallel_tool_calls`` and
+``response_format`` (``serving.tools``; streamed calls come as one delta each, after the text
+before them). Not supported, refused with a 400 naming the field: logprobs, images,
+frequency/presence penalties other than 0, ``suffix``, ``best_of`` > ``n``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from fastapi.responses import StreamingResponse
 
 from openpto.core.sampling import SamplingParams
 from openpto.engines.streams import RequestStream
+from openpto.engines.tool_calls import ToolCallStream
+from openpto.serving import tools as tool_plans
 from openpto.serving.deps import ServiceDep, require_api_key
 from openpto.serving.errors import APIError
 from openpto.serving.schemas import (
@@ -43,13 +47,7 @@ def _refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None
         (bool(body.presence_penalty), "presence_penalty is not supported (use "
          "repetition_penalty)", "presence_penalty"),
     ]
-    if isinstance(body, ChatCompletionRequest):
-        fmt = (body.response_format or {}).get("type", "text")
-        checks += [
-            (bool(body.tools), "tool calling is not supported by this server", "tools"),
-            (fmt != "text", f"response_format {fmt!r} is not supported", "response_format"),
-        ]
-    else:
+    if not isinstance(body, ChatCompletionRequest):
         checks += [
             (body.suffix is not None, "suffix (fill-in-the-middle) is not supported", "suffix"),
             (body.best_of is not None and body.best_of > body.n,
@@ -131,15 +129,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            service: ServiceDep) -> Any:
     service.check_model(body.model)
     _refuse_unsupported(body)
-    messages = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": _message_text(m)} for m in body.messages]
-    prompt = service.engine.chat_prompt(messages)
+    plan = tool_plans.plan_request(
+        service.engine, tools=body.tools, tool_choice=body.tool_choice,
+        parallel=body.parallel_tool_calls,
+        json_schema=tool_plans.json_schema_of(body.response_format, "response_format"))
+    prompt = _chat_prompt(service, body, plan)
     ids = service.prompt_ids(prompt)
     params = _params(service, body, body.max_completion_tokens or body.max_tokens, len(ids))
-    streams = service.start_n(ids, params, body.n)
+    if plan.grammar is not None:
+        masks = await tool_plans.constraints(service.engine, plan, body.n)
+        streams = service.start_constrained(ids, params, masks)
+    else:
+        streams = service.start_n(ids, params, body.n)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     envelope = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": service.model_id, "system_fingerprint": None}
+    include = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream and plan.parse_calls:
+        return StreamingResponse(
+            _stream_tool_calls(service, streams, plan, envelope=envelope,
+                               prompt_tokens=len(ids), include_usage=include,
+                               log=(prompt, request_id)),
+            media_type="text/event-stream", headers=_SSE_HEADERS)
     if body.stream:
         def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
             delta = {} if text is None else {"content": text}
@@ -147,7 +158,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
         first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(body.n)]
-        include = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             _stream(service, streams, first=first, choice=choice, envelope=envelope,
                     prompt_tokens=len(ids), include_usage=include,
@@ -155,14 +165,84 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             media_type="text/event-stream", headers=_SSE_HEADERS)
     results = await _collect_all(service, streams, request)
     await service.log_prompt(prompt, results[0], request_id)
+    choices = []
+    for i, r in enumerate(results):
+        message, called = tool_plans.openai_message(plan, r.text)
+        choices.append({"index": i, "message": message, "logprobs": None,
+                        "finish_reason": "tool_calls" if called else r.finish_reason})
     return {
         **envelope,
         "object": "chat.completion",
-        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                     "logprobs": None, "finish_reason": r.finish_reason}
-                    for i, r in enumerate(results)],
+        "choices": choices,
         "usage": _usage(len(ids), sum(r.completion_tokens for r in results)),
     }
+
+
+def _chat_prompt(service: Service, body: ChatCompletionRequest,
+                 plan: tool_plans.ToolPlan) -> str:
+    """Through the plain chat template, unless tools, calls or tool results are involved."""
+    uses_tools = plan.parse_calls or any(m.role == "tool" or m.tool_calls
+                                         for m in body.messages)
+    if not uses_tools:
+        return service.engine.chat_prompt(
+            [{"role": "system" if m.role == "developer" else m.role,
+              "content": _message_text(m)} for m in body.messages])
+    messages = tool_plans.conversation(body.messages)
+    for message, original in zip(messages, body.messages, strict=True):
+        message["content"] = _message_text(original)
+    return service.engine.chat_prompt_with_tools(messages,
+                                                 plan.tools if plan.parse_calls else [])
+
+
+async def _stream_tool_calls(
+    service: Service, streams: list[RequestStream], plan: tool_plans.ToolPlan, *,
+    envelope: dict[str, Any], prompt_tokens: int, include_usage: bool, log: tuple[str, str],
+) -> AsyncIterator[str]:
+    """SSE of a reply that may call tools: text as it comes (a tail that may open a
+    ``<tool_call>`` is held back), then each parsed call as one delta, then the finish."""
+
+    def chunk(index: int | None, delta: dict[str, Any] | None = None,
+              finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        choices = [] if index is None else [{"index": index, "delta": delta or {},
+                                             "logprobs": None, "finish_reason": finish}]
+        data = {**envelope, "choices": choices}
+        if include_usage:
+            data["usage"] = usage
+        return _sse(data)
+
+    splitters = [ToolCallStream() for _ in streams]
+    counts = [0] * len(streams)
+    texts = [""] * len(streams)
+    try:
+        for i in range(len(streams)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for index, event in service.merged(streams):
+            counts[index] += event.tokens
+            texts[index] += event.text
+            shown = splitters[index].push(event.text) if event.text else ""
+            if event.finish_reason is None:
+                if shown:
+                    yield chunk(index, {"content": shown})
+                continue
+            shown += splitters[index].finish()
+            if shown:
+                yield chunk(index, {"content": shown})
+            parsed = tool_plans.parse(plan, splitters[index].tail)
+            for k, call in enumerate(parsed.tool_calls):
+                yield chunk(index, {"tool_calls": [{"index": k, **call.to_openai()}]})
+            if parsed.content:
+                yield chunk(index, {"content": parsed.content})
+            finish = "tool_calls" if parsed.tool_calls else event.finish_reason
+            errors = {"tool_call_errors": [e.to_dict() for e in parsed.errors]}
+            yield chunk(index, errors if parsed.errors else {}, finish)
+            if index == 0:
+                done = Completion(texts[0], event.finish_reason, prompt_tokens, counts[0], event)
+                await service.log_prompt(log[0], done, log[1])
+        if include_usage:
+            yield chunk(None, usage=_usage(prompt_tokens, sum(counts)))
+    except APIError as exc:  # the status line is gone; report the error in-band, as OpenAI does
+        yield _sse({"error": {"message": exc.message, "type": "server_error", "code": exc.code}})
+    yield _sse("[DONE]")
 
 
 @router.post("/completions")

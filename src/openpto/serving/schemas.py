@@ -1,8 +1,9 @@
 """Request bodies of both API families, with their limits declared on the fields.
 
-Unknown fields are ignored (clients send options this server does not use, such as ``user``);
-fields that would change the output in a way this server cannot honour (tools, logprobs, JSON
-mode, images) are accepted by the schema and refused by the routes with a 400 that names them.
+Unknown fields are ignored (clients send options this server does not use, such as ``user``,
+``store``, ``strict``); fields that would change the output in a way this server cannot honour
+(logprobs, images) are accepted by the schema and refused by the routes with a 400 that names
+them. Tool definitions and JSON schemas are checked by ``serving.tools``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=_MAX_ITEMS)
+    tool_call_id: str | None = Field(None, max_length=256)
 
 
 class StreamOptions(_Lenient):
@@ -59,8 +62,9 @@ class _Sampling(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=_MAX_ITEMS)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=_MAX_ITEMS)
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
 
@@ -99,7 +103,8 @@ class OllamaMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field("", max_length=_MAX_TEXT)
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=_MAX_ITEMS)
+    tool_name: str | None = Field(None, max_length=256)
 
 
 class _OllamaBase(_Lenient):
@@ -123,7 +128,7 @@ class OllamaGenerateRequest(_OllamaBase):
 
 class OllamaChatRequest(_OllamaBase):
     messages: list[OllamaMessage] = Field(default_factory=list, max_length=_MAX_ITEMS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=_MAX_ITEMS)
 
 
 class OllamaEmbedRequest(_Lenient):

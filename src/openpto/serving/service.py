@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from openpto.core.sampling import SamplingParams
+from openpto.core.sampling import SamplingParams, TokenConstraint
 from openpto.core.steps import StepRecord
 from openpto.engines.engine import Embeddings, Engine
 from openpto.engines.streams import RequestStream
@@ -136,6 +136,23 @@ class Service:
                            None, "n")
         return [self.start(prompt_ids, params if params.seed is None or i == 0
                            else params.replace(seed=params.seed + i)) for i in range(n)]
+
+    def start_constrained(self, prompt_ids: list[int], params: SamplingParams,
+                          constraints: Sequence[TokenConstraint | None]) -> list[RequestStream]:
+        """``start_n`` with one decoding constraint (a grammar's matcher, or None) per choice."""
+        if len(constraints) > self.settings.max_n:
+            raise APIError(400, f"n is {len(constraints)}, above this server's limit of "
+                                f"{self.settings.max_n}", None, "n")
+        self.check_ready()
+        streams = []
+        for i, constraint in enumerate(constraints):
+            stream = RequestStream(asyncio.get_running_loop(), self.settings.stream_buffer,
+                                   on_finish=self.metrics.observe_finished)
+            seeded = (params if params.seed is None or i == 0
+                      else params.replace(seed=params.seed + i))
+            self.engine.submit(prompt_ids, seeded, stream, constraint)
+            streams.append(stream)
+        return streams
 
     async def events(self, stream: RequestStream,
                      request: Request | None = None) -> AsyncIterator[StepRecord]:
