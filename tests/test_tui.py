@@ -258,6 +258,42 @@ async def test_the_serve_screen_starts_and_stops_a_real_server(
             httpx.get(f"{url}/health", timeout=2)
 
 
+
+@sync
+async def test_the_agent_streams_and_asks_before_a_writing_tool(
+        tmp_path: Path, tiny_folder: Path, configs: list[dict[str, Any]]) -> None:
+    """The agent (a child process) against the Serve screen's server of the tiny model: a forced
+    ``quantize`` call asks first in a modal dialog; saying no runs nothing."""
+    pytest.importorskip("agents")
+    pytest.importorskip("llguidance")
+    app = app_for(tmp_path, configs)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f6")
+        serve = app.screen
+        serve.query_one("#serve-model").value = str(tiny_folder)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: serve.url is not None, timeout=180, what="the server")
+        await pilot.press("f7")
+        agent = app.screen
+        agent.query_one("#agent-tools", Input).value = "quantize"
+        agent.query_one("#tool-choice", Input).value = "quantize"
+        prompt = agent.query_one("#prompt", Input)
+        prompt.value = "quantize the model"
+        await prompt.action_submit()
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "Confirm", timeout=180,
+                       what=f"the confirmation ({[n.message for n in app._notifications]})")
+        assert "quantize" in app.screen.question
+        await pilot.press("n")
+        log = agent.query_one("#agent-log", RichLog)
+        await wait_for(pilot, lambda: agent.session is not None, timeout=180,
+                       what=f"the result ({[n.message for n in app._notifications]})")
+        lines = [str(line.text) for line in log.lines]
+        assert any(line.startswith("→ quantize") for line in lines)
+        assert any(line.startswith("← quantize") for line in lines)  # refused, reported back
+        assert not (tmp_path / "opt.db").exists() or sqlite3.connect(tmp_path / "opt.db").execute(
+            "SELECT count(*) FROM runs WHERE kind = 'quantize'").fetchone()[0] == 0
+        await serve.stop_server()
+
 LEAN_CODE = """
 import json, sys
 from openpto.tui.app import make_app

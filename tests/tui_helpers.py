@@ -25,7 +25,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<
 def save_tiny_model(folder: Path) -> Path:
     from tests.helpers import tiny_llama, tiny_tokenizer
 
-    tiny_llama().save_pretrained(folder)
+    model = tiny_llama()
+    # Room for the agent's prompt with its tool schemas (rotary positions need no weights).
+    model.config.max_position_embeddings = 8192
+    model.save_pretrained(folder)
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)

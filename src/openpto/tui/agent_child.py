@@ -35,6 +35,8 @@ async def _main() -> int:
     values = {k: v for k, v in request.get("settings", {}).items() if k in fields}
     if values.get("db_path"):
         values["db_path"] = Path(values["db_path"])
+    if values.get("tools") is not None:
+        values["tools"] = tuple(values["tools"])
     settings = runner.AgentSettings(**values)
 
     def on_event(event: Any) -> None:

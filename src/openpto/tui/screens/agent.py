@@ -51,6 +51,13 @@ class AgentScreen(OptScreen):
                         id="base-url", compact=True)
             yield Label("model", classes="field-name")
             yield Input("", placeholder="(the server's)", id="agent-model", compact=True)
+        with Horizontal(classes="field-row"):
+            yield Label("tools", classes="field-name")
+            yield Input("", placeholder="names, comma-separated (empty: all)", id="agent-tools",
+                        compact=True)
+            yield Label("tool choice", classes="field-name")
+            yield Input("", placeholder="auto, none, required or a tool", id="tool-choice",
+                        compact=True)
         yield Label("session: new", id="agent-session", markup=False)
         yield RichLog(id="agent-log", wrap=True, markup=True)
         yield Static("", id="agent-reply", markup=False)
@@ -96,9 +103,16 @@ class AgentScreen(OptScreen):
     async def ask(self, prompt: str) -> None:
         log = self.query_one("#agent-log", RichLog)
         reply = self.query_one("#agent-reply", Static)
-        settings = {"base_url": self.base_url(), "session": self.session,
+        settings: dict[str, Any] = {"base_url": self.base_url(), "session": self.session,
                     "model": self.query_one("#agent-model", Input).value.strip() or None,
                     "db_path": str(self.opt.db_path) if self.opt.db_path else None}
+        tools = [t.strip() for t in self.query_one("#agent-tools", Input).value.split(",")
+                 if t.strip()]
+        if tools:
+            settings["tools"] = tools
+        choice = self.query_one("#tool-choice", Input).value.strip()
+        if choice:
+            settings["tool_choice"] = choice
         self.child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "openpto.tui.agent_child", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
