@@ -317,3 +317,41 @@ def test_the_ui_process_never_imports_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", LEAN_CODE, str(tmp_path / "opt.db")],
                          capture_output=True, text=True, timeout=180, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@sync
+async def test_the_runs_screen_filters_sorts_and_starts_datasette(
+        tmp_path: Path, configs: list[dict[str, Any]]) -> None:
+    pytest.importorskip("datasette")
+    from openpto.store import Store
+
+    store = Store(tmp_path / "opt.db")
+    for i, kind in enumerate(("eval", "quantize", "eval")):
+        store.insert("runs", {"id": f"run{i}", "kind": kind, "status": "succeeded",
+                              "model": f"m{i}", "config": {}, "started_at": f"2026-01-0{i + 1}"})
+    app = app_for(tmp_path, configs)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f8")
+        screen = app.screen
+        rows = screen.query_one("#rows", DataTable)
+        await wait_for(pilot, lambda: rows.row_count == 3, what="the runs")
+        assert [key.value for key in rows.rows] == ["run2", "run1", "run0"]  # newest first
+        screen.query_one("#filter", Input).value = "quantize"
+        await wait_for(pilot, lambda: rows.row_count == 1, what="the filter")
+        assert rows.get_row_at(0)[0] == "run1"
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: screen.datasette_url is not None, timeout=120,
+                       what="Datasette")
+        page = httpx.get(f"{screen.datasette_url}opt/runs.json?_shape=array", timeout=10)
+        assert {r["id"] for r in page.json()} == {"run0", "run1", "run2"}
+        await screen.stop_datasette()
+
+
+def test_opt_tui_has_help_with_an_example_and_refuses_a_bad_theme(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.helpers import run_opt
+
+    code, out, _ = run_opt(["tui", "--help"], capsys, monkeypatch)
+    assert code == 0 and "Example: opt tui --theme light" in out
+    code, _, err = run_opt(["tui", "--theme", "blue"], capsys, monkeypatch)
+    assert code == 2 and err.strip() == "error: --theme 'blue': choose dark or light"
