@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "openpto.cli.generate",
     "openpto.cli.speculative",
     "openpto.cli.profile",
+    "openpto.cli.tui",
     "openpto.cli.agent",
     "openpto.cli.ollama",
     "openpto.cli.llm",
@@ -103,9 +104,17 @@ def run() -> None:
         _interrupted_exit()
 
 
+def _user_defaults() -> dict[str, object]:
+    """``OPT_HOME/config.toml``'s ``[defaults]`` as click's ``default_map`` for every command."""
+    from openpto.user_config import command_default_map
+
+    names = [c.name for c in app.registered_commands if c.name]
+    return command_default_map(names)
+
+
 def _run() -> None:
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, default_map=_user_defaults())
     except OptError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
