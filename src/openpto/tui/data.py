@@ -44,8 +44,9 @@ def table_rows(store: Store, table: str, text: str = "", order_by: str | None = 
     order = ""
     if order_by in columns:
         order = f' ORDER BY "{order_by}" {"DESC" if descending else "ASC"}'
-    rows = store.query_readonly(f'SELECT * FROM "{table}"{where}{order} LIMIT {int(limit)}',
-                                params)
+    # The table and column names were checked against the schema above; values are parameters.
+    sql = f'SELECT * FROM "{table}"{where}{order} LIMIT {int(limit)}'  # nosec B608
+    rows = store.query_readonly(sql, params)
     return columns, rows
 
 
