@@ -246,7 +246,7 @@ def main() -> None:
         prompt = FORCED_PROMPTS[i % len(FORCED_PROMPTS)].format(x=PLACES[(i // 10) % 5])
         choice = "required" if i % 2 == 0 else tools[(i // 2) % len(tools)].name
         names.append(choice)
-        jobs.append((ids_of(prompt, True), SamplingParams(max_tokens=96),
+        jobs.append((ids_of(prompt, True), SamplingParams(max_tokens=64),
                      tool_call_grammar(tools, choice, parallel=False)))
     texts, tokens, wall = asyncio.run(run_all(engine, jobs))
     ok = sum(1 for text, choice in zip(texts, names, strict=True)
@@ -254,6 +254,7 @@ def main() -> None:
              and choice in ("required", p.tool_calls[0].name))
     payload["forced"] = {"requests": n_forced, "parsed_and_valid": ok, "tokens": tokens,
                          "seconds": wall, "examples": texts[:3]}
+    harness.write_json(args.json, payload)
     print(f"forced calls: {ok}/{n_forced} parse and validate ({tokens} tokens, {wall:.0f} s)",
           flush=True)
 
@@ -264,12 +265,13 @@ def main() -> None:
         schemas.append(schema)
         prompt = JSON_PROMPTS[i % len(JSON_PROMPTS)] + (f" (variant {i // 5 + 1})" if i >= 5
                                                         else "")
-        jobs.append((ids_of(prompt, False), SamplingParams(max_tokens=128), json_grammar(schema)))
+        jobs.append((ids_of(prompt, False), SamplingParams(max_tokens=96), json_grammar(schema)))
     texts, tokens, wall = asyncio.run(run_all(engine, jobs))
     valid = sum(_validates(text, schema, Draft202012Validator)
                 for text, schema in zip(texts, schemas, strict=True))
     payload["json_schema"] = {"requests": n_json, "parsed_and_valid": valid, "tokens": tokens,
                               "seconds": wall, "examples": texts[:3]}
+    harness.write_json(args.json, payload)
     print(f"json_schema: {valid}/{n_json} parse and validate ({tokens} tokens, {wall:.0f} s)",
           flush=True)
 
@@ -279,7 +281,7 @@ def main() -> None:
     for mode in ("unconstrained", "constrained"):
         grammar = tool_call_grammar(tools, "auto", parallel=False) if mode == "constrained" \
             else None
-        jobs = [(ids_of(prompt, True), SamplingParams(max_tokens=64), grammar)
+        jobs = [(ids_of(prompt, True), SamplingParams(max_tokens=48), grammar)
                 for prompt, _ in cases]
         texts, tokens, wall = asyncio.run(run_all(engine, jobs))
         rows = []
@@ -289,12 +291,14 @@ def main() -> None:
             rows.append({"prompt": prompt, "expected": expected, "chosen": chosen,
                          "parse_errors": [e.kind for e in parsed.errors],
                          "correct": chosen == expected and not parsed.errors})
+        payload["auto"] = auto
         auto[mode] = {"correct": sum(r["correct"] for r in rows), "prompts": len(rows),
                       "with_parse_errors": sum(bool(r["parse_errors"]) for r in rows),
                       "tokens": tokens, "seconds": wall, "rows": rows}
         print(f"auto {mode}: {auto[mode]['correct']}/{len(rows)} correct, "
               f"{auto[mode]['with_parse_errors']} with parse errors", flush=True)
     payload["auto"] = auto
+    harness.write_json(args.json, payload)
 
     # -- decode speed with and without the mask ------------------------------------------------
     speed = []
@@ -302,12 +306,14 @@ def main() -> None:
     for streams in (1, 8):
         for masked in (False, True):
             grammar = json_grammar(THROUGHPUT_SCHEMA) if masked else None
-            jobs = [(prompt_ids, SamplingParams(max_tokens=48, temperature=0.8, seed=i), grammar)
+            jobs = [(prompt_ids, SamplingParams(max_tokens=32, temperature=0.8, seed=i), grammar)
                     for i in range(streams)]
             asyncio.run(run_all(engine, jobs[:1]))  # warm-up
             _, tokens, wall = asyncio.run(run_all(engine, jobs))
             speed.append({"streams": streams, "mask": masked, "tokens": tokens,
                           "seconds": wall, "tokens_per_second": tokens / wall})
+            payload["decode"] = speed
+            harness.write_json(args.json, payload)
             print(f"streams {streams} mask {masked}: {tokens / wall:.1f} tok/s", flush=True)
     payload["decode"] = speed
     engine.close()
