@@ -212,15 +212,14 @@ def main() -> None:
     parser.add_argument("--model", default=harness.DEFAULT_MODEL)
     parser.add_argument("--quick", action="store_true", help="fewer prompts (a smoke run)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sections", default="mask,forced,json,auto,decode",
+                        help="comma-separated: mask, forced, json, auto, decode")
     parser.add_argument("--json", type=Path, default=harness.result_path("tool_calls"))
     args = parser.parse_args()
 
-    from jsonschema import Draft202012Validator
 
-    from openpto.core.sampling import SamplingParams
     from openpto.engines.engine import EngineOptions
-    from openpto.engines.grammar import json_grammar, tool_call_grammar
-    from openpto.engines.tool_calls import chat_prompt, parse_reply, parse_tools
+    from openpto.engines.tool_calls import chat_prompt, parse_tools
     from openpto.engines.torch_backend import TorchEngine
 
     engine = TorchEngine(args.model, EngineOptions(max_batch=8, threads=args.threads))
@@ -234,11 +233,33 @@ def main() -> None:
         text = chat_prompt(tok, [{"role": "user", "content": prompt}], tools if with_tools else ())
         return engine.tokenize(text)
 
-    payload["mask_cost"] = mask_cost(tok)
-    print(harness.markdown_table(
-        ["grammar engine", "mask per token, median (us)", "p90 (us)", "new matcher (ms)"],
-        [[name, f"{r['median_us']:.1f}", f"{r['p90_us']:.1f}", f"{r['matcher_ms']:.2f}"]
-         for name, r in payload["mask_cost"].items()]), flush=True)
+    sections = set(args.sections.split(","))
+    if "mask" in sections:
+        payload["mask_cost"] = mask_cost(tok)
+        print(harness.markdown_table(
+            ["grammar engine", "mask per token, median (us)", "p90 (us)", "new matcher (ms)"],
+            [[name, f"{r['median_us']:.1f}", f"{r['p90_us']:.1f}", f"{r['matcher_ms']:.2f}"]
+             for name, r in payload["mask_cost"].items()]), flush=True)
+    if "forced" in sections:
+        forced_calls(engine, tools, ids_of, n_forced, payload, args)
+    if "json" in sections:
+        json_replies(engine, ids_of, n_json, payload, args)
+    if "auto" in sections:
+        auto_choice(engine, tools, ids_of, n_auto, payload, args)
+    if "decode" in sections:
+        decode_speed(engine, ids_of, payload, args)
+    engine.close()
+    harness.write_json(args.json, payload)
+    print_summary(payload)
+    print(f"wrote {args.json}")
+
+
+def forced_calls(engine: Any, tools: Any, ids_of: Any, n_forced: int, payload: dict[str, Any],
+                 args: argparse.Namespace) -> None:
+    from openpto.core.sampling import SamplingParams
+    from openpto.engines.grammar import tool_call_grammar
+    from openpto.engines.tool_calls import parse_reply
+
 
     # -- forced calls ------------------------------------------------------------------------
     jobs, names = [], []
@@ -258,7 +279,15 @@ def main() -> None:
     print(f"forced calls: {ok}/{n_forced} parse and validate ({tokens} tokens, {wall:.0f} s)",
           flush=True)
 
-    # -- json_schema replies --------------------------------------------------------------------
+
+
+def json_replies(engine: Any, ids_of: Any, n_json: int, payload: dict[str, Any],
+                 args: argparse.Namespace) -> None:
+    from jsonschema import Draft202012Validator
+
+    from openpto.core.sampling import SamplingParams
+    from openpto.engines.grammar import json_grammar
+
     jobs, schemas = [], []
     for i in range(n_json):
         schema = SCHEMAS[i % len(SCHEMAS)]
@@ -275,7 +304,14 @@ def main() -> None:
     print(f"json_schema: {valid}/{n_json} parse and validate ({tokens} tokens, {wall:.0f} s)",
           flush=True)
 
-    # -- auto ----------------------------------------------------------------------------------
+
+
+def auto_choice(engine: Any, tools: Any, ids_of: Any, n_auto: int, payload: dict[str, Any],
+                args: argparse.Namespace) -> None:
+    from openpto.core.sampling import SamplingParams
+    from openpto.engines.grammar import tool_call_grammar
+    from openpto.engines.tool_calls import parse_reply
+
     cases = AUTO_PROMPTS[:n_auto]
     auto: dict[str, Any] = {}
     for mode in ("unconstrained", "constrained"):
@@ -300,7 +336,13 @@ def main() -> None:
     payload["auto"] = auto
     harness.write_json(args.json, payload)
 
-    # -- decode speed with and without the mask ------------------------------------------------
+
+
+def decode_speed(engine: Any, ids_of: Any, payload: dict[str, Any],
+                 args: argparse.Namespace) -> None:
+    from openpto.core.sampling import SamplingParams
+    from openpto.engines.grammar import json_grammar
+
     speed = []
     prompt_ids = ids_of("Tell me a long story about a dragon, as JSON.", False)
     for streams in (1, 8):
@@ -315,27 +357,26 @@ def main() -> None:
             payload["decode"] = speed
             harness.write_json(args.json, payload)
             print(f"streams {streams} mask {masked}: {tokens / wall:.1f} tok/s", flush=True)
-    payload["decode"] = speed
-    engine.close()
-    harness.write_json(args.json, payload)
 
-    print(harness.markdown_table(
-        ["measure", "result"],
-        [["forced tool calls parse + validate", f"{payload['forced']['parsed_and_valid']}/"
-                                                f"{n_forced}"],
-         ["json_schema replies parse + validate",
-          f"{payload['json_schema']['parsed_and_valid']}/{n_json}"],
-         ["auto, unconstrained: correct choice", f"{auto['unconstrained']['correct']}/{n_auto}"
-                                                 f" ({auto['unconstrained']['with_parse_errors']}"
-                                                 " with parse errors)"],
-         ["auto, constrained: correct choice", f"{auto['constrained']['correct']}/{n_auto}"
-                                               f" ({auto['constrained']['with_parse_errors']}"
-                                               " with parse errors)"]]))
+
+def print_summary(payload: dict[str, Any]) -> None:
+    rows = []
+    if "forced" in payload:
+        rows.append(["forced tool calls parse + validate",
+                     f"{payload['forced']['parsed_and_valid']}/{payload['forced']['requests']}"])
+    if "json_schema" in payload:
+        rows.append(["json_schema replies parse + validate",
+                     f"{payload['json_schema']['parsed_and_valid']}/"
+                     f"{payload['json_schema']['requests']}"])
+    for mode, result in payload.get("auto", {}).items():
+        rows.append([f"auto, {mode}: correct choice",
+                     f"{result['correct']}/{result['prompts']} ({result['with_parse_errors']}"
+                     " with parse errors)"])
+    print(harness.markdown_table(["measure", "result"], rows))
     print(harness.markdown_table(
         ["streams", "mask", "decode tokens/s"],
         [[r["streams"], "json schema" if r["mask"] else "none", f"{r['tokens_per_second']:.1f}"]
-         for r in speed]))
-    print(f"wrote {args.json}")
+         for r in payload.get("decode", [])]))
 
 
 if __name__ == "__main__":
