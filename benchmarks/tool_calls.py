@@ -270,15 +270,15 @@ def forced_calls(engine: Any, tools: Any, ids_of: Any, n_forced: int, payload: d
         jobs.append((ids_of(prompt, True), SamplingParams(max_tokens=64),
                      tool_call_grammar(tools, choice, parallel=False)))
     texts, tokens, wall = asyncio.run(run_all(engine, jobs))
-    ok = sum(1 for text, choice in zip(texts, names, strict=True)
-             if (p := parse_reply(text, tools)).errors == [] and len(p.tool_calls) == 1
-             and choice in ("required", p.tool_calls[0].name))
+    failed = [text for text, choice in zip(texts, names, strict=True)
+              if (p := parse_reply(text, tools)).errors or len(p.tool_calls) != 1
+              or choice not in ("required", p.tool_calls[0].name)]
+    ok = n_forced - len(failed)
     payload["forced"] = {"requests": n_forced, "parsed_and_valid": ok, "tokens": tokens,
-                         "seconds": wall, "examples": texts[:3]}
+                         "seconds": wall, "examples": texts[:3], "failed": failed}
     harness.write_json(args.json, payload)
     print(f"forced calls: {ok}/{n_forced} parse and validate ({tokens} tokens, {wall:.0f} s)",
           flush=True)
-
 
 
 def json_replies(engine: Any, ids_of: Any, n_json: int, payload: dict[str, Any],
@@ -296,10 +296,11 @@ def json_replies(engine: Any, ids_of: Any, n_json: int, payload: dict[str, Any],
                                                         else "")
         jobs.append((ids_of(prompt, False), SamplingParams(max_tokens=96), json_grammar(schema)))
     texts, tokens, wall = asyncio.run(run_all(engine, jobs))
-    valid = sum(_validates(text, schema, Draft202012Validator)
-                for text, schema in zip(texts, schemas, strict=True))
+    failed = [text for text, schema in zip(texts, schemas, strict=True)
+              if not _validates(text, schema, Draft202012Validator)]
+    valid = n_json - len(failed)
     payload["json_schema"] = {"requests": n_json, "parsed_and_valid": valid, "tokens": tokens,
-                              "seconds": wall, "examples": texts[:3]}
+                              "seconds": wall, "examples": texts[:3], "failed": failed}
     harness.write_json(args.json, payload)
     print(f"json_schema: {valid}/{n_json} parse and validate ({tokens} tokens, {wall:.0f} s)",
           flush=True)
