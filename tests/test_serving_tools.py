@@ -240,20 +240,48 @@ def test_without_the_grammar_extra(served: Served, monkeypatch: pytest.MonkeyPat
 
 
 def test_a_backend_that_cannot_mask_says_so() -> None:
-    from openpto.engines.mlx_backend import MLXEngine
+    from openpto.engines.llamacpp_backend import LlamaCppEngine
     from openpto.serving.errors import APIError
     from openpto.serving.tools import plan_request
 
-    pytest.importorskip("mlx_lm")
-    engine = MLXEngine(None)
-    if engine.supports_constraints:
-        pytest.skip("this build of the MLX backend masks logits")
-    with pytest.raises(APIError, match="cannot constrain decoding") as caught:
-        plan_request(engine, tools=[WEATHER], tool_choice="required", parallel=None,
-                     json_schema=None)
-    assert caught.value.status == 400
+    # Only the class's declared capability is read: no llama.cpp install or model needed.
+    engine = object.__new__(LlamaCppEngine)
+    assert not engine.supports_constraints
+    for body in ({"tool_choice": "required"}, {"tools": None, "json_schema": {"type": "object"}}):
+        with pytest.raises(APIError, match="llamacpp backend cannot constrain") as caught:
+            plan_request(engine, **{"tools": [WEATHER], "tool_choice": None, "parallel": None,
+                                    "json_schema": None, **body})
+        assert caught.value.status == 400 and "--backend torch" in caught.value.message
     assert plan_request(engine, tools=[WEATHER], tool_choice="auto", parallel=None,
-                        json_schema=None).grammar is None
+                        json_schema=None).grammar is None  # auto: parsed, unconstrained
+
+
+def test_mlx_backend_masks_through_its_logits_processors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("mlx_lm")
+    from openpto.core.sampling import SamplingParams
+    from openpto.engines.engine import engine_records
+    from openpto.engines.grammar import json_grammar, tool_call_grammar
+    from openpto.engines.mlx_backend import MLXEngine
+    from openpto.engines.tool_calls import parse_reply, parse_tools
+
+    folder = tmp_path / "tiny-mlx"
+    varied_tiny_model().save_pretrained(folder)
+    chat_tokenizer().save_pretrained(folder)
+    engine = MLXEngine(str(folder))
+    engine.load()
+    try:
+        tools = parse_tools([WEATHER, LIST])
+        ids = engine.tokenize(engine.chat_prompt_with_tools(ASK, tools))
+        records = engine_records(engine, ids, SamplingParams(max_tokens=200),
+                                 engine.constraint(tool_call_grammar(tools, "get_weather",
+                                                                     parallel=False)))
+        parsed = parse_reply("".join(r.text for r in records), tools)
+        assert [c.name for c in parsed.tool_calls] == ["get_weather"] and not parsed.errors
+        records = engine_records(engine, ids, SamplingParams(max_tokens=200),
+                                 engine.constraint(json_grammar(PERSON)))
+        Draft202012Validator(PERSON).validate(json.loads("".join(r.text for r in records)))
+    finally:
+        engine.close()
 
 
 @pytest.mark.integration

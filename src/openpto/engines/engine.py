@@ -196,6 +196,7 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     stream: RequestStream
+    constraint: TokenConstraint | None = None
 
 
 class SerialEngine(Engine):
@@ -241,9 +242,9 @@ class SerialEngine(Engine):
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
                constraint: TokenConstraint | None = None) -> None:
-        if constraint is not None:
+        if constraint is not None and not self.supports_constraints:
             self.constraint("")  # raises: this backend's decode loop cannot take a mask
-        self._queue.put(_Job(prompt_ids, params, stream))
+        self._queue.put(_Job(prompt_ids, params, stream, constraint))
 
     def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
         future: concurrent.futures.Future[Embeddings] = concurrent.futures.Future()
@@ -290,7 +291,10 @@ class SerialEngine(Engine):
 
     def _run_job(self, job: _Job, rules: RequestRules) -> None:
         rules.start()
-        tokens = self._token_ids(job.prompt_ids, job.params)
+        # Only backends with supports_constraints take the extra argument.
+        tokens = (self._token_ids(job.prompt_ids, job.params) if job.constraint is None
+                  else self._token_ids(job.prompt_ids, job.params,  # type: ignore[call-arg]
+                                       job.constraint))
         try:
             for token in tokens:
                 if job.stream.cancelled:

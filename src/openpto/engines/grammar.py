@@ -1,10 +1,11 @@
 """Constrained decoding: grammars for tool calls and JSON replies, and their per-request masks.
 
 The engine is llguidance (the ``grammar`` extra). On the default model's tokenizer (49,152
-tokens) it and xgrammar cost about the same per token (13 vs 14 microseconds median for a mask,
-``benchmarks/tool_calls.py``); llguidance's Lark grammars embed JSON Schemas (``%json``) and
-lazy ``stop=`` rules, which the "text or a well-formed call" grammar of ``tool_choice: auto``
-needs, and it builds a matcher per request in under a millisecond.
+tokens) a mask costs it and xgrammar tens of microseconds per token (16 and 10 median,
+``benchmarks/tool_calls.py``), under 1% of a decode step; llguidance's Lark grammars embed
+JSON Schemas (``%json``) and lazy ``stop=`` rules, which the "text or a well-formed call"
+grammar of ``tool_choice: auto`` needs, and it builds a matcher per request in under a
+millisecond.
 
 Grammar text (plain strings, no llguidance needed to build them):
 

@@ -3,7 +3,8 @@
 MODEL may be an MLX folder (``opt export --format mlx``), a Hugging Face folder, or anything
 ``load_model`` converts from GGUF (the default alias): the cached float safetensors folder of that
 conversion is what mlx-lm reads. Requests run one at a time on one worker thread; sampling is
-mlx-lm's own (its sampler and repetition-penalty processor take the same parameters).
+mlx-lm's own (its sampler and repetition-penalty processor take the same parameters). A grammar
+(``engines.grammar``) masks the logits through mlx-lm's ``logits_processors`` hook.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from openpto.core.sampling import SamplingParams
+from openpto.core.sampling import SamplingParams, TokenConstraint
 from openpto.engines.engine import (
     Embeddings,
     ModelInfo,
@@ -61,6 +62,8 @@ class MLXEngine(SerialEngine):
     # Set by load().
     _model: Any = None
     _hf_tokenizer: Any = None
+    _grammars: Any = None
+    supports_constraints = True
 
     def load(self) -> None:
         if self._model is not None:
@@ -133,7 +136,23 @@ class MLXEngine(SerialEngine):
     def _tokenizer_for_text(self) -> Any:
         return self._hf_tokenizer
 
-    def _token_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+    def chat_prompt_with_tools(self, messages: Sequence[dict[str, Any]],
+                               tools: Sequence[Any] = ()) -> str:
+        from openpto.engines.tool_calls import chat_prompt
+
+        self._require()
+        return chat_prompt(self._hf_tokenizer, messages, tools)
+
+    def constraint(self, grammar: str) -> TokenConstraint:
+        from openpto.engines.grammar import GrammarCompiler
+
+        self._require()
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self._hf_tokenizer, self.info.vocab_size or None)
+        return self._grammars.constraint(grammar)  # type: ignore[no-any-return]
+
+    def _token_ids(self, prompt_ids: list[int], params: SamplingParams,
+                   constraint: TokenConstraint | None = None) -> Iterator[int]:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -146,6 +165,8 @@ class MLXEngine(SerialEngine):
             repetition_penalty=params.repetition_penalty
             if params.repetition_penalty != 1.0 else None,
             repetition_context_size=len(prompt_ids) + params.max_tokens)
+        if constraint is not None:
+            processors = [*processors, _grammar_processor(constraint)]
         room = self.info.context_length - len(prompt_ids)
         for token, _ in generate_step(mx.array(prompt_ids), self._model,
                                       max_tokens=min(params.max_tokens, room), sampler=sampler,
@@ -170,3 +191,27 @@ class MLXEngine(SerialEngine):
     def embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Embeddings]:
         self._require()
         return super().embed(texts)
+
+
+def _grammar_processor(constraint: Any) -> Any:
+    """An mlx-lm logits processor applying ``constraint`` (a ``GrammarConstraint``).
+
+    mlx-lm calls processors with every token so far, the previous sample last, before each
+    sample: the matcher takes that token, then masks. (Reading the token waits for the step
+    that made it, which gives up mlx-lm's overlap of one step with the next.)"""
+    import mlx.core as mx
+    import numpy as np
+
+    started = [False]
+
+    def process(tokens: Any, logits: Any) -> Any:
+        if started[0]:
+            constraint.accept(int(tokens[-1].item()))
+        started[0] = True
+        allowed = constraint.allowed()
+        vocab = logits.shape[-1]
+        if allowed.shape[0] < vocab:
+            allowed = np.concatenate([allowed, np.zeros(vocab - allowed.shape[0], dtype=bool)])
+        return mx.where(mx.array(allowed[:vocab]), logits, mx.array(-float("inf"), logits.dtype))
+
+    return process

@@ -424,7 +424,7 @@ async def show(body: OllamaShowRequest, service: ServiceDep) -> Any:
             f"{info.family}.context_length": info.context_length,
             f"{info.family}.embedding_length": info.embedding_length,
         },
-        "capabilities": ["completion", "embedding"],
+        "capabilities": ["completion", "embedding", "tools"],
         "modified_at": iso(entry.modified),
     }
 
