@@ -108,6 +108,8 @@ def test_every_script_imports_and_prints_help(script: Path, monkeypatch: pytest.
     spec = importlib.util.spec_from_file_location(f"benchmark_{script.stem}", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # as `python script.py` would: dataclasses look their module up in sys.modules
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", [str(script), "--help"])
     out = io.StringIO()

@@ -11,7 +11,7 @@ import torch
 
 from openpto.core.quant import AWQConfig, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig
 from openpto.core.sparsity import SparseGPTConfig
-from openpto.errors import ConfigError, OptError, UnsupportedModel, UsageError
+from openpto.errors import ConfigError, OptError, UnsupportedModel, UsageError, WriteError
 from openpto.pipeline.workflow import CalibrationOptions, EvalOptions, QuantizeOptions
 from openpto.store import Store
 
@@ -200,7 +200,7 @@ def test_failure_while_saving_marks_the_run_failed_and_leaves_no_folder(
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
     store = Store(tmp_path / "opt.db")
-    with pytest.raises(OSError, match="no space left"):
+    with pytest.raises(WriteError, match="no space left on device; nothing was left half-written"):
         quantize(tiny_folder, "rtn", fields={"bits": 4, "group_size": 32},
                  output=tmp_path / "out" / "art", store=store)
     assert list((tmp_path / "out").iterdir()) == []
