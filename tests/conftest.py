@@ -34,3 +34,28 @@ def tiny_tok():  # type: ignore[no-untyped-def]
     from tests.helpers import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+_SESSION: list[pytest.Session] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without the interpreter's teardown once pytest has reported everything.
+
+    A whole-suite run loads torch, MLX, llguidance and the Agents SDK into one process, and the
+    native libraries' exit-time destructors then crash it now and then (SIGSEGV after the last
+    line of the report, with no Python frame and no thread left running): the run's result is
+    already decided, so the process ends with it rather than with the destructors' crash.
+    """
+    if not _SESSION:
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_SESSION[0].exitstatus))
