@@ -210,3 +210,27 @@ def test_migrating_closes_runs_left_running_before_processes_were_recorded(
     assert rows["left"]["status"] == "failed" and rows["left"]["error"].startswith("stale:")
     assert rows["done"]["status"] == "succeeded" and rows["done"]["error"] is None
     assert rows["left"]["pid"] is None
+
+
+def test_threads_opening_a_new_database_at_once_migrate_it_once(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "opt.db"
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            Store(path)
+        except BaseException as exc:  # reported below, by the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    names = [row["name"] for row in Store(path).db["_migrations"].rows]
+    assert len(names) == len(set(names)) == 4

@@ -3,7 +3,9 @@ name is recorded in ``_migrations``. Never edit a released migration; add a new 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import sqlite_utils
 
@@ -155,11 +157,34 @@ def m004_prompt_sources_and_agent_sessions(db: sqlite_utils.Database) -> None:
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply every migration not yet applied; return the names applied now."""
+    """Apply every migration not yet applied; return the names applied now.
+
+    Two openers of a new database (two threads of one UI, or two processes) would otherwise
+    both see a migration as missing and apply it twice; the second would fail ("duplicate
+    column"). So a database that needs migrating is migrated under an exclusive lock, and what
+    is done is read again once the lock is held."""
+    if _pending(db):
+        with _migration_lock(db):
+            return _apply(db)
+    return []
+
+
+def _done(db: sqlite_utils.Database) -> set[str]:
+    if "_migrations" not in db.table_names():
+        return set()
+    return {row["name"] for row in db["_migrations"].rows}
+
+
+def _pending(db: sqlite_utils.Database) -> bool:
+    done = _done(db)
+    return any(fn.__name__ not in done for fn in MIGRATIONS)
+
+
+def _apply(db: sqlite_utils.Database) -> list[str]:
     db["_migrations"].create(  # type: ignore[union-attr]
         {"name": str, "applied_at": str}, pk="name", if_not_exists=True
     )
-    done = {row["name"] for row in db["_migrations"].rows}
+    done = _done(db)
     applied = []
     for fn in MIGRATIONS:
         if fn.__name__ in done:
@@ -171,6 +196,32 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
             )
         applied.append(fn.__name__)
     return applied
+
+
+_THREAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _migration_lock(db: sqlite_utils.Database) -> Iterator[None]:
+    """This process's threads queue on a lock; other processes on an advisory lock of a file
+    beside the database (none for an in-memory database)."""
+    rows = db.execute("PRAGMA database_list").fetchall()
+    path = next((row[2] for row in rows if row[1] == "main"), "")
+    with _THREAD_LOCK:
+        if not path:
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as handle:
+            try:
+                import fcntl
+            except ImportError:  # no advisory locks here: threads of one process still queue
+                yield
+                return
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _now() -> str:
