@@ -237,10 +237,24 @@ def plain_messages(messages: Sequence[Mapping[str, Any]],
     return out
 
 
+_RENDERS_TOOLS: dict[str, bool] = {}
+
+
 def template_renders_tools(tokenizer: Any) -> bool:
-    """Whether ``tokenizer``'s chat template writes the ``tools`` it is given into the prompt."""
-    if not getattr(tokenizer, "chat_template", None):
+    """Whether ``tokenizer``'s chat template writes the ``tools`` it is given into the prompt.
+
+    The answer is the template's, so it is worked out once per template text rather than with
+    a probe rendering on every request that carries tools."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         return False
+    key = str(template)
+    if key not in _RENDERS_TOOLS:
+        _RENDERS_TOOLS[key] = _probe_renders_tools(tokenizer)
+    return _RENDERS_TOOLS[key]
+
+
+def _probe_renders_tools(tokenizer: Any) -> bool:
     probe = Tool(_PROBE, "probe", {"type": "object", "properties": {}})
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],

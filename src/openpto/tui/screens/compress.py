@@ -24,7 +24,8 @@ from openpto.progress import ProgressEvent
 from openpto.tui.forms import describe, set_args
 from openpto.tui.jobs import Job, JobOutcome
 from openpto.tui.screens.base import SHOWN_ERRORS, OptScreen
-from openpto.tui.widgets.job_panel import JobPanel, human_bytes
+from openpto.tui.units import human_bytes
+from openpto.tui.widgets.job_panel import JobPanel
 from openpto.tui.widgets.method_form import MethodForm
 from openpto.tui.widgets.model_picker import ModelPicker
 

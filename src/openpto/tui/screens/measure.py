@@ -16,8 +16,9 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sel
 from openpto.progress import Metric, ProgressEvent
 from openpto.tui.jobs import Job
 from openpto.tui.screens.base import OptScreen
+from openpto.tui.units import human_bytes
 from openpto.tui.widgets.charts import CompareChart
-from openpto.tui.widgets.job_panel import JobPanel, human_bytes
+from openpto.tui.widgets.job_panel import JobPanel
 
 MODES = [("evaluate (perplexity)", "eval"), ("profile (speed)", "profile"),
          ("bench (speed, all at once)", "bench")]

@@ -19,7 +19,6 @@ from openpto.progress import (
     StageProgress,
     StageStarted,
 )
-from openpto.tui.units import human_bytes  # noqa: F401 (re-exported)
 from openpto.tui.widgets.charts import LayerChart
 
 
